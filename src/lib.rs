@@ -1,0 +1,13 @@
+//! nbds3: a Network Block Device server whose devices live in S3-compatible object storage
+//! as a log of immutable, compressed, checksummed segments and versioned manifests.
+//!
+//! Layers, each seeing only the one below it (see `../shared/DESIGN.md` and `format/`):
+//! `nbd` (wire protocol) → `volume` (dirty set, page cache) → `log` (segments, manifests,
+//! index, fencing, compaction) → `store` (object-store backends).
+
+pub mod format;
+pub mod log;
+pub mod nbd;
+pub mod store;
+pub mod volume;
+pub mod util;
