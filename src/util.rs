@@ -1,1 +1,215 @@
-//! placeholder
+//! Small shared pieces: an interval map over block numbers, size parsing, time.
+//!
+//! `RangeMap` is the one structure behind both the page index (`log::index`) and the dirty
+//! set (`volume`): non-overlapping runs `start..start+len` each carrying a value that can be
+//! "advanced" to describe a suffix of itself, so splitting a run never copies data.
+
+use std::collections::BTreeMap;
+
+/// A value describing a run of blocks that can be cut: `advance(n)` is the value for the
+/// same run with its first `n` blocks removed.
+pub trait RangeValue: Clone {
+    fn advance(&self, blocks: u64) -> Self;
+}
+
+/// Non-overlapping runs of blocks, keyed by first block. Adjacent runs are not merged
+/// (values rarely merge meaningfully; the index's runs are frames already).
+#[derive(Debug, Clone)]
+pub struct RangeMap<V> {
+    map: BTreeMap<u64, (u64, V)>,
+}
+
+impl<V> Default for RangeMap<V> {
+    fn default() -> Self {
+        Self {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: RangeValue> RangeMap<V> {
+    pub fn new() -> Self {
+        Self {
+            map: BTreeMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Remove `start..start+len`; returns the removed pieces (clipped) in order.
+    pub fn remove(&mut self, start: u64, len: u64) -> Vec<(u64, u64, V)> {
+        let mut removed = Vec::new();
+        if len == 0 {
+            return removed;
+        }
+        let end = start.saturating_add(len);
+        // The run starting at or before `start` may stick into the range.
+        let mut keys: Vec<u64> = Vec::new();
+        if let Some((&k, &(l, _))) = self.map.range(..=start).next_back() {
+            if k + l > start {
+                keys.push(k);
+            }
+        }
+        keys.extend(
+            self.map
+                .range((std::ops::Bound::Excluded(start), std::ops::Bound::Excluded(end)))
+                .map(|(&k, _)| k),
+        );
+        for k in keys {
+            let Some((l, v)) = self.map.remove(&k) else {
+                continue;
+            };
+            let run_end = k + l;
+            if k < start {
+                self.map.insert(k, (start - k, v.clone()));
+            }
+            if run_end > end {
+                self.map.insert(end, (run_end - end, v.advance(end - k)));
+            }
+            let s = k.max(start);
+            let e = run_end.min(end);
+            removed.push((s, e - s, v.advance(s - k)));
+        }
+        removed
+    }
+
+    /// Map `start..start+len` to `v`, replacing what was there; returns the replaced pieces.
+    pub fn insert(&mut self, start: u64, len: u64, v: V) -> Vec<(u64, u64, V)> {
+        let removed = self.remove(start, len);
+        if len > 0 {
+            self.map.insert(start, (len, v));
+        }
+        removed
+    }
+
+    /// Runs overlapping `start..start+len`, clipped to it, in order (holes are skipped).
+    pub fn overlapping(&self, start: u64, len: u64) -> Vec<(u64, u64, V)> {
+        let mut out = Vec::new();
+        let end = start.saturating_add(len);
+        if len == 0 {
+            return out;
+        }
+        if let Some((&k, (l, v))) = self.map.range(..=start).next_back() {
+            if k + l > start && k < start {
+                let e = (k + l).min(end);
+                out.push((start, e - start, v.advance(start - k)));
+            }
+        }
+        for (&k, (l, v)) in self.map.range(start..end) {
+            let e = (k + l).min(end);
+            out.push((k, e - k, v.clone()));
+        }
+        out
+    }
+
+    /// Every run, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, &V)> + '_ {
+        self.map.iter().map(|(&k, (l, v))| (k, *l, v))
+    }
+}
+
+/// Parse a size with an optional K/M/G/T suffix (powers of 1024), e.g. `10G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..s.len() - 1], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+/// Parse a duration like `5s`, `250ms`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1u64)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (s, 1000)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?}"))?;
+    Ok(std::time::Duration::from_millis(n.saturating_mul(unit)))
+}
+
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Off(u64);
+    impl RangeValue for Off {
+        fn advance(&self, n: u64) -> Self {
+            Off(self.0 + n)
+        }
+    }
+
+    proptest::proptest! {
+        /// The range map agrees with a per-block model under any sequence of operations.
+        #[test]
+        fn range_map_matches_model(ops in proptest::collection::vec((0u64..64, 1u64..20, proptest::bool::ANY), 1..60)) {
+            let mut m = RangeMap::new();
+            let mut model: Vec<Option<u64>> = vec![None; 100];
+            for (i, (s, l, ins)) in ops.into_iter().enumerate() {
+                let tag = (i as u64 + 1) * 1000;
+                if ins {
+                    m.insert(s, l, Off(tag));
+                    for b in s..s + l { model[b as usize] = Some(tag + (b - s)); }
+                } else {
+                    m.remove(s, l);
+                    for b in s..s + l { model[b as usize] = None; }
+                }
+                let mut got: Vec<Option<u64>> = vec![None; 100];
+                for (k, l, v) in m.overlapping(0, 100) {
+                    for b in k..k + l { got[b as usize] = Some(v.0 + (b - k)); }
+                }
+                proptest::prop_assert_eq!(&got, &model);
+                let mut prev_end = 0;
+                for (k, l, _) in m.iter() { proptest::prop_assert!(k >= prev_end && l > 0); prev_end = k + l; }
+            }
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("256m").unwrap(), 256 << 20);
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,292 @@
+//! The in-memory page index: block → where its bytes live, plus per-segment live-block
+//! accounting (what compaction uses to pick victims without a LIST).
+//!
+//! Invariants: runs never overlap; `segs[s].blocks_live` equals the number of blocks whose
+//! run points into segment `s` (checked by `check_accounting` in tests and by the
+//! inspector's verify); a segment appears in `segs` from the moment a commit names it.
+
+use std::collections::HashMap;
+
+use crate::format::{
+    Checkpoint, CheckpointExtent, CheckpointSegment, CheckpointValue, DirEntry, EntryKind,
+    SegmentRef,
+};
+use crate::util::{RangeMap, RangeValue};
+
+/// Where a mapped run of blocks lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Val {
+    /// Blocks `block_in_frame..` of the frame at `frame_offset` in segment `seg`.
+    Frame {
+        seg: u64,
+        frame_offset: u64,
+        frame_len: u32,
+        block_in_frame: u32,
+    },
+    /// Zeroed with NO_HOLE: reads as zeros, reported allocated.
+    ZeroAlloc,
+}
+
+impl RangeValue for Val {
+    fn advance(&self, blocks: u64) -> Self {
+        match *self {
+            Val::Frame {
+                seg,
+                frame_offset,
+                frame_len,
+                block_in_frame,
+            } => Val::Frame {
+                seg,
+                frame_offset,
+                frame_len,
+                // Runs come from frames of at most FRAME_RAW_BYTES_MAX, so this fits.
+                block_in_frame: block_in_frame + blocks as u32,
+            },
+            Val::ZeroAlloc => Val::ZeroAlloc,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegStat {
+    pub size_bytes: u64,
+    /// Data blocks the segment was written with.
+    pub blocks_total: u64,
+    /// Data blocks the index still maps into it.
+    pub blocks_live: u64,
+}
+
+impl SegStat {
+    /// Fraction of the segment's data that is dead (0.0 = all live).
+    pub fn dead_fraction(&self) -> f64 {
+        if self.blocks_total == 0 {
+            1.0
+        } else {
+            1.0 - self.blocks_live as f64 / self.blocks_total as f64
+        }
+    }
+    /// Live bytes estimated by the share of live blocks (frames compress unevenly).
+    pub fn live_bytes_estimate(&self) -> u64 {
+        if self.blocks_total == 0 {
+            0
+        } else {
+            (self.size_bytes as u128 * self.blocks_live as u128 / self.blocks_total as u128) as u64
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    pub map: RangeMap<Val>,
+    pub segs: HashMap<u64, SegStat>,
+}
+
+impl Index {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn account_removed(&mut self, removed: Vec<(u64, u64, Val)>) {
+        for (_, len, v) in removed {
+            if let Val::Frame { seg, .. } = v {
+                if let Some(s) = self.segs.get_mut(&seg) {
+                    s.blocks_live = s.blocks_live.saturating_sub(len);
+                }
+            }
+        }
+    }
+
+    /// Map a run, replacing what was there.
+    pub fn set(&mut self, lba: u64, blocks: u64, v: Val) {
+        if let Val::Frame { seg, .. } = v {
+            if let Some(s) = self.segs.get_mut(&seg) {
+                s.blocks_live += blocks;
+            }
+        }
+        let removed = self.map.insert(lba, blocks, v);
+        self.account_removed(removed);
+    }
+
+    /// Unmap a run.
+    pub fn unmap(&mut self, lba: u64, blocks: u64) {
+        let removed = self.map.remove(lba, blocks);
+        self.account_removed(removed);
+    }
+
+    /// Apply one segment's directory, in order, as a commit of that segment does.
+    pub fn apply_segment(&mut self, seg: SegmentRef, entries: &[DirEntry]) {
+        let blocks_total = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Data)
+            .map(|e| e.blocks)
+            .sum();
+        self.segs.insert(
+            seg.id,
+            SegStat {
+                size_bytes: seg.size_bytes,
+                blocks_total,
+                blocks_live: 0,
+            },
+        );
+        for e in entries {
+            match e.kind {
+                EntryKind::Data => self.set(
+                    e.lba,
+                    e.blocks,
+                    Val::Frame {
+                        seg: seg.id,
+                        frame_offset: e.frame_offset,
+                        frame_len: e.frame_len,
+                        block_in_frame: 0,
+                    },
+                ),
+                EntryKind::Unmap => self.unmap(e.lba, e.blocks),
+                EntryKind::ZeroAlloc => self.set(e.lba, e.blocks, Val::ZeroAlloc),
+            }
+        }
+    }
+
+    /// Runs covering `lba..lba+blocks` completely, holes as `None`.
+    pub fn lookup(&self, lba: u64, blocks: u64) -> Vec<(u64, u64, Option<Val>)> {
+        let mut out = Vec::new();
+        let mut at = lba;
+        let end = lba + blocks;
+        for (s, l, v) in self.map.overlapping(lba, blocks) {
+            if s > at {
+                out.push((at, s - at, None));
+            }
+            out.push((s, l, Some(v)));
+            at = s + l;
+        }
+        if at < end {
+            out.push((at, end - at, None));
+        }
+        out
+    }
+
+    /// Segments the index still points into.
+    pub fn live_segments(&self) -> Vec<SegmentRef> {
+        let mut v: Vec<SegmentRef> = self
+            .segs
+            .iter()
+            .filter(|(_, s)| s.blocks_live > 0)
+            .map(|(&id, s)| SegmentRef {
+                id,
+                size_bytes: s.size_bytes,
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Forget segments that no extent references (after a checkpoint they are no longer
+    /// needed to describe the state).
+    pub fn drop_dead_segments(&mut self) {
+        self.segs.retain(|_, s| s.blocks_live > 0);
+    }
+
+    pub fn mapped_blocks(&self) -> u64 {
+        self.map.iter().map(|(_, l, _)| l).sum()
+    }
+
+    pub fn to_checkpoint(&self, version: u64, size_bytes: u64, block_size: u32) -> Checkpoint {
+        let segments: Vec<CheckpointSegment> = self
+            .live_segments()
+            .into_iter()
+            .map(|s| CheckpointSegment {
+                id: s.id,
+                size_bytes: s.size_bytes,
+                blocks_total: self.segs.get(&s.id).map_or(0, |st| st.blocks_total),
+            })
+            .collect();
+        let pos: HashMap<u64, u32> = segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i as u32))
+            .collect();
+        let mut extents = Vec::with_capacity(self.map.len());
+        for (lba, blocks, v) in self.map.iter() {
+            let value = match *v {
+                Val::Frame {
+                    seg,
+                    frame_offset,
+                    frame_len,
+                    block_in_frame,
+                } => CheckpointValue::Frame {
+                    // Every Frame value points at a segment with live blocks, so it is in
+                    // `pos`; u32::MAX would be rejected by `from_checkpoint`.
+                    segment_index: pos.get(&seg).copied().unwrap_or(u32::MAX),
+                    frame_offset,
+                    frame_len,
+                    block_in_frame,
+                },
+                Val::ZeroAlloc => CheckpointValue::ZeroAlloc,
+            };
+            extents.push(CheckpointExtent { lba, blocks, value });
+        }
+        Checkpoint {
+            version,
+            size_bytes,
+            block_size,
+            segments,
+            extents,
+        }
+    }
+
+    /// Rebuild from a checkpoint, validating every reference; `Err` names the problem.
+    pub fn from_checkpoint(c: &Checkpoint, device_blocks: u64) -> Result<Self, String> {
+        let mut idx = Index::new();
+        for s in &c.segments {
+            idx.segs.insert(
+                s.id,
+                SegStat {
+                    size_bytes: s.size_bytes,
+                    blocks_total: s.blocks_total,
+                    blocks_live: 0,
+                },
+            );
+        }
+        let mut prev_end = 0u64;
+        for e in &c.extents {
+            let end = e
+                .lba
+                .checked_add(e.blocks)
+                .filter(|&end| e.blocks > 0 && end <= device_blocks && e.lba >= prev_end)
+                .ok_or_else(|| format!("extent {e:?} out of order or out of range"))?;
+            prev_end = end;
+            let v = match e.value {
+                CheckpointValue::Frame {
+                    segment_index,
+                    frame_offset,
+                    frame_len,
+                    block_in_frame,
+                } => {
+                    let seg = c
+                        .segments
+                        .get(segment_index as usize)
+                        .ok_or_else(|| format!("extent {e:?} names a missing segment"))?;
+                    if frame_offset.saturating_add(frame_len as u64) > seg.size_bytes {
+                        return Err(format!("extent {e:?} points outside segment {}", seg.id));
+                    }
+                    Val::Frame {
+                        seg: seg.id,
+                        frame_offset,
+                        frame_len,
+                        block_in_frame,
+                    }
+                }
+                CheckpointValue::ZeroAlloc => Val::ZeroAlloc,
+            };
+            idx.set(e.lba, e.blocks, v);
+        }
+        for (id, s) in &idx.segs {
+            if s.blocks_live > s.blocks_total {
+                return Err(format!(
+                    "segment {id} has {} live blocks but was written with {}",
+                    s.blocks_live, s.blocks_total
+                ));
+            }
+        }
+        Ok(idx)
+    }
+}
