@@ -10,6 +10,11 @@ use std::collections::BTreeMap;
 /// same run with its first `n` blocks removed.
 pub trait RangeValue: Clone {
     fn advance(&self, blocks: u64) -> Self;
+    /// The value for only the first `blocks` blocks of the run (default: unchanged, for
+    /// values that do not carry per-block content).
+    fn clip(&self, _blocks: u64) -> Self {
+        self.clone()
+    }
 }
 
 /// Non-overlapping runs of blocks, keyed by first block. Adjacent runs are not merged
@@ -60,7 +65,10 @@ impl<V: RangeValue> RangeMap<V> {
         }
         keys.extend(
             self.map
-                .range((std::ops::Bound::Excluded(start), std::ops::Bound::Excluded(end)))
+                .range((
+                    std::ops::Bound::Excluded(start),
+                    std::ops::Bound::Excluded(end),
+                ))
                 .map(|(&k, _)| k),
         );
         for k in keys {
@@ -69,14 +77,14 @@ impl<V: RangeValue> RangeMap<V> {
             };
             let run_end = k + l;
             if k < start {
-                self.map.insert(k, (start - k, v.clone()));
+                self.map.insert(k, (start - k, v.clip(start - k)));
             }
             if run_end > end {
                 self.map.insert(end, (run_end - end, v.advance(end - k)));
             }
             let s = k.max(start);
             let e = run_end.min(end);
-            removed.push((s, e - s, v.advance(s - k)));
+            removed.push((s, e - s, v.advance(s - k).clip(e - s)));
         }
         removed
     }
@@ -100,12 +108,12 @@ impl<V: RangeValue> RangeMap<V> {
         if let Some((&k, (l, v))) = self.map.range(..=start).next_back() {
             if k + l > start && k < start {
                 let e = (k + l).min(end);
-                out.push((start, e - start, v.advance(start - k)));
+                out.push((start, e - start, v.advance(start - k).clip(e - start)));
             }
         }
         for (&k, (l, v)) in self.map.range(start..end) {
             let e = (k + l).min(end);
-            out.push((k, e - k, v.clone()));
+            out.push((k, e - k, if e - k < *l { v.clip(e - k) } else { v.clone() }));
         }
         out
     }

@@ -1,1 +1,1106 @@
-//! placeholder
+//! Volumes: one per export, shared by every connection to it, between the NBD layer and the
+//! log. Holds the dirty set (writes not yet committed) and reads through a shared, bounded
+//! page cache; turns FLUSH into a log commit.
+//!
+//! Invariants:
+//! - Read precedence: dirty set, then the batch being flushed, then the cache, then the
+//!   store. The cache only ever holds a block's latest committed value: a commit updates
+//!   (or drops) the cache entries of everything it wrote *after* the index changed, and a
+//!   cache fill from the store inserts a block only if, under the cache lock, the index
+//!   still points where the bytes came from.
+//! - `flush()` returns Ok only after a commit covering every write that completed before
+//!   the call has landed (group commit: one commit may cover many flush calls).
+//! - A failed commit puts its batch back under the dirty set (newer writes win), so the
+//!   data is retried by the next flush; nothing is dropped.
+//! - Memory: dirty + flushing bytes are charged to one [`DirtyBudget`] shared by all
+//!   volumes; writers wait at the limit, a background flush starts at the high-water mark.
+//!   The page cache is one LRU shared by all volumes, bounded in blocks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use crate::log::index::Val;
+use crate::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
+use crate::nbd::{BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO};
+use crate::store::DynStore;
+use crate::util::{RangeMap, RangeValue};
+
+/// Memory charged per dirty run on top of its data (map node + bookkeeping), so runs
+/// without data (trims) are bounded too.
+const DIRTY_RUN_OVERHEAD_BYTES: usize = 64;
+/// Partial-block writes lock one of these stripes for their read-modify-write.
+const RMW_STRIPES: usize = 64;
+/// Blocks a single BLOCK_STATUS answer looks at (a prefix answer is allowed by the spec).
+const BLOCK_STATUS_BLOCKS_MAX: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// Page cache size, shared by all volumes.
+    pub cache_bytes_max: u64,
+    /// Dirty + flushing bytes, shared by all volumes; writers wait at this limit.
+    pub dirty_bytes_max: u64,
+    /// A background flush starts above this share of `dirty_bytes_max`.
+    pub dirty_high_water_ratio: f64,
+    /// Longest time written data stays only in memory.
+    pub flush_interval: Duration,
+    /// Bytes read ahead after a sequential read.
+    pub readahead_bytes_max: u64,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes_max: 256 << 20,
+            dirty_bytes_max: 256 << 20,
+            dirty_high_water_ratio: 0.5,
+            flush_interval: Duration::from_secs(5),
+            readahead_bytes_max: 4 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("read-only export")]
+    ReadOnly,
+    #[error("export is shutting down")]
+    ShuttingDown,
+}
+
+impl From<VolumeError> for ExportError {
+    fn from(e: VolumeError) -> Self {
+        let errno = match &e {
+            VolumeError::ReadOnly => Errno::Perm,
+            VolumeError::ShuttingDown => Errno::Shutdown,
+            VolumeError::Log(LogError::ReadOnly) => Errno::Perm,
+            VolumeError::Log(LogError::Invalid(_)) => Errno::Inval,
+            VolumeError::Log(_) => Errno::Io,
+        };
+        ExportError::new(errno, e.to_string())
+    }
+}
+
+/// A dirty run's content.
+#[derive(Debug, Clone)]
+enum Dirty {
+    /// Exactly the run's blocks; `.1` is the block size (so the run can be cut without
+    /// context), `.2` the length of the allocation the bytes live in.
+    Data(Bytes, u32, usize),
+    Unmap,
+    ZeroAlloc,
+}
+
+impl Dirty {
+    fn data(b: Bytes, bs: u32) -> Self {
+        let n = b.len();
+        Dirty::Data(b, bs, n)
+    }
+    /// A sub-slice; copied out when it would pin an allocation over 4x its size, so memory
+    /// held by the dirty set stays within 4x of what the budget is charged.
+    fn sub(b: &Bytes, bs: u32, backing: usize, range: std::ops::Range<usize>) -> Self {
+        let n = range.end - range.start;
+        if n * 4 < backing {
+            Dirty::Data(Bytes::copy_from_slice(&b[range]), bs, n)
+        } else {
+            Dirty::Data(b.slice(range), bs, backing)
+        }
+    }
+}
+
+impl RangeValue for Dirty {
+    fn advance(&self, blocks: u64) -> Self {
+        match self {
+            Dirty::Data(b, bs, backing) => {
+                Dirty::sub(b, *bs, *backing, blocks as usize * *bs as usize..b.len())
+            }
+            Dirty::Unmap => Dirty::Unmap,
+            Dirty::ZeroAlloc => Dirty::ZeroAlloc,
+        }
+    }
+    fn clip(&self, blocks: u64) -> Self {
+        match self {
+            Dirty::Data(b, bs, backing) => {
+                Dirty::sub(b, *bs, *backing, 0..blocks as usize * *bs as usize)
+            }
+            other => other.clone(),
+        }
+    }
+}
+
+/// Dirty-memory budget shared by all volumes of a daemon.
+#[derive(Debug)]
+pub struct DirtyBudget {
+    used: AtomicUsize,
+    max: usize,
+    high_water: usize,
+    freed: Notify,
+    /// Volumes' flushers listen here to start a flush above the high-water mark.
+    pressure: Notify,
+}
+
+impl DirtyBudget {
+    pub fn new(max: u64, high_water_ratio: f64) -> Arc<Self> {
+        let max = max.max(1 << 20) as usize;
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max,
+            high_water: ((max as f64) * high_water_ratio.clamp(0.05, 1.0)) as usize,
+            freed: Notify::new(),
+            pressure: Notify::new(),
+        })
+    }
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+    fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        self.freed.notify_waiters();
+    }
+    /// Charge `n` bytes, waiting while the budget is full (a single request larger than
+    /// the whole budget is admitted when nothing else is charged, so it cannot deadlock).
+    async fn acquire(&self, n: usize) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let cur = self.used.load(Ordering::Acquire);
+            if cur == 0 || cur + n <= self.max {
+                if self
+                    .used
+                    .compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    if cur + n > self.high_water {
+                        self.pressure.notify_waiters();
+                    }
+                    return;
+                }
+                continue;
+            }
+            self.pressure.notify_waiters();
+            // Bounded wait so a missed wake-up can only delay, never hang.
+            let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
+        }
+    }
+}
+
+/// Page cache shared by all volumes: whole blocks keyed by (volume id, lba).
+pub struct PageCache {
+    lru: Mutex<lru::LruCache<(u64, u64), Bytes>>,
+}
+
+impl PageCache {
+    pub fn new(bytes_max: u64, block_size: u32) -> Arc<Self> {
+        let blocks = (bytes_max / block_size as u64).max(16) as usize;
+        Arc::new(Self {
+            lru: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(blocks).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+        })
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(u64, u64), Bytes>> {
+        self.lru.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct State {
+    dirty: RangeMap<Dirty>,
+    /// Data bytes held by `dirty` (exact).
+    dirty_data_bytes: usize,
+    /// What `dirty` is charged to the budget: data plus a fixed overhead per run.
+    dirty_bytes: usize,
+    flushing: Option<Arc<RangeMap<Dirty>>>,
+    flushing_bytes: usize,
+    /// Completed writes so far; a flush covers all writes up to the value it snapshots.
+    write_gen: u64,
+    flushed_gen: u64,
+    first_dirty_at: Option<Instant>,
+}
+
+type FrameKey = (u64, u64);
+type FrameResult = Result<Arc<crate::format::Frame>, String>;
+
+pub struct Volume {
+    id: u64,
+    log: Arc<Log>,
+    geo: Geometry,
+    cfg: VolumeConfig,
+    read_only: bool,
+    state: Mutex<State>,
+    flush_lock: tokio::sync::Mutex<()>,
+    budget: Arc<DirtyBudget>,
+    cache: Arc<PageCache>,
+    inflight: Mutex<HashMap<FrameKey, Arc<tokio::sync::OnceCell<FrameResult>>>>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    last_read_end: AtomicU64,
+    readahead_running: AtomicBool,
+    closed: AtomicBool,
+    stop: Notify,
+}
+
+static NEXT_VOLUME_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Volume {
+    pub fn new(
+        log: Arc<Log>,
+        cfg: VolumeConfig,
+        budget: Arc<DirtyBudget>,
+        cache: Arc<PageCache>,
+        read_only: bool,
+    ) -> Arc<Self> {
+        let geo = log.geometry();
+        Arc::new(Self {
+            id: NEXT_VOLUME_ID.fetch_add(1, Ordering::Relaxed),
+            log,
+            geo,
+            cfg,
+            read_only,
+            state: Mutex::new(State {
+                dirty: RangeMap::new(),
+                dirty_data_bytes: 0,
+                dirty_bytes: 0,
+                flushing: None,
+                flushing_bytes: 0,
+                write_gen: 0,
+                flushed_gen: 0,
+                first_dirty_at: None,
+            }),
+            flush_lock: tokio::sync::Mutex::new(()),
+            budget,
+            cache,
+            inflight: Mutex::new(HashMap::new()),
+            stripes: (0..RMW_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            last_read_end: AtomicU64::new(u64::MAX),
+            readahead_running: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            stop: Notify::new(),
+        })
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every critical section leaves State consistent before anything can panic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bs(&self) -> u64 {
+        self.geo.block_size as u64
+    }
+
+    /// Spawn the background flusher: flushes at the high-water mark and when data has
+    /// been dirty for `flush_interval`. Ends when the volume is closed.
+    pub fn start_flusher(self: &Arc<Self>) {
+        let v = Arc::clone(self);
+        tokio::spawn(async move {
+            let tick = (v.cfg.flush_interval / 4).max(Duration::from_millis(10));
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let pressure = v.budget.pressure.notified();
+                tokio::select! {
+                    _ = v.stop.notified() => break,
+                    _ = pressure => {},
+                    _ = tokio::time::sleep(tick) => {},
+                }
+                if v.closed.load(Ordering::Acquire) {
+                    break;
+                }
+                let due = {
+                    let st = v.st();
+                    let over = st.dirty_bytes > 0 && v.budget.used() > v.budget.high_water;
+                    let old = st
+                        .first_dirty_at
+                        .is_some_and(|t| t.elapsed() >= v.cfg.flush_interval);
+                    over || old
+                };
+                if due {
+                    match Volume::flush(&v).await {
+                        Ok(()) => backoff = Duration::from_millis(100),
+                        Err(e) => {
+                            tracing::warn!(export = v.log.name(), error = %e, "background flush failed; data stays dirty");
+                            if matches!(e, VolumeError::Log(LogError::Fenced { .. })) {
+                                break;
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Flush everything and stop the flusher. Further writes fail.
+    pub async fn close(&self) -> Result<(), VolumeError> {
+        let r = self.flush().await;
+        self.closed.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+        r
+    }
+
+    /// Make every write that completed before this call durable.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        let target = self.st().write_gen;
+        let _g = self.flush_lock.lock().await;
+        let (snap, gen, snap_bytes) = {
+            let mut st = self.st();
+            if st.flushed_gen >= target {
+                return Ok(());
+            }
+            let snap = Arc::new(std::mem::take(&mut st.dirty));
+            let bytes = std::mem::take(&mut st.dirty_bytes);
+            st.dirty_data_bytes = 0;
+            st.flushing = Some(Arc::clone(&snap));
+            st.flushing_bytes = bytes;
+            st.first_dirty_at = None;
+            (snap, st.write_gen, bytes)
+        };
+        if snap.is_empty() {
+            let mut st = self.st();
+            st.flushing = None;
+            st.flushed_gen = st.flushed_gen.max(gen);
+            return Ok(());
+        }
+        let batch: Vec<BatchEntry> = snap
+            .iter()
+            .map(|(lba, blocks, v)| BatchEntry {
+                lba,
+                blocks,
+                update: match v {
+                    Dirty::Data(b, ..) => Update::Data(b.clone()),
+                    Dirty::Unmap => Update::Unmap,
+                    Dirty::ZeroAlloc => Update::ZeroAlloc,
+                },
+            })
+            .collect();
+        let result = self.log.commit(&batch).await;
+        match result {
+            Ok(_) => {
+                // The index now has the new locations; refresh the cache before the batch
+                // stops being visible as `flushing` (see the module invariants).
+                {
+                    let mut cache = self.cache.lock();
+                    let bs = self.bs() as usize;
+                    for (lba, blocks, v) in snap.iter() {
+                        for i in 0..blocks {
+                            let key = (self.id, lba + i);
+                            match v {
+                                Dirty::Data(b, ..) if cache.contains(&key) => {
+                                    let s = i as usize * bs;
+                                    cache.put(key, Bytes::copy_from_slice(&b[s..s + bs]));
+                                }
+                                _ => {
+                                    cache.pop(&key);
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut st = self.st();
+                st.flushing = None;
+                st.flushing_bytes = 0;
+                st.flushed_gen = st.flushed_gen.max(gen);
+                drop(st);
+                self.budget.release(snap_bytes);
+                Ok(())
+            }
+            Err(e) => {
+                // Put the batch back under newer writes so the next flush retries it.
+                let mut st = self.st();
+                let before = st.dirty_bytes;
+                for (lba, blocks, v) in snap.iter() {
+                    let mut at = lba;
+                    let end = lba + blocks;
+                    let mut pieces = Vec::new();
+                    for (s, l, _) in st.dirty.overlapping(lba, blocks) {
+                        if s > at {
+                            pieces.push((at, s - at));
+                        }
+                        at = s + l;
+                    }
+                    if at < end {
+                        pieces.push((at, end - at));
+                    }
+                    for (s, l) in pieces {
+                        let val = v.advance(s - lba);
+                        if let Dirty::Data(..) = val {
+                            st.dirty_data_bytes += l as usize * self.bs() as usize;
+                        }
+                        st.dirty.insert(s, l, val);
+                    }
+                }
+                st.dirty_bytes = st.dirty_data_bytes + DIRTY_RUN_OVERHEAD_BYTES * st.dirty.len();
+                let added = st.dirty_bytes - before;
+                st.flushing = None;
+                st.flushing_bytes = 0;
+                if st.first_dirty_at.is_none() {
+                    st.first_dirty_at = Some(Instant::now());
+                }
+                drop(st);
+                // Charge what came back and release the snapshot's charge.
+                self.budget.used.fetch_add(added, Ordering::AcqRel);
+                self.budget.release(snap_bytes);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), VolumeError> {
+        if self.read_only {
+            return Err(VolumeError::ReadOnly);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(VolumeError::ShuttingDown);
+        }
+        if self.log.is_fenced() {
+            return Err(VolumeError::Log(LogError::Fenced {
+                export: self.log.name().to_string(),
+                epoch: self.log.epoch(),
+                newer_epoch: self.log.epoch() + 1,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Insert whole-block runs into the dirty set (after charging the budget).
+    async fn put_dirty(&self, runs: Vec<(u64, u64, Dirty)>) {
+        let bs = self.bs() as usize;
+        // Upper bound of the charge: data, plus each insert adds at most two runs (itself
+        // and the split-off tail of a run it cuts in the middle).
+        let bound: usize = runs
+            .iter()
+            .map(|(_, l, v)| {
+                2 * DIRTY_RUN_OVERHEAD_BYTES
+                    + match v {
+                        Dirty::Data(..) => *l as usize * bs,
+                        _ => 0,
+                    }
+            })
+            .sum();
+        self.budget.acquire(bound).await;
+        let mut st = self.st();
+        let before = st.dirty_bytes;
+        for (lba, blocks, v) in runs {
+            if let Dirty::Data(..) = v {
+                st.dirty_data_bytes += blocks as usize * bs;
+            }
+            for (_, l, old) in st.dirty.insert(lba, blocks, v) {
+                if let Dirty::Data(..) = old {
+                    st.dirty_data_bytes -= l as usize * bs;
+                }
+            }
+        }
+        st.dirty_bytes = st.dirty_data_bytes + DIRTY_RUN_OVERHEAD_BYTES * st.dirty.len();
+        let after = st.dirty_bytes;
+        st.write_gen += 1;
+        if st.first_dirty_at.is_none() {
+            st.first_dirty_at = Some(Instant::now());
+        }
+        drop(st);
+        // Give back what the bound over-charged (after - before <= bound always).
+        let used = after.saturating_sub(before);
+        let extra = bound.saturating_sub(used) + before.saturating_sub(after);
+        if extra > 0 {
+            self.budget.release(extra);
+        }
+    }
+
+    /// Current content of one block (dirty, flushing, cache, store), for read-modify-write.
+    async fn read_block(&self, lba: u64) -> Result<Bytes, VolumeError> {
+        let chunks = self.read_blocks(lba, 1).await?;
+        let bs = self.bs() as usize;
+        Ok(match chunks.into_iter().next() {
+            Some(Some(b)) => b,
+            _ => Bytes::from(vec![0u8; bs]),
+        })
+    }
+
+    /// Write `data` at byte `offset`; partial blocks at the edges are read-modify-written.
+    async fn write_bytes(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
+        let bs = self.bs();
+        let end = offset + data.len() as u64;
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        // Head partial block.
+        let mut rmw: Vec<(u64, usize, usize, usize)> = Vec::new(); // (lba, in-block off, data off, len)
+        if pos % bs != 0 || end - pos < bs {
+            let lba = pos / bs;
+            let in_off = (pos % bs) as usize;
+            let n = ((bs - pos % bs).min(end - pos)) as usize;
+            rmw.push((lba, in_off, 0, n));
+            pos += n as u64;
+        }
+        let full_start = pos;
+        let full_blocks = (end - pos) / bs;
+        if full_blocks > 0 {
+            let s = (full_start - offset) as usize;
+            let e = s + (full_blocks * bs) as usize;
+            runs.push((
+                full_start / bs,
+                full_blocks,
+                Dirty::data(data.slice(s..e), bs as u32),
+            ));
+            pos += full_blocks * bs;
+        }
+        if pos < end {
+            rmw.push((pos / bs, 0, (pos - offset) as usize, (end - pos) as usize));
+        }
+        if !runs.is_empty() {
+            self.put_dirty(runs).await;
+        }
+        for (lba, in_off, d_off, n) in rmw {
+            let _g = self.stripes[(lba as usize) % RMW_STRIPES].lock().await;
+            let cur = self.read_block(lba).await?;
+            let mut b = BytesMut::from(&cur[..]);
+            b[in_off..in_off + n].copy_from_slice(&data[d_off..d_off + n]);
+            self.put_dirty(vec![(lba, 1, Dirty::data(b.freeze(), bs as u32))])
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Zero (or trim) bytes `offset..offset+len`: whole blocks become `whole`; partial edge
+    /// blocks are zeroed by read-modify-write when `zero_edges`, else left alone.
+    async fn zero_range(
+        &self,
+        offset: u64,
+        len: u64,
+        whole: Dirty,
+        zero_edges: bool,
+    ) -> Result<(), VolumeError> {
+        let bs = self.bs();
+        let end = offset + len;
+        let first_full = offset.div_ceil(bs);
+        let end_full = end / bs;
+        if first_full < end_full {
+            self.put_dirty(vec![(first_full, end_full - first_full, whole)])
+                .await;
+        }
+        if zero_edges {
+            let mut edges = Vec::new();
+            if offset % bs != 0 || first_full > end_full {
+                let e = (first_full * bs).min(end);
+                edges.push((offset, e - offset));
+            }
+            if end % bs != 0 && end_full >= first_full && end_full * bs >= offset {
+                let s = (end_full * bs).max(offset);
+                if edges.last().is_none_or(|&(o, _)| o != s) && s < end {
+                    edges.push((s, end - s));
+                }
+            }
+            for (o, l) in edges {
+                self.write_bytes(o, Bytes::from(vec![0u8; l as usize])).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-block view of `lba..lba+n`: `Some(bytes)` for data, `None` for zeros.
+    async fn read_blocks(&self, lba: u64, n: u64) -> Result<Vec<Option<Bytes>>, VolumeError> {
+        let bs = self.bs() as usize;
+        let mut out: Vec<Option<Option<Bytes>>> = vec![None; n as usize];
+        {
+            let st = self.st();
+            let fill = |runs: Vec<(u64, u64, Dirty)>, out: &mut Vec<Option<Option<Bytes>>>| {
+                for (s, l, v) in runs {
+                    for i in 0..l {
+                        let slot = &mut out[(s + i - lba) as usize];
+                        if slot.is_none() {
+                            *slot = Some(match &v {
+                                Dirty::Data(b, ..) => {
+                                    let o = i as usize * bs;
+                                    Some(b.slice(o..o + bs))
+                                }
+                                _ => None,
+                            });
+                        }
+                    }
+                }
+            };
+            fill(st.dirty.overlapping(lba, n), &mut out);
+            if let Some(f) = &st.flushing {
+                fill(f.overlapping(lba, n), &mut out);
+            }
+        }
+        // Cache.
+        if out.iter().any(|s| s.is_none()) {
+            let mut cache = self.cache.lock();
+            for (i, slot) in out.iter_mut().enumerate() {
+                if slot.is_none() {
+                    if let Some(b) = cache.get(&(self.id, lba + i as u64)) {
+                        *slot = Some(Some(b.clone()));
+                    }
+                }
+            }
+        }
+        // Store, one frame at a time.
+        if out.iter().any(|s| s.is_none()) {
+            let runs = self.log.lookup(lba, n);
+            for (s, l, v) in runs {
+                let missing = (s..s + l).any(|b| out[(b - lba) as usize].is_none());
+                if !missing {
+                    continue;
+                }
+                match v {
+                    None | Some(Val::ZeroAlloc) => {
+                        for b in s..s + l {
+                            let slot = &mut out[(b - lba) as usize];
+                            if slot.is_none() {
+                                *slot = Some(None);
+                            }
+                        }
+                    }
+                    Some(Val::Frame {
+                        seg,
+                        frame_offset,
+                        frame_len,
+                        block_in_frame,
+                    }) => {
+                        let frame = self.fetch_frame(seg, frame_offset, frame_len).await?;
+                        let first = block_in_frame as u64;
+                        crate::log::check_frame_covers(
+                            &self.log.keys().segment(seg),
+                            &frame,
+                            s,
+                            first,
+                            l,
+                        )?;
+                        for i in 0..l {
+                            let slot = &mut out[(s + i - lba) as usize];
+                            if slot.is_none() {
+                                let o = (first + i) as usize * bs;
+                                *slot = Some(Some(Bytes::copy_from_slice(&frame.data[o..o + bs])));
+                            }
+                        }
+                        self.fill_cache_from_frame(seg, frame_offset, &frame);
+                    }
+                }
+            }
+        }
+        Ok(out.into_iter().map(|s| s.flatten()).collect())
+    }
+
+    /// Put every block of a fetched frame that the index still maps to it into the cache
+    /// (checked under the cache lock; see the module invariants).
+    fn fill_cache_from_frame(&self, seg: u64, frame_offset: u64, frame: &crate::format::Frame) {
+        let bs = self.bs() as usize;
+        let runs = self.log.lookup(frame.first_lba, frame.blocks as u64);
+        let mut cache = self.cache.lock();
+        // Re-check under the cache lock: a commit updates the index before the cache.
+        let runs_now = self.log.lookup(frame.first_lba, frame.blocks as u64);
+        if runs != runs_now {
+            return;
+        }
+        for (s, l, v) in runs_now {
+            if let Some(Val::Frame {
+                seg: vs,
+                frame_offset: vo,
+                block_in_frame,
+                ..
+            }) = v
+            {
+                if vs != seg || vo != frame_offset {
+                    continue;
+                }
+                for i in 0..l {
+                    let o = (block_in_frame as u64 + i) as usize * bs;
+                    if o + bs <= frame.data.len() {
+                        cache.put((self.id, s + i), Bytes::copy_from_slice(&frame.data[o..o + bs]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetch a frame, coalescing concurrent misses on the same frame into one GET.
+    async fn fetch_frame(
+        &self,
+        seg: u64,
+        frame_offset: u64,
+        frame_len: u32,
+    ) -> Result<Arc<crate::format::Frame>, VolumeError> {
+        let key = (seg, frame_offset);
+        let cell = {
+            let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(m.entry(key).or_default())
+        };
+        let r = cell
+            .get_or_init(|| async {
+                self.log
+                    .read_frame(seg, frame_offset, frame_len)
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .clone();
+        {
+            let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if m.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                m.remove(&key);
+            }
+        }
+        r.map_err(|reason| {
+            VolumeError::Log(LogError::Corrupt {
+                key: self.log.keys().segment(seg),
+                reason,
+            })
+        })
+    }
+
+    /// After a sequential read ending at `end_lba`, warm the next frames in the background.
+    fn maybe_readahead(self: &Arc<Self>, start_lba: u64, end_lba: u64) {
+        let prev = self.last_read_end.swap(end_lba, Ordering::AcqRel);
+        if prev != start_lba || self.cfg.readahead_bytes_max == 0 {
+            return;
+        }
+        if self.readahead_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let v = Arc::clone(self);
+        let blocks = (v.cfg.readahead_bytes_max / v.bs()).max(1);
+        tokio::spawn(async move {
+            let end = (end_lba + blocks).min(v.geo.blocks());
+            if end > end_lba {
+                let _ = v.warm(end_lba, end - end_lba).await;
+            }
+            v.readahead_running.store(false, Ordering::Release);
+        });
+    }
+
+    /// Load blocks into the cache without returning them (CACHE command, readahead).
+    async fn warm(&self, lba: u64, n: u64) -> Result<(), VolumeError> {
+        let runs = self.log.lookup(lba, n);
+        for (s, l, v) in runs {
+            if let Some(Val::Frame {
+                seg,
+                frame_offset,
+                frame_len,
+                ..
+            }) = v
+            {
+                let cached = {
+                    let cache = self.cache.lock();
+                    (s..s + l).all(|b| cache.contains(&(self.id, b)))
+                };
+                if !cached {
+                    let frame = self.fetch_frame(seg, frame_offset, frame_len).await?;
+                    self.fill_cache_from_frame(seg, frame_offset, &frame);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockExport for Arc<Volume> {
+    fn size_bytes(&self) -> u64 {
+        self.geo.size_bytes
+    }
+    fn block_size(&self) -> u32 {
+        self.geo.block_size
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bs = self.bs();
+        let first = offset / bs;
+        let last = (offset + len as u64 - 1) / bs;
+        let blocks = self.read_blocks(first, last - first + 1).await?;
+        self.maybe_readahead(first, last + 1);
+        // Assemble: consecutive data into one buffer, consecutive zeros into one hole.
+        let mut chunks: Vec<ReadChunk> = Vec::new();
+        let mut data = BytesMut::new();
+        let mut hole = 0u32;
+        for (i, b) in blocks.iter().enumerate() {
+            let blba = first + i as u64;
+            let bstart = blba * bs;
+            let s = offset.max(bstart) - bstart;
+            let e = (offset + len as u64).min(bstart + bs) - bstart;
+            match b {
+                Some(bytes) => {
+                    if hole > 0 {
+                        chunks.push(ReadChunk::Hole(hole));
+                        hole = 0;
+                    }
+                    data.extend_from_slice(&bytes[s as usize..e as usize]);
+                }
+                None => {
+                    if !data.is_empty() {
+                        chunks.push(ReadChunk::Data(data.split().freeze()));
+                    }
+                    hole += (e - s) as u32;
+                }
+            }
+        }
+        if hole > 0 {
+            chunks.push(ReadChunk::Hole(hole));
+        }
+        if !data.is_empty() {
+            chunks.push(ReadChunk::Data(data.freeze()));
+        }
+        Ok(chunks)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+        self.check_writable()?;
+        self.write_bytes(offset, data).await?;
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        if self.read_only {
+            return Ok(());
+        }
+        Ok(Volume::flush(self).await?)
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+        self.check_writable()?;
+        // Partial blocks at the edges are left as they are (the spec lets TRIM be
+        // advisory); whole blocks become holes.
+        self.zero_range(offset, len, Dirty::Unmap, false).await?;
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        no_hole: bool,
+    ) -> Result<(), ExportError> {
+        self.check_writable()?;
+        let whole = if no_hole { Dirty::ZeroAlloc } else { Dirty::Unmap };
+        self.zero_range(offset, len, whole, true).await?;
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.bs();
+        let first = offset / bs;
+        let last = (offset + len - 1) / bs;
+        self.warm(first, last - first + 1).await?;
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u32, u32)>, ExportError> {
+        let bs = self.bs();
+        if len == 0 {
+            return Err(ExportError::new(Errno::Inval, "zero-length block status"));
+        }
+        let first = offset / bs;
+        let last = (offset + len - 1) / bs;
+        let n = (last - first + 1).min(BLOCK_STATUS_BLOCKS_MAX);
+        // Later layers override earlier: index, then flushing, then dirty.
+        let mut m: RangeMap<Flags> = RangeMap::new();
+        for (s, l, v) in self.log.lookup(first, n) {
+            let f = match v {
+                None => STATE_HOLE | STATE_ZERO,
+                Some(Val::ZeroAlloc) => STATE_ZERO,
+                Some(Val::Frame { .. }) => 0,
+            };
+            m.insert(s, l, Flags(f));
+        }
+        {
+            let st = self.st();
+            let layers = [st.flushing.as_deref(), Some(&st.dirty)];
+            for layer in layers.into_iter().flatten() {
+                for (s, l, v) in layer.overlapping(first, n) {
+                    let f = match v {
+                        Dirty::Data(..) => 0,
+                        Dirty::Unmap => STATE_HOLE | STATE_ZERO,
+                        Dirty::ZeroAlloc => STATE_ZERO,
+                    };
+                    m.insert(s, l, Flags(f));
+                }
+            }
+        }
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let req_end = offset + len;
+        let mut cur: Option<(u64, u64, u32)> = None; // byte start, byte end, flags
+        for (s, l, f) in m.iter() {
+            let bstart = (s * bs).max(offset);
+            let bend = ((s + l) * bs).min(req_end);
+            match &mut cur {
+                Some((_, e, cf)) if *cf == f.0 && *e == bstart => *e = bend,
+                _ => {
+                    if let Some((a, b, cf)) = cur.take() {
+                        push_extent(&mut out, a, b, cf);
+                    }
+                    cur = Some((bstart, bend, f.0));
+                }
+            }
+        }
+        if let Some((a, b, cf)) = cur {
+            push_extent(&mut out, a, b, cf);
+        }
+        Ok(out)
+    }
+}
+
+fn push_extent(out: &mut Vec<(u32, u32)>, start: u64, end: u64, flags: u32) {
+    // Extent lengths are u32 on the wire: split long ones at a block-friendly size.
+    let mut at = start;
+    while at < end {
+        let n = (end - at).min(0x8000_0000);
+        out.push((n as u32, flags));
+        at += n;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Flags(u32);
+impl RangeValue for Flags {
+    fn advance(&self, _: u64) -> Self {
+        *self
+    }
+}
+
+/// Settings for creating and opening exports.
+#[derive(Debug, Clone)]
+pub struct ExportsConfig {
+    pub default_geometry: Geometry,
+    pub log: LogConfig,
+    pub volume: VolumeConfig,
+    pub read_only: bool,
+}
+
+/// The daemon's export registry: one shared [`Volume`] per export name.
+pub struct Exports {
+    store: DynStore,
+    cfg: ExportsConfig,
+    budget: Arc<DirtyBudget>,
+    cache: Arc<PageCache>,
+    open: tokio::sync::Mutex<HashMap<String, Arc<Volume>>>,
+}
+
+impl Exports {
+    pub fn new(store: DynStore, cfg: ExportsConfig) -> Arc<Self> {
+        let budget = DirtyBudget::new(cfg.volume.dirty_bytes_max, cfg.volume.dirty_high_water_ratio);
+        let cache = PageCache::new(cfg.volume.cache_bytes_max, cfg.default_geometry.block_size.min(4096));
+        Arc::new(Self {
+            store,
+            cfg,
+            budget,
+            cache,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<Arc<Volume>, LogError> {
+        let mut open = self.open.lock().await;
+        if let Some(v) = open.get(name) {
+            if !v.log.is_fenced() {
+                return Ok(Arc::clone(v));
+            }
+        }
+        let (create, mode) = if self.cfg.read_only {
+            (None, OpenMode::ReadOnly)
+        } else {
+            (Some(self.cfg.default_geometry), OpenMode::Writer)
+        };
+        let log = Log::open(Arc::clone(&self.store), name, create, self.cfg.log.clone(), mode).await?;
+        let v = Volume::new(
+            Arc::new(log),
+            self.cfg.volume.clone(),
+            Arc::clone(&self.budget),
+            Arc::clone(&self.cache),
+            self.cfg.read_only,
+        );
+        if !self.cfg.read_only {
+            v.start_flusher();
+        }
+        open.insert(name.to_string(), Arc::clone(&v));
+        Ok(v)
+    }
+
+    /// Flush and close every open export (shutdown). Returns the first error.
+    pub async fn close_all(&self) -> Result<(), VolumeError> {
+        let vols: Vec<Arc<Volume>> = self.open.lock().await.values().cloned().collect();
+        let mut first = Ok(());
+        for v in vols {
+            if let Err(e) = v.close().await {
+                tracing::error!(export = v.log.name(), error = %e, "final flush failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    pub fn budget(&self) -> &Arc<DirtyBudget> {
+        &self.budget
+    }
+}
+
+#[async_trait]
+impl ExportProvider for Exports {
+    async fn open(&self, name: &str) -> Result<Arc<dyn BlockExport>, ExportError> {
+        match self.volume(name).await {
+            Ok(v) => Ok(Arc::new(v)),
+            Err(LogError::NoSuchExport { export }) => Err(ExportError::new(
+                Errno::Inval,
+                format!("no export {export:?} (the daemon is read-only)"),
+            )),
+            Err(LogError::Invalid(m)) => Err(ExportError::new(Errno::Inval, m)),
+            Err(e) => {
+                tracing::error!(export = name, error = %e, "cannot open export");
+                Err(ExportError::new(Errno::Io, e.to_string()))
+            }
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<String>, ExportError> {
+        let objs = crate::store::list_all(self.store.as_ref(), crate::format::EXPORTS_PREFIX)
+            .await
+            .map_err(|e| ExportError::new(Errno::Io, e.to_string()))?;
+        let mut names: Vec<String> = objs
+            .iter()
+            .filter_map(|o| {
+                let rest = o.key.strip_prefix(crate::format::EXPORTS_PREFIX)?;
+                let (k, tail) = rest.split_once('/')?;
+                if !tail.starts_with("manifest/") {
+                    return None;
+                }
+                crate::format::export_name_from_key(k)
+            })
+            .collect();
+        names.extend(self.open.lock().await.keys().cloned());
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
