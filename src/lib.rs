@@ -9,5 +9,6 @@ pub mod format;
 pub mod log;
 pub mod nbd;
 pub mod store;
-pub mod volume;
 pub mod util;
+pub mod cli;
+pub mod volume;

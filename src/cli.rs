@@ -1,0 +1,61 @@
+//! Command-line pieces shared by the three binaries: how to name and open a store.
+
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::store::{self, s3::S3Options, DynStore, StoreError};
+
+/// Where objects live. Without `--store`, the embedded default: a local directory.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Object store: `file://DIR` (embedded default) or `s3://BUCKET[/PREFIX]`.
+    #[arg(long, env = "NBDS3_STORE", default_value = "file://nbds3-data")]
+    pub store: String,
+    /// S3 endpoint URL (MinIO, Garage, SeaweedFS, R2 …); default: AWS.
+    #[arg(long, env = "NBDS3_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default from the AWS config chain, else us-east-1).
+    #[arg(long, env = "NBDS3_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Use path-style S3 URLs (needed by most self-hosted servers).
+    #[arg(long, env = "NBDS3_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+}
+
+impl StoreArgs {
+    pub fn s3_options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+            ..S3Options::default()
+        }
+    }
+
+    pub async fn open(&self) -> Result<DynStore, StoreError> {
+        store::open_url(&self.store, &self.s3_options()).await
+    }
+}
+
+/// Refuse stores that ignore conditional puts (fencing and commit atomicity depend on
+/// them) unless the operator explicitly accepts the risk.
+pub async fn check_conditional_put(store: &DynStore, allow_unsafe: bool) -> anyhow::Result<()> {
+    let honoured = store::probe_if_absent(store.as_ref(), "probe")
+        .await
+        .map_err(|e| anyhow::anyhow!("probing conditional-put support failed: {e}"))?;
+    if !honoured {
+        if allow_unsafe {
+            tracing::warn!(store = %store.describe(), "store IGNORES If-None-Match; running anyway because --allow-unsafe-no-conditional-put was given: two writers on one export can now lose data");
+        } else {
+            anyhow::bail!(
+                "store {} ignores conditional puts (If-None-Match: *); nbds3 cannot guarantee a single writer or atomic commits on it. Use a store that supports them (AWS S3, MinIO, SeaweedFS, R2), or pass --allow-unsafe-no-conditional-put if only one daemon will ever write",
+                store.describe()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Keep `Arc` imported for binaries that build on this module.
+pub type SharedStore = Arc<dyn store::ObjectStore>;
