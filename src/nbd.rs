@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod mem;
 pub mod proto;
 pub mod server;
 pub mod session;
@@ -81,6 +82,10 @@ pub trait BlockExport: Send + Sync {
     /// Preferred I/O size (the device block size).
     fn block_size(&self) -> u32;
     fn read_only(&self) -> bool;
+    /// Human-readable text for NBD_INFO_DESCRIPTION; none by default.
+    fn description(&self) -> Option<String> {
+        None
+    }
     /// Contents of `offset..offset+len`, in order, chunk lengths summing to `len`.
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError>;
     /// Store `data` at `offset`; with `fua` it is durable before returning.
@@ -114,5 +119,7 @@ pub trait ExportProvider: Send + Sync + 'static {
     /// Names for NBD_OPT_LIST.
     async fn list(&self) -> Result<Vec<String>, ExportError>;
     /// Called when a connection to `name` closes, so idle exports can be flushed/released.
+    /// The session calls it exactly once for every successful `open` (NBD_OPT_INFO opens and
+    /// releases at once), so a provider may keep a reference count per name.
     async fn release(&self, _name: &str) {}
 }
