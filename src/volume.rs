@@ -1021,10 +1021,11 @@ impl Exports {
 
     pub async fn volume(&self, name: &str) -> Result<Arc<Volume>, LogError> {
         let mut open = self.open.lock().await;
+        // A fenced volume stays in place: another daemon owns the export now, and taking it
+        // back automatically would make two daemons fence each other in turn. Its writes
+        // fail with EIO until the operator restarts this daemon.
         if let Some(v) = open.get(name) {
-            if !v.log.is_fenced() {
-                return Ok(Arc::clone(v));
-            }
+            return Ok(Arc::clone(v));
         }
         let (create, mode) = if self.cfg.read_only {
             (None, OpenMode::ReadOnly)
