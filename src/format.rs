@@ -478,7 +478,10 @@ pub fn decode_frame(b: &[u8], block_size: u32, offset: u64) -> FResult<Frame> {
 pub fn parse_segment(b: &[u8], check_frames: bool) -> FResult<(SegmentFooter, Vec<DirEntry>)> {
     let block_size = parse_segment_header(b)?;
     if !valid_block_size(block_size) {
-        return Err(corrupt("segment header", format!("block size {block_size}")));
+        return Err(corrupt(
+            "segment header",
+            format!("block size {block_size}"),
+        ));
     }
     let footer = parse_segment_footer(b, b.len() as u64)?;
     let dir_start = footer.dir_offset as usize;
@@ -800,7 +803,9 @@ mod tests {
         raw[0] = 1;
         raw[5000] = 9;
         b.add_frame(10, &raw);
-        let rnd: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let rnd: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         b.add_frame(100, &rnd);
         b.add_range(20, 5, EntryKind::Unmap);
         b.finish().0
@@ -841,8 +846,14 @@ mod tests {
             writer_epoch: 2,
             writer_nonce: 77,
             created_unix_ms: 1,
-            checkpoint: Some(CheckpointRef { id: 9, size_bytes: 100 }),
-            tail: vec![SegmentRef { id: 10, size_bytes: 5 }],
+            checkpoint: Some(CheckpointRef {
+                id: 9,
+                size_bytes: 100,
+            }),
+            tail: vec![SegmentRef {
+                id: 10,
+                size_bytes: 5,
+            }],
             gc_low_water: 1,
         };
         let b = encode_manifest(&m);

@@ -208,7 +208,11 @@ pub async fn latest_version(store: &DynStore, keys: &ExportKeys) -> LogResult<Op
         .max())
 }
 
-pub async fn read_manifest(store: &DynStore, keys: &ExportKeys, version: u64) -> LogResult<Manifest> {
+pub async fn read_manifest(
+    store: &DynStore,
+    keys: &ExportKeys,
+    version: u64,
+) -> LogResult<Manifest> {
     let key = keys.manifest(version);
     let body = store.get(&key).await?;
     let m = format::decode_manifest(&body).map_err(fmt_err(&key))?;
@@ -316,7 +320,10 @@ pub async fn load_index(
     let mut tail_entries = 0;
     for (s, dir) in m.tail.iter().zip(dirs) {
         for e in &dir {
-            if e.lba.checked_add(e.blocks).is_none_or(|end| end > geometry_blocks) {
+            if e.lba
+                .checked_add(e.blocks)
+                .is_none_or(|end| end > geometry_blocks)
+            {
                 return Err(LogError::Corrupt {
                     key: keys.segment(s.id),
                     reason: format!("entry {e:?} past the end of the device"),
@@ -390,7 +397,12 @@ impl Log {
                         Err(StoreError::PreconditionFailed { .. }) => continue,
                         Err(e) => return Err(e.into()),
                     }
-                    tracing::info!(export = export_name, size_bytes = g.size_bytes, block_size = g.block_size, "created export");
+                    tracing::info!(
+                        export = export_name,
+                        size_bytes = g.size_bytes,
+                        block_size = g.block_size,
+                        "created export"
+                    );
                     // Fall through to take the writer role with a fresh epoch like any
                     // other opener (epoch 1 is the creator's placeholder).
                     continue;
@@ -513,7 +525,12 @@ impl Log {
     }
 
     /// Fetch, verify and decompress one frame with a single ranged GET.
-    pub async fn read_frame(&self, seg: u64, frame_offset: u64, frame_len: u32) -> LogResult<format::Frame> {
+    pub async fn read_frame(
+        &self,
+        seg: u64,
+        frame_offset: u64,
+        frame_len: u32,
+    ) -> LogResult<format::Frame> {
         let key = self.keys.segment(seg);
         let end = frame_offset
             .checked_add(frame_len as u64)
@@ -639,7 +656,9 @@ impl Log {
                     let v = p
                         .objects
                         .first()
-                        .and_then(|o| format::parse_numbered_key(&self.keys.manifest_prefix(), &o.key))
+                        .and_then(|o| {
+                            format::parse_numbered_key(&self.keys.manifest_prefix(), &o.key)
+                        })
                         .unwrap_or(0);
                     let e = read_manifest(&self.store, &self.keys, v)
                         .await
@@ -750,7 +769,9 @@ impl Log {
             }
             if let Update::Data(d) = &e.update {
                 if d.len() as u64 != e.blocks * bs {
-                    return Err(LogError::Invalid("data length is not blocks * block size".into()));
+                    return Err(LogError::Invalid(
+                        "data length is not blocks * block size".into(),
+                    ));
                 }
             }
             prev_end = e.lba + e.blocks;
@@ -760,9 +781,9 @@ impl Log {
 
     fn next_id(&self, st: &mut CommitState) -> LogResult<u64> {
         let seq = st.next_seq;
-        st.next_seq = seq
-            .checked_add(1)
-            .ok_or_else(|| LogError::Internal("object ids exhausted for this epoch; reopen".into()))?;
+        st.next_seq = seq.checked_add(1).ok_or_else(|| {
+            LogError::Internal("object ids exhausted for this epoch; reopen".into())
+        })?;
         Ok(format::object_id(self.epoch, seq))
     }
 
@@ -829,13 +850,23 @@ impl Log {
                     .map_err(|e| LogError::Internal(e.to_string()))?;
                     let size = bytes.len() as u64;
                     self.store
-                        .put(&self.keys.segment(id), Bytes::from(bytes), PutMode::IfAbsent)
+                        .put(
+                            &self.keys.segment(id),
+                            Bytes::from(bytes),
+                            PutMode::IfAbsent,
+                        )
                         .await?;
                     self.stats.segments_written.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .segment_bytes_written
                         .fetch_add(size, Ordering::Relaxed);
-                    Ok::<_, LogError>((SegmentRef { id, size_bytes: size }, dir))
+                    Ok::<_, LogError>((
+                        SegmentRef {
+                            id,
+                            size_bytes: size,
+                        },
+                        dir,
+                    ))
                 }
             })
             .buffered(self.cfg.uploads_in_flight_max.max(1))
@@ -857,9 +888,15 @@ impl Log {
             .map_err(|e| LogError::Internal(e.to_string()))?;
         let size = body.len() as u64;
         self.store
-            .put(&self.keys.checkpoint(id), Bytes::from(body), PutMode::IfAbsent)
+            .put(
+                &self.keys.checkpoint(id),
+                Bytes::from(body),
+                PutMode::IfAbsent,
+            )
             .await?;
-        self.stats.checkpoints_written.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .checkpoints_written
+            .fetch_add(1, Ordering::Relaxed);
         self.stats
             .checkpoint_bytes_written
             .fetch_add(size, Ordering::Relaxed);
@@ -877,7 +914,11 @@ impl Log {
     /// Write a checkpoint now and commit a manifest pointing at it (compaction uses this to
     /// publish a rewritten index; `rewrite` edits the index copy before it is written, under
     /// the commit lock so no flush interleaves).
-    pub async fn commit_rewrite<F>(&self, new_segments: &[(SegmentRef, Vec<DirEntry>)], rewrite: F) -> LogResult<u64>
+    pub async fn commit_rewrite<F>(
+        &self,
+        new_segments: &[(SegmentRef, Vec<DirEntry>)],
+        rewrite: F,
+    ) -> LogResult<u64>
     where
         F: FnOnce(&mut Index),
     {
@@ -894,7 +935,12 @@ impl Log {
             let total = new_segments
                 .iter()
                 .find(|(x, _)| x.id == s.id)
-                .map(|(_, d)| d.iter().filter(|e| e.kind == EntryKind::Data).map(|e| e.blocks).sum())
+                .map(|(_, d)| {
+                    d.iter()
+                        .filter(|e| e.kind == EntryKind::Data)
+                        .map(|e| e.blocks)
+                        .sum()
+                })
                 .unwrap_or(0);
             idx.segs.insert(
                 s.id,
@@ -924,7 +970,9 @@ impl Log {
                         return Err(self.fence(other.writer_epoch));
                     }
                     st.need_resync = true;
-                    return Err(LogError::Internal("rewrite raced an earlier attempt; retry".into()));
+                    return Err(LogError::Internal(
+                        "rewrite raced an earlier attempt; retry".into(),
+                    ));
                 }
             }
             Err(e) => {
@@ -1033,7 +1081,10 @@ fn build_segment(
 pub fn is_zero(b: &[u8]) -> bool {
     // Fold 64-byte chunks with OR (no early exit inside a chunk, so it vectorizes).
     let (chunks, rest) = b.as_chunks::<64>();
-    chunks.iter().all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0) && rest.iter().all(|&x| x == 0)
+    chunks
+        .iter()
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+        && rest.iter().all(|&x| x == 0)
 }
 
 /// Shared handle.

@@ -27,7 +27,9 @@ use tokio::sync::Notify;
 
 use crate::log::index::Val;
 use crate::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
-use crate::nbd::{BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO};
+use crate::nbd::{
+    BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO,
+};
 use crate::store::DynStore;
 use crate::util::{RangeMap, RangeValue};
 
@@ -277,7 +279,9 @@ impl Volume {
             budget,
             cache,
             inflight: Mutex::new(HashMap::new()),
-            stripes: (0..RMW_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stripes: (0..RMW_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             last_read_end: AtomicU64::new(u64::MAX),
             readahead_running: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -602,7 +606,8 @@ impl Volume {
                 }
             }
             for (o, l) in edges {
-                self.write_bytes(o, Bytes::from(vec![0u8; l as usize])).await?;
+                self.write_bytes(o, Bytes::from(vec![0u8; l as usize]))
+                    .await?;
             }
         }
         Ok(())
@@ -718,7 +723,10 @@ impl Volume {
                 for i in 0..l {
                     let o = (block_in_frame as u64 + i) as usize * bs;
                     if o + bs <= frame.data.len() {
-                        cache.put((self.id, s + i), Bytes::copy_from_slice(&frame.data[o..o + bs]));
+                        cache.put(
+                            (self.id, s + i),
+                            Bytes::copy_from_slice(&frame.data[o..o + bs]),
+                        );
                     }
                 }
             }
@@ -896,7 +904,11 @@ impl BlockExport for Arc<Volume> {
         no_hole: bool,
     ) -> Result<(), ExportError> {
         self.check_writable()?;
-        let whole = if no_hole { Dirty::ZeroAlloc } else { Dirty::Unmap };
+        let whole = if no_hole {
+            Dirty::ZeroAlloc
+        } else {
+            Dirty::Unmap
+        };
         self.zero_range(offset, len, whole, true).await?;
         if fua {
             self.flush().await?;
@@ -1008,8 +1020,14 @@ pub struct Exports {
 
 impl Exports {
     pub fn new(store: DynStore, cfg: ExportsConfig) -> Arc<Self> {
-        let budget = DirtyBudget::new(cfg.volume.dirty_bytes_max, cfg.volume.dirty_high_water_ratio);
-        let cache = PageCache::new(cfg.volume.cache_bytes_max, cfg.default_geometry.block_size.min(4096));
+        let budget = DirtyBudget::new(
+            cfg.volume.dirty_bytes_max,
+            cfg.volume.dirty_high_water_ratio,
+        );
+        let cache = PageCache::new(
+            cfg.volume.cache_bytes_max,
+            cfg.default_geometry.block_size.min(4096),
+        );
         Arc::new(Self {
             store,
             cfg,
@@ -1032,7 +1050,14 @@ impl Exports {
         } else {
             (Some(self.cfg.default_geometry), OpenMode::Writer)
         };
-        let log = Log::open(Arc::clone(&self.store), name, create, self.cfg.log.clone(), mode).await?;
+        let log = Log::open(
+            Arc::clone(&self.store),
+            name,
+            create,
+            self.cfg.log.clone(),
+            mode,
+        )
+        .await?;
         let v = Volume::new(
             Arc::new(log),
             self.cfg.volume.clone(),

@@ -48,7 +48,11 @@ fn flat(chunks: Vec<ReadChunk>) -> Vec<u8> {
 }
 
 fn pattern(seed: u8, len: usize) -> Bytes {
-    Bytes::from((0..len).map(|i| seed.wrapping_add((i % 251) as u8) | 1).collect::<Vec<u8>>())
+    Bytes::from(
+        (0..len)
+            .map(|i| seed.wrapping_add((i % 251) as u8) | 1)
+            .collect::<Vec<u8>>(),
+    )
 }
 
 #[tokio::test]
@@ -57,7 +61,9 @@ async fn write_flush_reopen_reads_back() {
     let v = open(&store, VolumeConfig::default()).await;
     v.write(8192, pattern(1, 1 << 20), false).await.unwrap();
     // Unaligned write spanning a block boundary (read-modify-write on both edges).
-    v.write(3 * 4096 + 100, pattern(9, 5000), false).await.unwrap();
+    v.write(3 * 4096 + 100, pattern(9, 5000), false)
+        .await
+        .unwrap();
     let before = flat(v.read(0, 2 << 20).await.unwrap());
     Volume::flush(&v).await.unwrap();
     let after_flush = flat(v.read(0, 2 << 20).await.unwrap());
@@ -66,8 +72,14 @@ async fn write_flush_reopen_reads_back() {
     let v2 = open(&store, VolumeConfig::default()).await;
     let reopened = flat(v2.read(0, 2 << 20).await.unwrap());
     assert_eq!(before, reopened);
-    assert_eq!(&reopened[8192 + 100..8192 + 200], &pattern(1, 1 << 20)[100..200]);
-    assert_eq!(&reopened[3 * 4096 + 100..3 * 4096 + 5100], &pattern(9, 5000)[..]);
+    assert_eq!(
+        &reopened[8192 + 100..8192 + 200],
+        &pattern(1, 1 << 20)[100..200]
+    );
+    assert_eq!(
+        &reopened[3 * 4096 + 100..3 * 4096 + 5100],
+        &pattern(9, 5000)[..]
+    );
     assert!(reopened[..8192].iter().all(|&b| b == 0));
 }
 
@@ -100,14 +112,18 @@ async fn unwritten_reads_are_holes_and_block_status_matches() {
     assert_eq!(v.block_status(0, 65536).await.unwrap(), want);
     Volume::flush(&v).await.unwrap();
     assert_eq!(v.block_status(0, 65536).await.unwrap(), want);
-    assert!(flat(v.read(0, 65536).await.unwrap()).iter().all(|&b| b == 0));
+    assert!(flat(v.read(0, 65536).await.unwrap())
+        .iter()
+        .all(|&b| b == 0));
 }
 
 #[tokio::test]
 async fn all_zero_writes_become_holes_after_flush() {
     let store: DynStore = Arc::new(MemoryStore::new());
     let v = open(&store, VolumeConfig::default()).await;
-    v.write(0, Bytes::from(vec![0u8; 1 << 20]), false).await.unwrap();
+    v.write(0, Bytes::from(vec![0u8; 1 << 20]), false)
+        .await
+        .unwrap();
     Volume::flush(&v).await.unwrap();
     assert_eq!(v.log().with_index(|i| i.mapped_blocks()), 0);
     assert_eq!(
@@ -154,7 +170,11 @@ async fn read_after_cache_eviction_and_overwrite() {
         Volume::flush(&v).await.unwrap();
         for i in (0..64u64).rev() {
             let got = flat(v.read(i * 65536, 65536).await.unwrap());
-            assert_eq!(got, pattern(round * 64 + i as u8, 65536).to_vec(), "round {round} chunk {i}");
+            assert_eq!(
+                got,
+                pattern(round * 64 + i as u8, 65536).to_vec(),
+                "round {round} chunk {i}"
+            );
         }
     }
 }
@@ -170,7 +190,9 @@ async fn dirty_budget_is_enforced_by_background_flush() {
     v.start_flusher();
     // Write 16x the dirty budget; writers must wait for background flushes, never OOM.
     for i in 0..128u64 {
-        v.write(i * 262144, pattern(i as u8, 262144), false).await.unwrap();
+        v.write(i * 262144, pattern(i as u8, 262144), false)
+            .await
+            .unwrap();
     }
     Volume::flush(&v).await.unwrap();
     for i in [0u64, 77, 127] {
@@ -179,5 +201,11 @@ async fn dirty_budget_is_enforced_by_background_flush() {
             pattern(i as u8, 262144).to_vec()
         );
     }
-    assert!(v.log().stats.commits.load(std::sync::atomic::Ordering::Relaxed) >= 4);
+    assert!(
+        v.log()
+            .stats
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    );
 }
