@@ -1,1 +1,237 @@
-//! TODO
+//! The accept loop: takes connections from TCP and Unix listeners, runs one
+//! [`session`](super::session) per connection, and shuts down gracefully.
+//!
+//! Invariants:
+//! - At most `connections_max` sessions run at once; a connection above the limit is closed
+//!   straight away (and logged) rather than queued, so a flood cannot hold memory.
+//! - Every TCP connection has TCP_NODELAY set: replies are small and latency-bound.
+//! - Accept errors (EMFILE, ECONNABORTED …) are logged and retried after a pause; they never
+//!   end the server.
+//! - On shutdown: stop accepting, tell sessions to stop reading, wait up to
+//!   `shutdown_grace_ms` for their in-flight requests to finish, then abort the rest.
+//! - A session's failure or panic is logged and affects no other connection.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::session::{self, SessionConfig, Shutdown};
+use super::ExportProvider;
+
+/// A bound listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Where the listener is bound, for logs and tests.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|e| format!("tcp (unknown address: {e})")),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "unix (unnamed)".to_owned()),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<Connection> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                Ok(Connection::Tcp(stream, peer))
+            }
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                Ok(Connection::Unix(stream))
+            }
+        }
+    }
+}
+
+enum Connection {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+/// Server-wide limits.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Concurrent connections; more are closed on accept.
+    pub connections_max: usize,
+    /// Per connection: requests read but not yet answered.
+    pub requests_in_flight_max: usize,
+    /// Per connection: WRITE payload and READ reply bytes held by in-flight requests.
+    pub request_bytes_in_flight_max: usize,
+    /// Per connection: time allowed for option haggling.
+    pub handshake_timeout_ms: u64,
+    /// Per connection: largest option data accepted.
+    pub option_bytes_max: u32,
+    /// On shutdown: how long sessions get to finish in-flight requests.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        let session = SessionConfig::default();
+        Self {
+            connections_max: 256,
+            requests_in_flight_max: session.requests_in_flight_max,
+            request_bytes_in_flight_max: session.request_bytes_in_flight_max,
+            handshake_timeout_ms: session.handshake_timeout.as_millis() as u64,
+            option_bytes_max: session.option_bytes_max,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+impl ServerLimits {
+    fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            requests_in_flight_max: self.requests_in_flight_max,
+            request_bytes_in_flight_max: self.request_bytes_in_flight_max,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            option_bytes_max: self.option_bytes_max,
+        }
+    }
+}
+
+/// Pause after a failed accept (typically EMFILE), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accept on every listener until `shutdown` resolves, then drain sessions and return.
+pub async fn run(
+    listeners: Vec<Listener>,
+    provider: Arc<dyn ExportProvider>,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    if listeners.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no listeners to serve",
+        ));
+    }
+    for l in &listeners {
+        tracing::info!(listener = %l.describe(), "listening");
+    }
+    let config = limits.session_config();
+    let (stop_tx, stop) = Shutdown::channel();
+    let mut sessions = JoinSet::new();
+    let mut next_id: u64 = 0;
+    tokio::pin!(shutdown);
+
+    loop {
+        let accept_any =
+            futures::future::select_all(listeners.iter().map(|l| Box::pin(l.accept())));
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => log_join(done),
+            (accepted, _, _) = accept_any => {
+                let connection = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                };
+                while let Some(done) = sessions.try_join_next() {
+                    log_join(done);
+                }
+                next_id += 1;
+                let (peer, reader_writer) = match connection {
+                    Connection::Tcp(stream, peer) => {
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
+                        }
+                        (peer.to_string(), Split::Tcp(stream))
+                    }
+                    Connection::Unix(stream) => ("unix".to_owned(), Split::Unix(stream)),
+                };
+                if sessions.len() >= limits.connections_max {
+                    tracing::warn!(%peer, connections_max = limits.connections_max,
+                        "connection limit reached; closing new connection");
+                    continue;
+                }
+                let span = tracing::info_span!("nbd_conn", conn = next_id, %peer, export = tracing::field::Empty);
+                let provider = Arc::clone(&provider);
+                let config = config.clone();
+                let stop = stop.clone();
+                sessions.spawn(
+                    async move {
+                        tracing::debug!("connected");
+                        let result = match reader_writer {
+                            Split::Tcp(s) => {
+                                let (r, w) = s.into_split();
+                                session::serve(r, w, provider, config, stop).await
+                            }
+                            Split::Unix(s) => {
+                                let (r, w) = s.into_split();
+                                session::serve(r, w, provider, config, stop).await
+                            }
+                        };
+                        match result {
+                            Ok(end) => tracing::info!(?end, "connection closed"),
+                            Err(e) => tracing::warn!(error = %e, "connection dropped"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    // Stop accepting first, so clients see refused connections rather than silence.
+    drop(listeners);
+    let _ = stop_tx.send(true);
+    let active = sessions.len();
+    if active > 0 {
+        tracing::info!(
+            active,
+            "shutting down: waiting for sessions to finish in-flight requests"
+        );
+    }
+    let grace = Duration::from_millis(limits.shutdown_grace_ms);
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(done) = sessions.join_next().await {
+            log_join(done);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = sessions.len(),
+            ?grace,
+            "sessions did not finish in time; aborting them"
+        );
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+enum Split {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "session panicked");
+        }
+    }
+}

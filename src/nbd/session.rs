@@ -1,1 +1,1276 @@
-//! TODO
+//! One NBD connection: the fixed-newstyle handshake, then the transmission phase with
+//! pipelined requests. Works over any `AsyncRead`/`AsyncWrite` pair, so tests drive it with
+//! `tokio::io::duplex` and the server with TCP or Unix sockets.
+//!
+//! Shape of the transmission phase:
+//! ```text
+//!  reader loop (this task)          request tasks (one per request)      writer task
+//!  read header ─ validate ─┬─ error reply ─────────────────────────────┐
+//!                          └─ spawn ─► export.read/write/… ─► reply ───┴─► mpsc ─► batch ─► socket
+//! ```
+//! Invariants:
+//! - Every request is validated (command, flags, range with `checked_add`, size limits,
+//!   read-only) before any I/O, so exports only see requests inside the device and
+//!   `len <= REQUEST_BYTES_MAX` (TRIM / WRITE_ZEROES are split into pieces that size).
+//! - The byte stream stays parseable after any bad request: a WRITE's payload is always
+//!   consumed (read, or discarded for oversized/invalid ones) before the next header. Only
+//!   a bad request magic or an I/O error ends the connection.
+//! - All chunks of one reply are encoded by the single writer task from one message, so
+//!   replies never interleave; replies to different requests go out in completion order.
+//! - Memory is bounded per connection: at most `requests_in_flight_max` requests and
+//!   `request_bytes_in_flight_max` payload/reply bytes are held between reading a request
+//!   and writing its reply (permits travel with the reply and drop once it is written).
+//! - The session ends (DISC, EOF, shutdown, protocol violation) by stopping to read, letting
+//!   in-flight requests finish and their replies be written, then closing; the export is
+//!   released exactly once per successful open.
+//! - A panic in an export call becomes an EIO reply for that request only.
+
+use std::borrow::Cow;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::proto::{self, *};
+use super::{BlockExport, Errno, ExportError, ExportProvider, ReadChunk, REQUEST_BYTES_MAX};
+
+/// Limits for one connection.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Requests read but not yet answered (the per-connection queue depth).
+    pub requests_in_flight_max: usize,
+    /// WRITE payload and READ reply bytes held by in-flight requests.
+    pub request_bytes_in_flight_max: usize,
+    /// The whole option haggling must finish within this time.
+    pub handshake_timeout: Duration,
+    /// Largest option data accepted; larger options are discarded and refused.
+    pub option_bytes_max: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            requests_in_flight_max: 128,
+            request_bytes_in_flight_max: 128 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(30),
+            option_bytes_max: 64 * 1024,
+        }
+    }
+}
+
+/// Read buffer per connection: holds many small requests per syscall.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Replies are batched up to this many bytes per write.
+const WRITE_BATCH_BYTES: usize = 128 * 1024;
+/// Data pieces at least this large are written straight from their buffer, not copied.
+const DIRECT_WRITE_BYTES: usize = 32 * 1024;
+static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+
+/// Tells sessions the server is shutting down: stop reading, finish in-flight, close.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A trigger (send `true`) and the signal sessions watch.
+    pub fn channel() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+
+    /// A signal that never fires.
+    pub fn never() -> Shutdown {
+        Shutdown(watch::channel(false).1)
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once triggered; never if the trigger is dropped untriggered.
+    pub async fn wait(&mut self) {
+        loop {
+            if *self.0.borrow_and_update() {
+                return;
+            }
+            if self.0.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Why a session ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client sent NBD_OPT_ABORT.
+    Aborted,
+    /// The client closed the connection during the handshake.
+    ClosedInHandshake,
+    /// The client sent NBD_CMD_DISC.
+    Disconnected,
+    /// The client closed the connection during transmission.
+    Eof,
+    /// The server is shutting down.
+    Shutdown,
+    /// The reply stream failed (the client stopped reading or went away).
+    WriterClosed,
+}
+
+/// Why a session ended with an error (the connection is dropped).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("client sent unknown flags {flags:#x}")]
+    UnknownClientFlags { flags: u32 },
+    #[error("NBD_OPT_EXPORT_NAME of {length} bytes exceeds the name limit")]
+    ExportNameTooLong { length: u32 },
+    #[error("export {name:?} refused on NBD_OPT_EXPORT_NAME: {message}")]
+    ExportRefused { name: String, message: String },
+}
+
+/// Serve one connection over a single bidirectional stream.
+pub async fn serve_stream<S>(
+    stream: S,
+    provider: Arc<dyn ExportProvider>,
+    config: SessionConfig,
+    shutdown: Shutdown,
+) -> Result<SessionEnd, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    serve(reader, writer, provider, config, shutdown).await
+}
+
+/// Serve one connection: handshake, then transmission until the client leaves or shutdown.
+/// Record the export name on the caller's span (field `export`) once negotiated.
+pub async fn serve<R, W>(
+    reader: R,
+    mut writer: W,
+    provider: Arc<dyn ExportProvider>,
+    config: SessionConfig,
+    mut shutdown: Shutdown,
+) -> Result<SessionEnd, SessionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let handshake = handshake(
+        &mut reader,
+        &mut writer,
+        provider.as_ref(),
+        &config,
+        &mut shutdown,
+    );
+    let negotiated = match tokio::time::timeout(config.handshake_timeout, handshake).await {
+        Err(_) => return Err(SessionError::HandshakeTimeout(config.handshake_timeout)),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Handshake::End(end))) => return Ok(end),
+        Ok(Ok(Handshake::Go(n))) => n,
+    };
+    tracing::Span::current().record("export", negotiated.name.as_str());
+    tracing::debug!(
+        structured = negotiated.structured,
+        base_allocation = negotiated.base_allocation,
+        flags = negotiated.transmission_flags,
+        "entering transmission"
+    );
+    let name = negotiated.name.clone();
+    let result = transmission(reader, writer, negotiated, &config, shutdown).await;
+    provider.release(&name).await;
+    result
+}
+
+// ---- handshake ----------------------------------------------------------------------------
+
+struct Negotiated {
+    name: String,
+    export: Arc<dyn BlockExport>,
+    structured: bool,
+    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
+    base_allocation: bool,
+    transmission_flags: u16,
+}
+
+enum Handshake {
+    Go(Negotiated),
+    End(SessionEnd),
+}
+
+fn transmission_flags(export: &dyn BlockExport, structured: bool) -> u16 {
+    let mut flags = TFLAG_HAS_FLAGS
+        | TFLAG_SEND_FLUSH
+        | TFLAG_SEND_FUA
+        | TFLAG_CAN_MULTI_CONN
+        | TFLAG_SEND_CACHE;
+    if export.read_only() {
+        flags |= TFLAG_READ_ONLY;
+    } else {
+        flags |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        flags |= TFLAG_SEND_DF;
+    }
+    flags
+}
+
+/// Preferred block size to advertise: the export's, if the spec allows it (a power of two,
+/// at least 512, at most the maximum), else 4096.
+fn preferred_block_size(export: &dyn BlockExport) -> u32 {
+    let bs = export.block_size();
+    if bs.is_power_of_two() && (512..=REQUEST_BYTES_MAX).contains(&bs) {
+        bs
+    } else {
+        4096
+    }
+}
+
+async fn write_now<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result<()> {
+    writer.write_all(bytes).await?;
+    writer.flush().await
+}
+
+fn option_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) {
+    encode_option_reply(out, option, reply_type, data);
+}
+
+fn option_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {
+    option_reply(out, option, reply_type, clip_message(message).as_bytes());
+}
+
+/// Read and drop `len` bytes.
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
+    if copied != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    provider: &dyn ExportProvider,
+    config: &SessionConfig,
+    shutdown: &mut Shutdown,
+) -> Result<Handshake, SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    encode_greeting(&mut out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    write_now(writer, &out).await?;
+
+    let mut flag_bytes = [0u8; 4];
+    match reader.read_exact(&mut flag_bytes).await {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Ok(Handshake::End(SessionEnd::ClosedInHandshake))
+        }
+        Err(e) => return Err(e.into()),
+        Ok(_) => {}
+    }
+    let client_flags = u32::from_be_bytes(flag_bytes);
+    if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
+        // The spec: the server MUST drop the connection on unknown client flags.
+        return Err(SessionError::UnknownClientFlags {
+            flags: client_flags,
+        });
+    }
+    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+
+    let mut structured = false;
+    // Export name for which `base:allocation` was selected by the last SET_META_CONTEXT.
+    let mut meta_export: Option<String> = None;
+    let mut data = Vec::new();
+    loop {
+        let mut header = [0u8; OPTION_HEADER_BYTES];
+        let read = tokio::select! {
+            _ = shutdown.wait() => return Ok(Handshake::End(SessionEnd::Shutdown)),
+            r = reader.read_exact(&mut header) => r,
+        };
+        match read {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(Handshake::End(SessionEnd::ClosedInHandshake))
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        let OptionHeader { option, length } = OptionHeader::decode(&header)?;
+        out.clear();
+
+        if option == OPT_EXPORT_NAME && length as usize > STRING_BYTES_MAX {
+            // EXPORT_NAME has no error reply; a name this long cannot be valid.
+            return Err(SessionError::ExportNameTooLong { length });
+        }
+        if length > config.option_bytes_max {
+            // Skipping keeps the stream parseable; the client learns why from the reply.
+            discard(reader, length.into()).await?;
+            let reply_type = if option_known(option) {
+                REP_ERR_TOO_BIG
+            } else {
+                REP_ERR_UNSUP
+            };
+            option_error(&mut out, option, reply_type, "option data too large");
+            write_now(writer, &out).await?;
+            continue;
+        }
+        data.resize(length as usize, 0);
+        reader.read_exact(&mut data).await?;
+
+        if shutdown.is_triggered() && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Ok(Handshake::End(SessionEnd::Shutdown));
+            }
+            option_error(
+                &mut out,
+                option,
+                REP_ERR_SHUTDOWN,
+                "server is shutting down",
+            );
+            write_now(writer, &out).await?;
+            continue;
+        }
+
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = parse_string(&data)?;
+                let export =
+                    provider
+                        .open(&name)
+                        .await
+                        .map_err(|e| SessionError::ExportRefused {
+                            name: name.clone(),
+                            message: e.message,
+                        })?;
+                let flags = transmission_flags(export.as_ref(), structured);
+                encode_export_name_reply(&mut out, export.size_bytes(), flags, no_zeroes);
+                if let Err(e) = write_now(writer, &out).await {
+                    provider.release(&name).await;
+                    return Err(e.into());
+                }
+                let base_allocation = meta_export.as_deref() == Some(name.as_str());
+                return Ok(Handshake::Go(Negotiated {
+                    name,
+                    export,
+                    structured,
+                    base_allocation,
+                    transmission_flags: flags,
+                }));
+            }
+            OPT_ABORT => {
+                option_reply(&mut out, option, REP_ACK, &[]);
+                // The client may already have closed; the reply is a courtesy.
+                let _ = write_now(writer, &out).await;
+                return Ok(Handshake::End(SessionEnd::Aborted));
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    option_error(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_LIST takes no data",
+                    );
+                } else {
+                    match provider.list().await {
+                        Ok(names) => {
+                            for name in names {
+                                let mut item = Vec::with_capacity(4 + name.len());
+                                encode_rep_server(&mut item, &name, "");
+                                option_reply(&mut out, option, REP_SERVER, &item);
+                            }
+                            option_reply(&mut out, option, REP_ACK, &[]);
+                        }
+                        Err(e) => {
+                            let reply_type = if e.errno == Errno::Shutdown {
+                                REP_ERR_SHUTDOWN
+                            } else {
+                                REP_ERR_POLICY
+                            };
+                            option_error(&mut out, option, reply_type, &e.message);
+                        }
+                    }
+                }
+            }
+            OPT_STARTTLS => {
+                option_error(&mut out, option, REP_ERR_UNSUP, "TLS is not supported");
+            }
+            OPT_EXTENDED_HEADERS => {
+                // The extension tells clients to fall back to compact headers on UNSUP.
+                option_error(
+                    &mut out,
+                    option,
+                    REP_ERR_UNSUP,
+                    "extended headers are not supported",
+                );
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    option_error(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else {
+                    structured = true;
+                    option_reply(&mut out, option, REP_ACK, &[]);
+                }
+            }
+            OPT_INFO | OPT_GO => {
+                let request = match InfoRequest::decode(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        option_error(&mut out, option, REP_ERR_INVALID, &e.to_string());
+                        write_now(writer, &out).await?;
+                        continue;
+                    }
+                };
+                let export = match provider.open(&request.name).await {
+                    Ok(export) => export,
+                    Err(e) => {
+                        let reply_type = if e.errno == Errno::Shutdown {
+                            REP_ERR_SHUTDOWN
+                        } else {
+                            REP_ERR_UNKNOWN
+                        };
+                        option_error(&mut out, option, reply_type, &e.message);
+                        write_now(writer, &out).await?;
+                        continue;
+                    }
+                };
+                let flags = transmission_flags(export.as_ref(), structured);
+                encode_info_replies(&mut out, option, &request, export.as_ref(), flags);
+                option_reply(&mut out, option, REP_ACK, &[]);
+                let written = write_now(writer, &out).await;
+                if option == OPT_INFO || written.is_err() {
+                    provider.release(&request.name).await;
+                }
+                written?;
+                if option == OPT_GO {
+                    let base_allocation = meta_export.as_deref() == Some(request.name.as_str());
+                    return Ok(Handshake::Go(Negotiated {
+                        name: request.name,
+                        export,
+                        structured,
+                        base_allocation,
+                        transmission_flags: flags,
+                    }));
+                }
+                // Already written above (the release depends on the write).
+                continue;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if set {
+                    // The spec: SET replaces the selection even when it fails.
+                    meta_export = None;
+                }
+                if set && !structured {
+                    option_error(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    );
+                } else {
+                    match MetaContextRequest::decode(&data) {
+                        Err(e) => option_error(&mut out, option, REP_ERR_INVALID, &e.to_string()),
+                        Ok(request) => {
+                            let selected = if set {
+                                select_meta_contexts(&request.queries)
+                            } else {
+                                list_meta_contexts(&request.queries)
+                            };
+                            if selected {
+                                let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                                let mut item = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+                                encode_rep_meta_context(&mut item, id, BASE_ALLOCATION);
+                                option_reply(&mut out, option, REP_META_CONTEXT, &item);
+                                if set {
+                                    meta_export = Some(request.export);
+                                }
+                            }
+                            option_reply(&mut out, option, REP_ACK, &[]);
+                        }
+                    }
+                }
+            }
+            _ => {
+                option_error(&mut out, option, REP_ERR_UNSUP, "unknown option");
+            }
+        }
+        write_now(writer, &out).await?;
+    }
+}
+
+fn option_known(option: u32) -> bool {
+    (OPT_EXPORT_NAME..=OPT_EXTENDED_HEADERS).contains(&option) && option != OPT_PEEK_EXPORT
+}
+
+/// NBD_OPT_LIST_META_CONTEXT: no queries means "everything"; `base:` is a wildcard for the
+/// base namespace. Unknown namespaces and leaf names are ignored, as the spec requires.
+fn list_meta_contexts(queries: &[String]) -> bool {
+    queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+}
+
+/// NBD_OPT_SET_META_CONTEXT: no queries selects nothing; `base:` must be ignored here.
+fn select_meta_contexts(queries: &[String]) -> bool {
+    queries.iter().any(|q| q == BASE_ALLOCATION)
+}
+
+fn encode_info_replies(
+    out: &mut Vec<u8>,
+    option: u32,
+    request: &InfoRequest,
+    export: &dyn BlockExport,
+    flags: u16,
+) {
+    let mut infos = vec![
+        Info::Export {
+            size_bytes: export.size_bytes(),
+            transmission_flags: flags,
+        },
+        // Always sent (the spec allows unrequested info): clients that understand it learn
+        // the preferred size and the 32 MiB cap even if they did not ask.
+        Info::BlockSize {
+            minimum: 1,
+            preferred: preferred_block_size(export),
+            maximum: REQUEST_BYTES_MAX,
+        },
+    ];
+    if request.info_types.contains(&INFO_NAME) {
+        infos.push(Info::Name(request.name.clone()));
+    }
+    if request.info_types.contains(&INFO_DESCRIPTION) {
+        if let Some(text) = export.description() {
+            infos.push(Info::Description(clip_message(&text).to_owned()));
+        }
+    }
+    let mut item = Vec::with_capacity(64);
+    for info in infos {
+        item.clear();
+        info.encode(&mut item);
+        option_reply(out, option, REP_INFO, &item);
+    }
+}
+
+// ---- transmission -------------------------------------------------------------------------
+
+/// A validated request, ready for the export.
+enum Op {
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        data: bytes::Bytes,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        no_hole: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
+}
+
+/// What to send back for one request.
+enum Body {
+    Ok,
+    Error {
+        errno: Errno,
+        message: Cow<'static, str>,
+    },
+    Read {
+        offset: u64,
+        chunks: Vec<ReadChunk>,
+        df: bool,
+    },
+    BlockStatus {
+        extents: Vec<(u32, u32)>,
+    },
+}
+
+impl Body {
+    fn error(errno: Errno, message: impl Into<Cow<'static, str>>) -> Self {
+        Body::Error {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ExportError> for Body {
+    fn from(e: ExportError) -> Self {
+        Body::error(e.errno, e.message)
+    }
+}
+
+/// A reply plus the permits that bound it; the permits drop once it is written.
+struct Outgoing {
+    cookie: u64,
+    body: Body,
+    _request_permit: OwnedSemaphorePermit,
+    _bytes_permit: Option<OwnedSemaphorePermit>,
+}
+
+struct Rejected {
+    errno: Errno,
+    message: &'static str,
+}
+
+fn reject(errno: Errno, message: &'static str) -> Rejected {
+    Rejected { errno, message }
+}
+
+/// Check a request against the negotiated state before any I/O. WRITE payloads are not
+/// part of the result; the caller reads or discards them.
+fn validate(
+    header: &RequestHeader,
+    command: Command,
+    negotiated: &Negotiated,
+    size_bytes: u64,
+    read_only: bool,
+) -> Result<(), Rejected> {
+    let flags = header.flags;
+    if flags & !command.flags_allowed() != 0 {
+        return Err(reject(
+            Errno::Inval,
+            "command flags not valid for this command",
+        ));
+    }
+    if flags & CMD_FLAG_DF != 0 && !negotiated.structured {
+        return Err(reject(Errno::Inval, "DF needs structured replies"));
+    }
+    let len = u64::from(header.length);
+    let in_range = header
+        .offset
+        .checked_add(len)
+        .is_some_and(|end| end <= size_bytes);
+    let oversized = header.length > REQUEST_BYTES_MAX;
+    match command {
+        Command::Read | Command::Cache => {
+            if oversized {
+                return Err(reject(
+                    Errno::Inval,
+                    "length exceeds the maximum block size",
+                ));
+            }
+            if !in_range {
+                return Err(reject(Errno::Inval, "range past the end of the export"));
+            }
+        }
+        Command::Write => {
+            if oversized {
+                return Err(reject(
+                    Errno::Inval,
+                    "length exceeds the maximum block size",
+                ));
+            }
+            if read_only {
+                return Err(reject(Errno::Perm, "export is read-only"));
+            }
+            if !in_range {
+                return Err(reject(Errno::NoSpc, "write past the end of the export"));
+            }
+        }
+        Command::WriteZeroes => {
+            if read_only {
+                return Err(reject(Errno::Perm, "export is read-only"));
+            }
+            if !in_range {
+                return Err(reject(
+                    Errno::NoSpc,
+                    "write zeroes past the end of the export",
+                ));
+            }
+        }
+        Command::Trim => {
+            if read_only {
+                return Err(reject(Errno::Perm, "export is read-only"));
+            }
+            if !in_range {
+                return Err(reject(Errno::Inval, "trim past the end of the export"));
+            }
+        }
+        Command::BlockStatus => {
+            if !negotiated.base_allocation {
+                return Err(reject(Errno::Inval, "no metadata context negotiated"));
+            }
+            if header.length == 0 {
+                return Err(reject(Errno::Inval, "zero-length block status"));
+            }
+            if !in_range {
+                return Err(reject(Errno::Inval, "range past the end of the export"));
+            }
+        }
+        // FLUSH's offset and length are reserved; they are ignored rather than rejected
+        // because the spec gives them no meaning and old clients are sloppy with them.
+        Command::Flush | Command::Disc => {}
+    }
+    Ok(())
+}
+
+async fn transmission<R, W>(
+    mut reader: BufReader<R>,
+    writer: W,
+    negotiated: Negotiated,
+    config: &SessionConfig,
+    mut shutdown: Shutdown,
+) -> Result<SessionEnd, SessionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let export = Arc::clone(&negotiated.export);
+    let size_bytes = export.size_bytes();
+    let read_only = export.read_only();
+    let structured = negotiated.structured;
+    let requests = Arc::new(Semaphore::new(
+        config
+            .requests_in_flight_max
+            .clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let bytes_max = config
+        .request_bytes_in_flight_max
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let bytes = Arc::new(Semaphore::new(bytes_max));
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer_task = tokio::spawn(write_replies(writer, rx, structured));
+    let mut tasks = JoinSet::new();
+
+    let outcome: Result<SessionEnd, SessionError> = loop {
+        while tasks.try_join_next().is_some() {}
+        // Take the request slot before reading, so a full queue pushes back on the socket.
+        let request_permit = tokio::select! {
+            biased;
+            _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+            _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
+            p = Arc::clone(&requests).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(SessionEnd::Shutdown),
+            },
+        };
+        let mut raw = [0u8; REQUEST_HEADER_BYTES];
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+            _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
+            r = reader.read_exact(&mut raw) => r,
+        };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(SessionEnd::Eof),
+            Err(e) => break Err(e.into()),
+        }
+        let header = match RequestHeader::decode(&raw) {
+            Ok(h) => h,
+            // Without a valid magic the stream cannot be resynchronised.
+            Err(e) => break Err(e.into()),
+        };
+        let reply_now = |body: Body, permit: OwnedSemaphorePermit| {
+            let _ = tx.send(Outgoing {
+                cookie: header.cookie,
+                body,
+                _request_permit: permit,
+                _bytes_permit: None,
+            });
+        };
+        let Some(command) = Command::from_u16(header.command) else {
+            tracing::debug!(command = header.command, "unknown command");
+            reply_now(Body::error(Errno::Inval, "unknown command"), request_permit);
+            continue;
+        };
+        if command == Command::Disc {
+            break Ok(SessionEnd::Disconnected);
+        }
+        if let Err(r) = validate(&header, command, &negotiated, size_bytes, read_only) {
+            tracing::debug!(
+                ?command,
+                offset = header.offset,
+                length = header.length,
+                flags = header.flags,
+                reason = r.message,
+                "request rejected"
+            );
+            if command == Command::Write {
+                // The payload follows regardless; consume it to stay in sync. Up to 4 GiB
+                // may be skipped this way, streamed through a small buffer.
+                if let Err(e) = discard(&mut reader, header.length.into()).await {
+                    break Err(e.into());
+                }
+            }
+            reply_now(Body::error(r.errno, r.message), request_permit);
+            continue;
+        }
+
+        // Bytes this request holds until its reply is written: WRITE payload or READ data.
+        let held = match command {
+            Command::Read | Command::Write => header.length as usize,
+            _ => 0,
+        };
+        let bytes_permit = if held == 0 {
+            None
+        } else {
+            // A request larger than the whole budget takes all of it rather than waiting forever.
+            let cost = held.min(bytes_max) as u32;
+            match Arc::clone(&bytes).acquire_many_owned(cost).await {
+                Ok(p) => Some(p),
+                Err(_) => break Ok(SessionEnd::Shutdown),
+            }
+        };
+
+        let len = header.length;
+        let offset = header.offset;
+        let flags = header.flags;
+        let fua = flags & CMD_FLAG_FUA != 0;
+        let op = match command {
+            Command::Read => Op::Read {
+                offset,
+                len,
+                df: flags & CMD_FLAG_DF != 0,
+            },
+            Command::Write => {
+                let mut buf = BytesMut::with_capacity(len as usize);
+                if let Err(e) = read_payload(&mut reader, &mut buf, len as usize).await {
+                    break Err(e.into());
+                }
+                Op::Write {
+                    offset,
+                    data: buf.freeze(),
+                    fua,
+                }
+            }
+            Command::Flush => Op::Flush,
+            Command::Trim => Op::Trim {
+                offset,
+                len: len.into(),
+                fua,
+            },
+            Command::WriteZeroes => Op::WriteZeroes {
+                offset,
+                len: len.into(),
+                fua,
+                // FAST_ZERO needs nothing: zeroing only touches metadata, so it is always
+                // faster than writing, and the spec then says to just do it.
+                no_hole: flags & CMD_FLAG_NO_HOLE != 0,
+            },
+            Command::Cache => Op::Cache {
+                offset,
+                len: len.into(),
+            },
+            Command::BlockStatus => Op::BlockStatus {
+                offset,
+                len,
+                req_one: flags & CMD_FLAG_REQ_ONE != 0,
+            },
+            Command::Disc => break Ok(SessionEnd::Disconnected),
+        };
+        let export = Arc::clone(&export);
+        let tx = tx.clone();
+        let cookie = header.cookie;
+        tasks.spawn(async move {
+            let body = AssertUnwindSafe(execute(export.as_ref(), op, size_bytes))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!(cookie, "export panicked while serving a request");
+                    Body::error(Errno::Io, "internal error")
+                });
+            let _ = tx.send(Outgoing {
+                cookie,
+                body,
+                _request_permit: request_permit,
+                _bytes_permit: bytes_permit,
+            });
+        });
+    };
+
+    // Stop reading; let in-flight requests finish and their replies drain, then close.
+    drop(tx);
+    while tasks.join_next().await.is_some() {}
+    match writer_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "reply stream closed with an error"),
+        Err(e) => tracing::error!(error = %e, "reply writer task failed"),
+    }
+    outcome
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> io::Result<()> {
+    while buf.len() < len {
+        // `limit` keeps the read from running into the next request's header.
+        let remaining = len - buf.len();
+        let mut window = (&mut *buf).limit(remaining);
+        if reader.read_buf(&mut window).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+async fn execute(export: &dyn BlockExport, op: Op, size_bytes: u64) -> Body {
+    match op {
+        Op::Read { offset, len, df } => {
+            if len == 0 {
+                return Body::Read {
+                    offset,
+                    chunks: Vec::new(),
+                    df,
+                };
+            }
+            match export.read(offset, len).await {
+                Ok(chunks) => {
+                    let total: u64 = chunks.iter().map(|c| u64::from(c.len())).sum();
+                    if total != u64::from(len) {
+                        tracing::error!(offset, len, total, "export returned a short read");
+                        return Body::error(Errno::Io, "export returned the wrong length");
+                    }
+                    Body::Read { offset, chunks, df }
+                }
+                Err(e) => e.into(),
+            }
+        }
+        Op::Write { offset, data, fua } => {
+            if data.is_empty() {
+                return Body::Ok;
+            }
+            result_body(export.write(offset, data, fua).await)
+        }
+        Op::Flush => result_body(export.flush().await),
+        Op::Trim { offset, len, fua } => {
+            for (o, l) in pieces(offset, len) {
+                if let Err(e) = export.trim(o, l, fua).await {
+                    return e.into();
+                }
+            }
+            Body::Ok
+        }
+        Op::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole,
+        } => {
+            for (o, l) in pieces(offset, len) {
+                if let Err(e) = export.write_zeroes(o, l, fua, no_hole).await {
+                    return e.into();
+                }
+            }
+            Body::Ok
+        }
+        Op::Cache { offset, len } => {
+            if len == 0 {
+                return Body::Ok;
+            }
+            result_body(export.cache(offset, len).await)
+        }
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => {
+            // The length is only a hint; asking for less keeps the export's contract.
+            let ask = len.min(REQUEST_BYTES_MAX);
+            match export.block_status(offset, ask.into()).await {
+                Ok(extents) => {
+                    let available = size_bytes.saturating_sub(offset);
+                    match clip_extents(extents, len, available, req_one) {
+                        Some(extents) => Body::BlockStatus { extents },
+                        None => {
+                            tracing::error!(offset, len, "export returned no usable extents");
+                            Body::error(Errno::Io, "export returned no extents")
+                        }
+                    }
+                }
+                Err(e) => e.into(),
+            }
+        }
+    }
+}
+
+fn result_body(r: Result<(), ExportError>) -> Body {
+    match r {
+        Ok(()) => Body::Ok,
+        Err(e) => e.into(),
+    }
+}
+
+/// Split a range into pieces of at most REQUEST_BYTES_MAX (the export's contract).
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let step = u64::from(REQUEST_BYTES_MAX);
+    let mut done = 0u64;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let n = step.min(len - done);
+        let piece = (offset + done, n);
+        done += n;
+        Some(piece)
+    })
+}
+
+/// Make an export's extents a valid BLOCK_STATUS reply: no empty extents, nothing past the
+/// end of the export, with REQ_ONE a single extent no longer than the request, otherwise
+/// stop at the first extent that reaches the requested length.
+fn clip_extents(
+    extents: Vec<(u32, u32)>,
+    requested: u32,
+    available: u64,
+    req_one: bool,
+) -> Option<Vec<(u32, u32)>> {
+    let mut out = Vec::with_capacity(if req_one { 1 } else { extents.len() });
+    let mut covered = 0u64;
+    for (len, flags) in extents {
+        let room = available.saturating_sub(covered);
+        let len = u64::from(len).min(room);
+        if len == 0 {
+            if room == 0 {
+                break;
+            }
+            continue;
+        }
+        if req_one {
+            let len = len.min(u64::from(requested)) as u32;
+            return Some(vec![(len, flags)]);
+        }
+        out.push((len as u32, flags));
+        covered += len;
+        if covered >= u64::from(requested) {
+            break;
+        }
+    }
+    if out.is_empty() {
+        None
+    } else {
+        Some(out)
+    }
+}
+
+// ---- reply writer -------------------------------------------------------------------------
+
+/// Encode replies as they arrive, batching whatever is queued into one write.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    structured: bool,
+) -> io::Result<()> {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next {
+            encode_reply(&mut out, &mut writer, reply, structured).await?;
+            if out.len() >= WRITE_BATCH_BYTES {
+                writer.write_all(&out).await?;
+                out.clear();
+            }
+            next = rx.try_recv().ok();
+        }
+        if !out.is_empty() {
+            writer.write_all(&out).await?;
+            out.clear();
+        }
+        writer.flush().await?;
+    }
+    writer.shutdown().await
+}
+
+/// Append `data` to the batch, or write it straight out if it is large.
+async fn put_data<W: AsyncWrite + Unpin>(
+    out: &mut BytesMut,
+    writer: &mut W,
+    data: &[u8],
+) -> io::Result<()> {
+    if data.len() < DIRECT_WRITE_BYTES {
+        out.extend_from_slice(data);
+        return Ok(());
+    }
+    if !out.is_empty() {
+        writer.write_all(out).await?;
+        out.clear();
+    }
+    writer.write_all(data).await
+}
+
+async fn put_zeros<W: AsyncWrite + Unpin>(
+    out: &mut BytesMut,
+    writer: &mut W,
+    mut len: usize,
+) -> io::Result<()> {
+    while len > 0 {
+        let n = len.min(ZEROS.len());
+        put_data(out, writer, &ZEROS[..n]).await?;
+        len -= n;
+    }
+    Ok(())
+}
+
+async fn put_chunk_bytes<W: AsyncWrite + Unpin>(
+    out: &mut BytesMut,
+    writer: &mut W,
+    chunk: &ReadChunk,
+) -> io::Result<()> {
+    match chunk {
+        ReadChunk::Data(bytes) => put_data(out, writer, bytes).await,
+        ReadChunk::Hole(n) => put_zeros(out, writer, *n as usize).await,
+    }
+}
+
+async fn encode_reply<W: AsyncWrite + Unpin>(
+    out: &mut BytesMut,
+    writer: &mut W,
+    reply: Outgoing,
+    structured: bool,
+) -> io::Result<()> {
+    let cookie = reply.cookie;
+    match reply.body {
+        Body::Ok => SimpleReply { error: 0, cookie }.encode(out),
+        Body::Error { errno, message } => {
+            if structured {
+                encode_error_chunk(out, cookie, errno as u32, &message);
+            } else {
+                SimpleReply {
+                    error: errno as u32,
+                    cookie,
+                }
+                .encode(out);
+            }
+        }
+        Body::BlockStatus { extents } => {
+            encode_block_status(out, cookie, BASE_ALLOCATION_ID, &extents, true);
+        }
+        Body::Read { offset, chunks, df } => {
+            if !structured {
+                SimpleReply { error: 0, cookie }.encode(out);
+                for chunk in &chunks {
+                    put_chunk_bytes(out, writer, chunk).await?;
+                }
+                return Ok(());
+            }
+            let chunks: Vec<&ReadChunk> = chunks.iter().filter(|c| !c.is_empty()).collect();
+            let total: u32 = chunks.iter().map(|c| c.len()).sum();
+            if chunks.is_empty() {
+                proto::encode_none_chunk(out, cookie);
+            } else if df && chunks.len() > 1 {
+                // One content chunk only: a hole if it is all hole, else data with the
+                // holes written out as zeros.
+                if chunks.iter().all(|c| matches!(c, ReadChunk::Hole(_))) {
+                    encode_offset_hole(out, cookie, offset, total, true);
+                } else {
+                    encode_offset_data_header(out, cookie, offset, total, true);
+                    for chunk in chunks {
+                        put_chunk_bytes(out, writer, chunk).await?;
+                    }
+                }
+            } else {
+                let last = chunks.len() - 1;
+                let mut at = offset;
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    match chunk {
+                        ReadChunk::Data(bytes) => {
+                            encode_offset_data_header(
+                                out,
+                                cookie,
+                                at,
+                                bytes.len() as u32,
+                                i == last,
+                            );
+                            put_data(out, writer, bytes).await?;
+                        }
+                        ReadChunk::Hole(n) => encode_offset_hole(out, cookie, at, *n, i == last),
+                    }
+                    at += u64::from(chunk.len());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_range() {
+        let max = u64::from(REQUEST_BYTES_MAX);
+        let v: Vec<_> = pieces(10, 2 * max + 5).collect();
+        assert_eq!(v, vec![(10, max), (10 + max, max), (10 + 2 * max, 5)]);
+        assert_eq!(pieces(0, 0).count(), 0);
+    }
+
+    #[test]
+    fn extents_are_clipped() {
+        // REQ_ONE: one extent, no longer than the request.
+        assert_eq!(
+            clip_extents(vec![(8192, 3), (4096, 0)], 4096, 1 << 20, true),
+            Some(vec![(4096, 3)])
+        );
+        // Stop once the request is covered; drop empty extents; respect the device end.
+        assert_eq!(
+            clip_extents(
+                vec![(0, 1), (512, 0), (8192, 3), (4096, 0)],
+                1024,
+                1 << 20,
+                false
+            ),
+            Some(vec![(512, 0), (8192, 3)])
+        );
+        assert_eq!(
+            clip_extents(vec![(8192, 3)], 1024, 2048, false),
+            Some(vec![(2048, 3)])
+        );
+        assert_eq!(clip_extents(vec![], 1024, 2048, false), None);
+        assert_eq!(clip_extents(vec![(0, 0)], 1024, 2048, true), None);
+    }
+
+    #[test]
+    fn meta_context_queries() {
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(list_meta_contexts(&[]));
+        assert!(list_meta_contexts(&q(&["base:"])));
+        assert!(!list_meta_contexts(&q(&[
+            "qemu:dirty-bitmap:x",
+            "base:nope"
+        ])));
+        assert!(!select_meta_contexts(&[]));
+        assert!(!select_meta_contexts(&q(&["base:"])));
+        assert!(select_meta_contexts(&q(&["x-foo:bar", "base:allocation"])));
+    }
+}
