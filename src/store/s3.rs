@@ -19,6 +19,15 @@
 //! - Errors carry the key and a reason with the HTTP status and S3 error code;
 //!   `describe()` never includes credentials.
 //! - One client (one connection pool) per store, shared by all concurrent calls.
+//!
+//! Listing order is the server's. AWS and moto return keys in byte order, as the store
+//! contract says. SeaweedFS (a filer underneath) returns them in *component order*: sorted as
+//! lists of `/`-separated components, i.e. as if `/` sorted below every other byte. The two
+//! orders differ only when a "directory" has a sibling that extends its name with a byte below
+//! `/` (space through `.`): SeaweedFS lists `a/x` before `a-b`, byte order `a-b` first.
+//! Paging with `ListPage::next` still visits every key exactly once on SeaweedFS; callers
+//! that need byte order must keep such sibling names apart (fixed-width names in one
+//! directory, or listing with a `dir/` prefix, are safe everywhere).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +52,9 @@ const DELETE_BATCH_MAX: usize = 1000;
 /// First backoff step; doubled per attempt up to [`BACKOFF_CAP`], then fully jittered.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Placeholder size in an `InvalidRange` from a 416 without `Content-Range`; `get_range`
+/// replaces it with the size from a HEAD before returning.
+const SIZE_UNKNOWN: u64 = u64::MAX;
 
 /// Connection settings for the S3 backend (credentials come from the standard AWS chain:
 /// environment, profile, web identity, container/instance metadata).
@@ -413,7 +425,7 @@ impl S3Store {
                             .headers()
                             .get("content-range")
                             .and_then(content_range_total)
-                            .unwrap_or(0);
+                            .unwrap_or(SIZE_UNKNOWN);
                         return Err(Failure::Fail(StoreError::InvalidRange {
                             key: key.into(),
                             start: r.start,
@@ -594,14 +606,31 @@ impl ObjectStore for S3Store {
             });
         }
         let ambiguous = AtomicBool::new(false);
-        self.retry(
-            key,
-            "get_range",
-            range.end - range.start,
-            &ambiguous,
-            || self.get_once(&full, key, Some(&range)),
-        )
-        .await
+        let result = self
+            .retry(
+                key,
+                "get_range",
+                range.end - range.start,
+                &ambiguous,
+                || self.get_once(&full, key, Some(&range)),
+            )
+            .await;
+        match result {
+            Err(StoreError::InvalidRange {
+                size_bytes: SIZE_UNKNOWN,
+                ..
+            }) => {
+                // The server did not say how big the object is; ask, so the error is useful.
+                let meta = self.head(key).await?;
+                Err(StoreError::InvalidRange {
+                    key: key.into(),
+                    start: range.start,
+                    end: range.end,
+                    size_bytes: meta.size_bytes,
+                })
+            }
+            other => other,
+        }
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
@@ -649,7 +678,9 @@ impl ObjectStore for S3Store {
                     .bucket(&self.bucket)
                     .prefix(&full_prefix)
                     .max_keys(limit as i32);
-                if let Some(a) = &full_after {
+                // A cursor below the prefix excludes nothing: leave it out (some SeaweedFS
+                // versions answer such a request with an empty listing).
+                if let Some(a) = full_after.as_ref().filter(|a| **a >= full_prefix) {
                     req = req.start_after(a);
                 }
                 let out = req.send().await.map_err(|e| match failure(prefix, &e) {
@@ -678,10 +709,12 @@ impl ObjectStore for S3Store {
                 Ok((keys, out.is_truncated().unwrap_or(false)))
             })
             .await?;
-        // Check what the server sent before trusting it: pagination by start_after is only
-        // correct if every page is in byte order, within the prefix, after the cursor.
+        // Check what the server sent before trusting it. Byte order is NOT checked: SeaweedFS
+        // lists in component order (see module doc), and its own cursor still pages through
+        // everything. What would break pagination is checked: keys outside the prefix, an
+        // oversized page, or the cursor/duplicate keys coming back (an endless loop).
         let mut objects = Vec::with_capacity(keys.len());
-        let mut prev: Option<&str> = full_after.as_deref();
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
         for (k, size_bytes) in &keys {
             let bad = |what: &str| StoreError::Permanent {
                 key: k.clone(),
@@ -690,10 +723,9 @@ impl ObjectStore for S3Store {
             if !k.starts_with(&full_prefix) {
                 return Err(bad("key outside the requested prefix"));
             }
-            if prev.is_some_and(|p| k.as_str() <= p) {
-                return Err(bad("keys not in ascending byte order after start_after"));
+            if full_after.as_deref() == Some(k.as_str()) || !seen.insert(k.as_str()) {
+                return Err(bad("start_after key or a duplicate key returned"));
             }
-            prev = Some(k);
             if objects.len() == limit {
                 return Err(bad("more keys than max-keys"));
             }
