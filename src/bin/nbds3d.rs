@@ -1,1 +1,135 @@
-fn main() {}
+//! `nbds3d`: serve block devices over NBD, stored log-structured in an object store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nbds3::cli::{check_conditional_put, StoreArgs};
+use nbds3::log::{Geometry, LogConfig};
+use nbds3::nbd::server::{self, Listener, ServerLimits};
+use nbds3::util::{parse_duration, parse_size};
+use nbds3::volume::{Exports, ExportsConfig, VolumeConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "nbds3d", version, about = "NBD server whose devices live in S3-compatible object storage")]
+struct Cli {
+    /// TCP address to listen on (repeatable). Default: 127.0.0.1:10809 unless --unix is given.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Unix socket path to listen on.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Size of exports created on first use (K/M/G/T).
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    default_size: u64,
+    /// Block size of exports created on first use.
+    #[arg(long, default_value_t = 4096)]
+    block_size: u32,
+    /// Page cache size, shared by all exports.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    cache_size: u64,
+    /// Dirty (unflushed) data limit, shared by all exports; writers wait above it.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    dirty_max: u64,
+    /// Longest time written data stays only in memory.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    flush_interval: Duration,
+    /// Serve existing exports read-only; create nothing, write nothing.
+    #[arg(long)]
+    read_only: bool,
+    /// Maximum simultaneous client connections.
+    #[arg(long, default_value_t = 256)]
+    connections_max: usize,
+    /// Run even if the store ignores conditional puts (unsafe with more than one writer).
+    #[arg(long)]
+    allow_unsafe_no_conditional_put: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let geometry = Geometry {
+        size_bytes: cli.default_size,
+        block_size: cli.block_size,
+    };
+    geometry
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--default-size/--block-size: {e}"))?;
+
+    let store = cli.store.open().await.context("opening the store")?;
+    if !cli.read_only {
+        check_conditional_put(&store, cli.allow_unsafe_no_conditional_put).await?;
+    }
+
+    let mut listeners = Vec::new();
+    let mut addrs = cli.listen.clone();
+    if addrs.is_empty() && cli.unix.is_none() {
+        addrs.push("127.0.0.1:10809".into());
+    }
+    for a in &addrs {
+        let l = tokio::net::TcpListener::bind(a)
+            .await
+            .with_context(|| format!("listening on {a}"))?;
+        listeners.push(Listener::Tcp(l));
+    }
+    if let Some(p) = &cli.unix {
+        let _ = std::fs::remove_file(p);
+        let l = tokio::net::UnixListener::bind(p)
+            .with_context(|| format!("listening on {}", p.display()))?;
+        listeners.push(Listener::Unix(l));
+    }
+    let exports = Exports::new(
+        Arc::clone(&store),
+        ExportsConfig {
+            default_geometry: geometry,
+            log: LogConfig::default(),
+            volume: VolumeConfig {
+                cache_bytes_max: cli.cache_size,
+                dirty_bytes_max: cli.dirty_max,
+                flush_interval: cli.flush_interval,
+                ..VolumeConfig::default()
+            },
+            read_only: cli.read_only,
+        },
+    );
+    tracing::info!(
+        listen = ?addrs,
+        unix = ?cli.unix,
+        store = %store.describe(),
+        read_only = cli.read_only,
+        "nbds3d listening"
+    );
+    let limits = ServerLimits {
+        connections_max: cli.connections_max,
+        ..ServerLimits::default()
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    };
+    server::run(listeners, exports.clone(), limits, shutdown)
+        .await
+        .context("serving")?;
+    // Every in-flight request has finished; now make all written data durable.
+    exports
+        .close_all()
+        .await
+        .map_err(|e| anyhow::anyhow!("final flush failed, data not durable: {e}"))?;
+    tracing::info!("all exports flushed; exiting");
+    Ok(())
+}
