@@ -5,10 +5,11 @@
 //! `nbd` (wire protocol) → `volume` (dirty set, page cache) → `log` (segments, manifests,
 //! index, fencing, compaction) → `store` (object-store backends).
 
+pub mod cli;
 pub mod format;
+pub mod inspect;
 pub mod log;
 pub mod nbd;
 pub mod store;
 pub mod util;
-pub mod cli;
 pub mod volume;
