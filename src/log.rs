@@ -17,7 +17,10 @@
 //! - Segment and checkpoint ids are `epoch << 32 | seq` and never reused, so retries never
 //!   collide with an earlier attempt's objects.
 
+pub mod compact;
+pub mod gc;
 pub mod index;
+pub mod lease;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -170,6 +173,9 @@ struct CommitState {
     tail_entries: usize,
     /// An earlier manifest PUT failed ambiguously: re-read before the next commit.
     need_resync: bool,
+    /// Ids handed out by [`Log::allocate_id`] whose objects no manifest names yet (a
+    /// compaction in progress). Garbage collection never deletes these.
+    pending_ids: std::collections::BTreeSet<u64>,
 }
 
 pub struct Log {
@@ -468,6 +474,7 @@ impl Log {
                     next_seq: 0,
                     tail_entries,
                     need_resync: false,
+                    pending_ids: std::collections::BTreeSet::new(),
                 }),
                 fenced: AtomicBool::new(false),
                 version: AtomicU64::new(version),
@@ -1002,9 +1009,13 @@ impl Log {
     }
 
     /// Allocate an object id under the commit lock (compaction writes its own segments).
+    /// The id stays pending (GC keeps its object) until the caller's commit names it or the
+    /// caller releases it (`compact::release_ids`).
     pub async fn allocate_id(&self) -> LogResult<u64> {
         let mut st = self.commit.lock().await;
-        self.next_id(&mut st)
+        let id = self.next_id(&mut st)?;
+        st.pending_ids.insert(id);
+        Ok(id)
     }
 }
 

@@ -1,0 +1,1132 @@
+//! Compaction: rewrite the live blocks of mostly-dead (or tiny) segments into new segments,
+//! so that garbage collection can delete the old ones. One code path serves the daemon's
+//! background compactor ([`spawn_compactor`]) and the offline `nbds3-compact`.
+//!
+//! A pass: pick victims from the index's per-segment live-block counters (no LIST); read
+//! the frames that still hold live blocks (one ranged GET each, verified); re-frame those
+//! blocks in block order into new segments built with [`SegmentBuilder`] under ids from
+//! [`Log::allocate_id`]; upload them with IfAbsent; then [`Log::commit_rewrite`] publishes a
+//! checkpoint + manifest that repoints only the runs that still point where the copy was
+//! taken from. A block written meanwhile keeps its newer location; its copy is dead on
+//! arrival. The victims end with no live blocks, drop out of the index, and become garbage
+//! once no retained manifest names them (`gc`).
+//!
+//! Invariants:
+//! - Durability order: every new segment is durable before the manifest that names it is
+//!   written (`commit_rewrite` runs after all uploads returned Ok).
+//! - Content never changes: a rewrite only moves bytes that are verified (frame crcs) and
+//!   only where the index still holds the exact source location (segment id, frame offset
+//!   and block in frame; segment ids are never reused, so equality means "not overwritten").
+//! - A crash at any point loses nothing: before the manifest lands the new segments are
+//!   orphans (GC removes them); after it lands the old ones are.
+//! - New ids stay pending (GC keeps them) until a manifest names them or the pass knows no
+//!   manifest ever will.
+//! - Bounded: one pass copies at most `pass_bytes_max` raw bytes (memory and I/O), with at
+//!   most `reads_in_flight_max` frame reads and the log's upload limit in flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+
+use super::gc::{self, GcConfig, GcReport, GcState};
+use super::index::{Index, SegStat, Val};
+use super::{check_frame_covers, read_segment_directory, Log, LogError, OpenMode};
+use crate::format::{DirEntry, EntryKind, ExportKeys, SegmentBuilder, SegmentRef};
+use crate::store::{DynStore, ListPage, ObjectMeta, ObjectStore, PutMode, StoreResult};
+use crate::util::RangeValue;
+
+/// Errors of the compaction / GC / lease layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("export is open read-only; compaction and gc need the writer role")]
+    ReadOnly,
+    #[error("invalid compaction setting: {0}")]
+    Invalid(String),
+    #[error("{key}: bad lease object: {reason}")]
+    Lease { key: String, reason: String },
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl CompactError {
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, CompactError::Log(LogError::Fenced { .. }))
+    }
+}
+
+pub type CompactResult<T> = Result<T, CompactError>;
+
+/// Tunables of compaction and of the background compactor (units last).
+#[derive(Debug, Clone)]
+pub struct CompactConfig {
+    /// A segment whose share of dead data blocks is at least this is rewritten.
+    pub dead_fraction_min: f64,
+    /// Segments smaller than this (stored bytes) are merged ...
+    pub small_segment_bytes: u64,
+    /// ... once at least this many of them exist.
+    pub small_segments_min: usize,
+    /// Raw live bytes one pass copies at most (bounds memory and foreground impact).
+    pub pass_bytes_max: u64,
+    /// Background compactor: time between passes (so at most 60 s / this passes a minute).
+    pub pass_interval: Duration,
+    /// Frame reads in flight during a pass.
+    pub reads_in_flight_max: usize,
+    pub gc: GcConfig,
+    /// Background compactor: time between GC passes.
+    pub gc_interval: Duration,
+}
+
+impl Default for CompactConfig {
+    fn default() -> Self {
+        Self {
+            dead_fraction_min: 0.5,
+            small_segment_bytes: 1 << 20,
+            small_segments_min: 16,
+            pass_bytes_max: 64 << 20,
+            pass_interval: Duration::from_secs(10),
+            reads_in_flight_max: 4,
+            gc: GcConfig::default(),
+            gc_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl CompactConfig {
+    pub fn validate(&self) -> CompactResult<()> {
+        if !(0.0..=1.0).contains(&self.dead_fraction_min) {
+            return Err(CompactError::Invalid(format!(
+                "dead fraction threshold {} is not in 0..=1",
+                self.dead_fraction_min
+            )));
+        }
+        if self.pass_bytes_max == 0 || self.reads_in_flight_max == 0 {
+            return Err(CompactError::Invalid(
+                "pass_bytes_max and reads_in_flight_max must be positive".into(),
+            ));
+        }
+        if self.gc.keep_versions_min == 0 {
+            return Err(CompactError::Invalid(
+                "gc must keep at least 1 manifest version".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a segment was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VictimReason {
+    /// No live blocks at all: dropped without copying anything.
+    Empty,
+    /// Dead share at or above the threshold.
+    Dead,
+    /// Small; merged with other small segments.
+    Small,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Victim {
+    pub id: u64,
+    pub stat: SegStat,
+    pub reason: VictimReason,
+}
+
+/// What a pass would do, from the index alone.
+#[derive(Debug, Clone, Default)]
+pub struct PassPlan {
+    pub victims: Vec<Victim>,
+    /// Raw bytes of live blocks to copy.
+    pub live_raw_bytes: u64,
+    /// Stored bytes of the victims (what GC frees later, minus what is copied).
+    pub victim_bytes: u64,
+}
+
+impl PassPlan {
+    pub fn is_empty(&self) -> bool {
+        self.victims.is_empty()
+    }
+}
+
+/// Pick victims. `budget_bytes` bounds the raw live bytes to copy (at least one victim is
+/// taken whatever its size, so progress is always possible); `None` plans everything.
+pub fn plan_pass(log: &Log, cfg: &CompactConfig, budget_bytes: Option<u64>) -> PassPlan {
+    let bs = log.geometry().block_size as u64;
+    log.with_index(|idx| plan_from_index(idx, bs, cfg, budget_bytes))
+}
+
+fn plan_from_index(
+    idx: &Index,
+    bs: u64,
+    cfg: &CompactConfig,
+    budget_bytes: Option<u64>,
+) -> PassPlan {
+    let budget = budget_bytes.unwrap_or(u64::MAX);
+    let mut plan = PassPlan::default();
+    // Segments without data entries (only trims) are dropped by any checkpoint: they never
+    // start a pass on their own.
+    let mut segs: Vec<(u64, SegStat)> = idx
+        .segs
+        .iter()
+        .filter(|(_, s)| s.blocks_total > 0)
+        .map(|(&id, &s)| (id, s))
+        .collect();
+    segs.sort_by_key(|(id, _)| *id);
+    let empty: Vec<(u64, SegStat)> = segs
+        .iter()
+        .filter(|(_, s)| s.blocks_live == 0)
+        .copied()
+        .collect();
+    let mut dead: Vec<(u64, SegStat)> = segs
+        .iter()
+        .filter(|(_, s)| s.blocks_live > 0 && s.dead_fraction() >= cfg.dead_fraction_min)
+        .copied()
+        .collect();
+    // Most garbage freed per byte copied first.
+    dead.sort_by(|a, b| {
+        b.1.dead_fraction()
+            .total_cmp(&a.1.dead_fraction())
+            .then(a.0.cmp(&b.0))
+    });
+    let small: Vec<(u64, SegStat)> = segs
+        .iter()
+        .filter(|(_, s)| {
+            s.blocks_live > 0
+                && s.dead_fraction() < cfg.dead_fraction_min
+                && s.size_bytes < cfg.small_segment_bytes
+        })
+        .copied()
+        .collect();
+    let empty_bytes: u64 = empty.iter().map(|(_, s)| s.size_bytes).sum();
+    let take = |plan: &mut PassPlan, id: u64, s: SegStat, reason| -> bool {
+        let raw = s.blocks_live * bs;
+        if !plan.victims.is_empty() && plan.live_raw_bytes.saturating_add(raw) > budget {
+            return false;
+        }
+        plan.live_raw_bytes += raw;
+        plan.victim_bytes += s.size_bytes;
+        plan.victims.push(Victim {
+            id,
+            stat: s,
+            reason,
+        });
+        true
+    };
+    for (id, s) in dead {
+        if !take(&mut plan, id, s, VictimReason::Dead) {
+            break;
+        }
+    }
+    if small.len() >= cfg.small_segments_min.max(2) {
+        let before = plan.victims.len();
+        for (id, s) in small {
+            if !take(&mut plan, id, s, VictimReason::Small) {
+                break;
+            }
+        }
+        // A "merge" of one segment would only copy it.
+        if plan.victims.len() == before + 1
+            && plan.victims.last().map(|v| v.reason) == Some(VictimReason::Small)
+        {
+            if let Some(v) = plan.victims.pop() {
+                plan.live_raw_bytes -= v.stat.blocks_live * bs;
+                plan.victim_bytes -= v.stat.size_bytes;
+            }
+        }
+    }
+    // Fully dead segments cost nothing to drop; they start a pass of their own only when
+    // they hold enough bytes to be worth a checkpoint.
+    if !plan.victims.is_empty() || empty_bytes >= cfg.small_segment_bytes {
+        for (id, s) in empty {
+            plan.victim_bytes += s.size_bytes;
+            plan.victims.push(Victim {
+                id,
+                stat: s,
+                reason: VictimReason::Empty,
+            });
+        }
+    }
+    plan
+}
+
+/// What one compaction pass did.
+#[derive(Debug, Clone, Default)]
+pub struct PassReport {
+    pub victims: u64,
+    /// Stored bytes of the victims.
+    pub victim_bytes: u64,
+    /// Victims whose frames had to be read (the others had no live blocks).
+    pub segments_read: u64,
+    pub frames_read: u64,
+    pub frame_bytes_read: u64,
+    pub segments_written: u64,
+    pub bytes_written: u64,
+    /// Raw bytes of live blocks copied.
+    pub raw_bytes_copied: u64,
+    /// Blocks repointed to their new location.
+    pub blocks_moved: u64,
+    /// Copied blocks that had been overwritten meanwhile (kept their newer data).
+    pub blocks_skipped: u64,
+    /// Manifest version the pass committed, if it committed.
+    pub version: Option<u64>,
+}
+
+/// One run of live blocks being moved: `blocks` blocks at `lba`, stored at `old`.
+#[derive(Debug, Clone)]
+struct Piece {
+    lba: u64,
+    blocks: u64,
+    old: Val,
+    data: Bytes,
+}
+
+/// `(lba, blocks, old location, new location)`: what the commit repoints if still current.
+type Move = (u64, u64, Val, Val);
+
+/// Called with raw bytes copied as a pass reads them (for progress bars).
+pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
+
+/// One compaction pass (see the module doc). Returns an empty report when there is nothing
+/// worth doing.
+pub async fn compact_pass(
+    log: &Log,
+    cfg: &CompactConfig,
+    progress: Option<Progress<'_>>,
+) -> CompactResult<PassReport> {
+    cfg.validate()?;
+    if log.mode == OpenMode::ReadOnly {
+        return Err(CompactError::ReadOnly);
+    }
+    if log.is_fenced() {
+        return Err(LogError::Fenced {
+            export: log.name().to_string(),
+            epoch: log.epoch(),
+            newer_epoch: log.epoch() + 1,
+        }
+        .into());
+    }
+    let plan = plan_pass(log, cfg, Some(cfg.pass_bytes_max));
+    if plan.is_empty() {
+        return Ok(PassReport::default());
+    }
+    let mut report = PassReport {
+        victims: plan.victims.len() as u64,
+        victim_bytes: plan.victim_bytes,
+        ..PassReport::default()
+    };
+    let victims: HashSet<u64> = plan.victims.iter().map(|v| v.id).collect();
+
+    // 1. The live runs of the victims, grouped by the frame that holds them.
+    let mut frames: BTreeMap<(u64, u64, u32), Vec<(u64, u64, Val)>> = BTreeMap::new();
+    log.with_index(|idx| {
+        for (lba, blocks, v) in idx.map.iter() {
+            if let Val::Frame {
+                seg,
+                frame_offset,
+                frame_len,
+                ..
+            } = *v
+            {
+                if victims.contains(&seg) {
+                    frames
+                        .entry((seg, frame_offset, frame_len))
+                        .or_default()
+                        .push((lba, blocks, *v));
+                }
+            }
+        }
+    });
+    report.segments_read = frames
+        .keys()
+        .map(|(s, ..)| *s)
+        .collect::<HashSet<_>>()
+        .len() as u64;
+
+    // 2. Read and verify each frame once; keep only the live blocks.
+    let bs = log.geometry().block_size as usize;
+    let read: Vec<(u32, Vec<Piece>)> = futures::stream::iter(frames)
+        .map(|((seg, off, len), runs)| async move {
+            let f = log.read_frame(seg, off, len).await?;
+            let key = log.keys().segment(seg);
+            let mut out = Vec::with_capacity(runs.len());
+            for (lba, blocks, v) in runs {
+                let Val::Frame { block_in_frame, .. } = v else {
+                    continue;
+                };
+                let first = block_in_frame as u64;
+                check_frame_covers(&key, &f, lba, first, blocks)?;
+                let s = first as usize * bs;
+                let e = s + blocks as usize * bs;
+                out.push(Piece {
+                    lba,
+                    blocks,
+                    old: v,
+                    data: Bytes::copy_from_slice(&f.data[s..e]),
+                });
+            }
+            if let Some(p) = progress {
+                p(out.iter().map(|x| x.data.len() as u64).sum());
+            }
+            Ok::<_, LogError>((len, out))
+        })
+        .buffer_unordered(cfg.reads_in_flight_max.max(1))
+        .try_collect()
+        .await?;
+    report.frames_read = read.len() as u64;
+    report.frame_bytes_read = read.iter().map(|(len, _)| *len as u64).sum();
+    let pieces = read.into_iter().flat_map(|(_, p)| p);
+    let mut pieces: Vec<Piece> = pieces.collect();
+    pieces.sort_by_key(|p| p.lba);
+    report.raw_bytes_copied = pieces.iter().map(|p| p.data.len() as u64).sum();
+
+    // 3. Cut into frames (consecutive blocks, at most frame_bytes_max) and segments.
+    let jobs = cut_jobs(
+        pieces,
+        bs,
+        log.config().frame_bytes_max,
+        log.config().segment_bytes_max,
+    );
+
+    // 4. Build and upload. Ids are pending from allocation until the commit settles.
+    let mut ids = Vec::with_capacity(jobs.len());
+    for _ in 0..jobs.len() {
+        match log.allocate_id().await {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                release_ids(log, &ids).await;
+                return Err(e.into());
+            }
+        }
+    }
+    let epoch = log.epoch();
+    let block_size = log.geometry().block_size;
+    let zstd_level = log.config().zstd_level;
+    let built = futures::stream::iter(ids.iter().copied().zip(jobs))
+        .map(|(id, job)| async move {
+            let (bytes, dir, moves) = tokio::task::spawn_blocking(move || {
+                build_job(id, epoch, block_size, zstd_level, job)
+            })
+            .await
+            .map_err(|e| LogError::Internal(e.to_string()))?;
+            let size = bytes.len() as u64;
+            log.store()
+                .put(&log.keys().segment(id), Bytes::from(bytes), PutMode::IfAbsent)
+                .await?;
+            Ok::<_, LogError>((
+                SegmentRef {
+                    id,
+                    size_bytes: size,
+                },
+                dir,
+                moves,
+            ))
+        })
+        .buffered(log.config().uploads_in_flight_max.max(1))
+        .try_collect::<Vec<_>>()
+        .await;
+    let built = match built {
+        Ok(b) => b,
+        Err(e) => {
+            // No manifest names these ids and none will: the commit never started.
+            release_ids(log, &ids).await;
+            return Err(e.into());
+        }
+    };
+    let mut new_segments = Vec::with_capacity(built.len());
+    let mut moves: Vec<Move> = Vec::new();
+    for (r, dir, mut m) in built {
+        report.segments_written += 1;
+        report.bytes_written += r.size_bytes;
+        new_segments.push((r, dir));
+        moves.append(&mut m);
+    }
+
+    // 5. Commit: repoint only what still points at the copied-from place. All uploads above
+    // have returned Ok, so the manifest this writes names only durable objects.
+    let mut moved = 0u64;
+    let mut skipped = 0u64;
+    let result = log
+        .commit_rewrite(&new_segments, |idx| {
+            for (lba, blocks, old, new) in &moves {
+                for (s, l, cur) in idx.lookup(*lba, *blocks) {
+                    let off = s - lba;
+                    if cur == Some(old.advance(off)) {
+                        idx.set(s, l, new.advance(off));
+                        moved += l;
+                    } else {
+                        skipped += l;
+                    }
+                }
+            }
+        })
+        .await;
+    match result {
+        Ok(v) => {
+            report.version = Some(v);
+            report.blocks_moved = moved;
+            report.blocks_skipped = skipped;
+            release_ids(log, &ids).await;
+            tracing::info!(
+                export = log.name(),
+                version = v,
+                victims = report.victims,
+                victim_bytes = report.victim_bytes,
+                segments_written = report.segments_written,
+                bytes_written = report.bytes_written,
+                blocks_moved = moved,
+                blocks_skipped = skipped,
+                "compaction pass committed"
+            );
+            Ok(report)
+        }
+        Err(e) => {
+            // An ambiguous manifest PUT may still land: then the ids are named and must
+            // stay (GC drops them from the pending set once it sees them referenced).
+            let ambiguous = log.commit.lock().await.need_resync;
+            if !ambiguous {
+                release_ids(log, &ids).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Forget pending ids (their objects are either named by a landed manifest, or garbage).
+pub async fn release_ids(log: &Log, ids: &[u64]) {
+    if ids.is_empty() {
+        return;
+    }
+    let mut st = log.commit.lock().await;
+    for id in ids {
+        st.pending_ids.remove(id);
+    }
+}
+
+/// One frame to build: consecutive pieces starting at `pieces[0].lba`.
+type FrameJob = Vec<Piece>;
+
+/// Group pieces (sorted by lba) into frames of consecutive blocks of at most
+/// `frame_bytes_max`, and frames into segments of at most `segment_bytes_max` raw bytes.
+fn cut_jobs(
+    pieces: Vec<Piece>,
+    bs: usize,
+    frame_bytes_max: usize,
+    segment_bytes_max: usize,
+) -> Vec<Vec<FrameJob>> {
+    let frame_blocks_max = (frame_bytes_max / bs).max(1) as u64;
+    let mut segs: Vec<Vec<FrameJob>> = Vec::new();
+    let mut cur_seg: Vec<FrameJob> = Vec::new();
+    let mut seg_bytes = 0usize;
+    let mut cur_frame: FrameJob = Vec::new();
+    let mut frame_blocks = 0u64;
+    let mut next_lba = u64::MAX;
+    let flush_frame = |cur_frame: &mut FrameJob,
+                       frame_blocks: &mut u64,
+                       cur_seg: &mut Vec<FrameJob>,
+                       seg_bytes: &mut usize,
+                       segs: &mut Vec<Vec<FrameJob>>| {
+        if cur_frame.is_empty() {
+            return;
+        }
+        *seg_bytes += *frame_blocks as usize * bs;
+        cur_seg.push(std::mem::take(cur_frame));
+        *frame_blocks = 0;
+        if *seg_bytes >= segment_bytes_max {
+            segs.push(std::mem::take(cur_seg));
+            *seg_bytes = 0;
+        }
+    };
+    for p in pieces {
+        let mut p = p;
+        loop {
+            if p.lba != next_lba || frame_blocks == frame_blocks_max {
+                flush_frame(
+                    &mut cur_frame,
+                    &mut frame_blocks,
+                    &mut cur_seg,
+                    &mut seg_bytes,
+                    &mut segs,
+                );
+            }
+            let room = frame_blocks_max - frame_blocks;
+            if p.blocks <= room {
+                frame_blocks += p.blocks;
+                next_lba = p.lba + p.blocks;
+                cur_frame.push(p);
+                break;
+            }
+            // Split: the head fills this frame, the tail starts the next one.
+            let head = Piece {
+                lba: p.lba,
+                blocks: room,
+                old: p.old,
+                data: p.data.slice(..room as usize * bs),
+            };
+            let tail = Piece {
+                lba: p.lba + room,
+                blocks: p.blocks - room,
+                old: p.old.advance(room),
+                data: p.data.slice(room as usize * bs..),
+            };
+            frame_blocks += head.blocks;
+            next_lba = head.lba + head.blocks;
+            cur_frame.push(head);
+            p = tail;
+        }
+    }
+    flush_frame(
+        &mut cur_frame,
+        &mut frame_blocks,
+        &mut cur_seg,
+        &mut seg_bytes,
+        &mut segs,
+    );
+    if !cur_seg.is_empty() {
+        segs.push(cur_seg);
+    }
+    segs
+}
+
+/// Build one segment from frame jobs (CPU-heavy: run off the reactor).
+fn build_job(
+    id: u64,
+    epoch: u64,
+    block_size: u32,
+    zstd_level: i32,
+    frames: Vec<FrameJob>,
+) -> (Vec<u8>, Vec<DirEntry>, Vec<Move>) {
+    let mut b = SegmentBuilder::new(id, epoch, block_size, zstd_level);
+    let mut moves = Vec::new();
+    let mut raw = BytesMut::new();
+    for f in frames {
+        let Some(first_lba) = f.first().map(|p| p.lba) else {
+            continue;
+        };
+        raw.clear();
+        for p in &f {
+            raw.extend_from_slice(&p.data);
+        }
+        let e = b.add_frame(first_lba, &raw);
+        for p in f {
+            let new = Val::Frame {
+                seg: id,
+                frame_offset: e.frame_offset,
+                frame_len: e.frame_len,
+                // A frame holds at most FRAME_RAW_BYTES_MAX bytes, so this fits in u32.
+                block_in_frame: (p.lba - first_lba) as u32,
+            };
+            moves.push((p.lba, p.blocks, p.old, new));
+        }
+    }
+    let (bytes, dir) = b.finish();
+    (bytes, dir, moves)
+}
+
+/// Recompute every segment's live-block count from the map and compare with the stored
+/// accounting; `Err` describes the first disagreement. (The invariant `log::index` states.)
+pub fn check_accounting(idx: &Index) -> Result<(), String> {
+    let mut live: HashMap<u64, u64> = HashMap::new();
+    for (lba, blocks, v) in idx.map.iter() {
+        if let Val::Frame { seg, .. } = v {
+            if !idx.segs.contains_key(seg) {
+                return Err(format!(
+                    "run {lba}+{blocks} points into segment {seg}, unknown to the accounting"
+                ));
+            }
+            *live.entry(*seg).or_default() += blocks;
+        }
+    }
+    for (id, s) in &idx.segs {
+        let n = live.get(id).copied().unwrap_or(0);
+        if s.blocks_live != n {
+            return Err(format!(
+                "segment {id}: accounting says {} live blocks, the map has {n}",
+                s.blocks_live
+            ));
+        }
+        if s.blocks_live > s.blocks_total {
+            return Err(format!(
+                "segment {id}: {} live blocks of {} written",
+                s.blocks_live, s.blocks_total
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Log {
+    /// [`check_accounting`] over this log's index.
+    pub fn check_accounting(&self) -> Result<(), String> {
+        self.with_index(check_accounting)
+    }
+}
+
+/// Where an export's bytes are.
+#[derive(Debug, Clone, Default)]
+pub struct SpaceReport {
+    pub objects: u64,
+    pub bytes_stored: u64,
+    pub segments: u64,
+    pub segment_bytes: u64,
+    pub manifests: u64,
+    pub manifest_bytes: u64,
+    pub checkpoints: u64,
+    pub checkpoint_bytes: u64,
+    /// Anything else under the export (lease, probes).
+    pub other_bytes: u64,
+    /// Blocks mapped to stored data.
+    pub live_blocks: u64,
+    pub live_raw_bytes: u64,
+    /// Stored (compressed, framed) bytes of the live blocks: each frame's size shared out
+    /// over its blocks. Only with `measure_live`.
+    pub live_stored_bytes: Option<u64>,
+}
+
+/// List the export and sum sizes; with `measure_live`, also read the directory of every
+/// live segment to measure the stored size of live data (one ranged GET per segment).
+pub async fn space_report(log: &Log, measure_live: bool) -> CompactResult<SpaceReport> {
+    let keys = log.keys();
+    let mut r = SpaceReport::default();
+    for o in gc::list_objects(log.store(), keys).await? {
+        r.objects += 1;
+        r.bytes_stored += o.size_bytes;
+        let rest = o.key.strip_prefix(&keys.root).unwrap_or("");
+        if rest.starts_with("segment/") {
+            r.segments += 1;
+            r.segment_bytes += o.size_bytes;
+        } else if rest.starts_with("manifest/") {
+            r.manifests += 1;
+            r.manifest_bytes += o.size_bytes;
+        } else if rest.starts_with("checkpoint/") {
+            r.checkpoints += 1;
+            r.checkpoint_bytes += o.size_bytes;
+        } else {
+            r.other_bytes += o.size_bytes;
+        }
+    }
+    let bs = log.geometry().block_size as u64;
+    // Live blocks per frame, and the live segments.
+    let (per_frame, live_segs) = log.with_index(|idx| {
+        let mut per_frame: HashMap<(u64, u64), (u32, u64)> = HashMap::new();
+        for (_, blocks, v) in idx.map.iter() {
+            if let Val::Frame {
+                seg,
+                frame_offset,
+                frame_len,
+                ..
+            } = v
+            {
+                let e = per_frame
+                    .entry((*seg, *frame_offset))
+                    .or_insert((*frame_len, 0));
+                e.1 += blocks;
+            }
+        }
+        (per_frame, idx.live_segments())
+    });
+    r.live_blocks = per_frame.values().map(|(_, n)| n).sum();
+    r.live_raw_bytes = r.live_blocks * bs;
+    if measure_live {
+        let dirs: Vec<(u64, Vec<DirEntry>)> = futures::stream::iter(live_segs)
+            .map(|s| async move {
+                read_segment_directory(log.store(), keys, s)
+                    .await
+                    .map(|d| (s.id, d))
+            })
+            .buffer_unordered(8)
+            .try_collect()
+            .await?;
+        let mut frame_blocks: HashMap<(u64, u64), u64> = HashMap::new();
+        for (id, dir) in dirs {
+            for e in dir.iter().filter(|e| e.kind == EntryKind::Data) {
+                frame_blocks.insert((id, e.frame_offset), e.blocks);
+            }
+        }
+        let mut live = 0u128;
+        for (k, (len, n)) in &per_frame {
+            let total = frame_blocks.get(k).copied().unwrap_or(*n).max(1);
+            live += *len as u128 * *n as u128 / total as u128;
+        }
+        r.live_stored_bytes = Some(live as u64);
+    }
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------
+// Request counting (nbds3-compact's summary, the benchmark).
+
+/// Requests made through a [`CountingStore`].
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    pub puts: AtomicU64,
+    pub gets: AtomicU64,
+    pub get_ranges: AtomicU64,
+    pub heads: AtomicU64,
+    pub lists: AtomicU64,
+    /// Delete requests (a `delete_many` of up to 1000 keys counts once).
+    pub deletes: AtomicU64,
+    pub objects_deleted: AtomicU64,
+    pub bytes_put: AtomicU64,
+    pub bytes_got: AtomicU64,
+}
+
+impl RequestCounts {
+    pub fn total(&self) -> u64 {
+        [
+            &self.puts,
+            &self.gets,
+            &self.get_ranges,
+            &self.heads,
+            &self.lists,
+            &self.deletes,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
+/// Transparent wrapper that counts requests and bytes.
+#[derive(Debug)]
+pub struct CountingStore {
+    inner: DynStore,
+    counts: Arc<RequestCounts>,
+}
+
+impl CountingStore {
+    pub fn new(inner: DynStore) -> Self {
+        Self {
+            inner,
+            counts: Arc::new(RequestCounts::default()),
+        }
+    }
+    pub fn counts(&self) -> Arc<RequestCounts> {
+        Arc::clone(&self.counts)
+    }
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+#[async_trait]
+impl ObjectStore for CountingStore {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<()> {
+        bump(&self.counts.puts, 1);
+        bump(&self.counts.bytes_put, data.len() as u64);
+        self.inner.put(key, data, mode).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+        bump(&self.counts.gets, 1);
+        let b = self.inner.get(key).await?;
+        bump(&self.counts.bytes_got, b.len() as u64);
+        Ok(b)
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        bump(&self.counts.get_ranges, 1);
+        let b = self.inner.get_range(key, range).await?;
+        bump(&self.counts.bytes_got, b.len() as u64);
+        Ok(b)
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        bump(&self.counts.heads, 1);
+        self.inner.head(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<ListPage> {
+        bump(&self.counts.lists, 1);
+        self.inner.list(prefix, start_after, limit).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        bump(&self.counts.deletes, 1);
+        bump(&self.counts.objects_deleted, 1);
+        self.inner.delete(key).await
+    }
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        bump(&self.counts.deletes, keys.len().div_ceil(1000) as u64);
+        bump(&self.counts.objects_deleted, keys.len() as u64);
+        self.inner.delete_many(keys).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The background compactor.
+
+/// Running totals of a background compactor (for tests, logs and metrics).
+#[derive(Debug, Default)]
+pub struct CompactorStats {
+    pub passes: AtomicU64,
+    /// Passes that committed a rewrite.
+    pub rewrites: AtomicU64,
+    pub segments_retired: AtomicU64,
+    pub segments_written: AtomicU64,
+    pub raw_bytes_copied: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub gc_passes: AtomicU64,
+    pub objects_deleted: AtomicU64,
+    pub bytes_deleted: AtomicU64,
+    pub errors: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl CompactorStats {
+    fn error(&self, e: &CompactError) {
+        bump(&self.errors, 1);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+}
+
+struct Stop {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+/// Owns a background compactor task; it stops when the handle is closed or dropped (a
+/// pass in progress finishes first on `close`; after a drop it ends at its next check).
+pub struct CompactorHandle {
+    stop: Arc<Stop>,
+    stats: Arc<CompactorStats>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for CompactorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompactorHandle")
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl CompactorHandle {
+    pub fn stats(&self) -> &Arc<CompactorStats> {
+        &self.stats
+    }
+    /// Stop and wait for the task to end.
+    pub async fn close(mut self) {
+        self.signal();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+    fn signal(&self) {
+        self.stop.flag.store(true, Ordering::Release);
+        self.stop.notify.notify_waiters();
+    }
+}
+
+impl Drop for CompactorHandle {
+    fn drop(&mut self) {
+        self.signal();
+    }
+}
+
+/// Start the background compactor for a writer log: a compaction pass every
+/// `pass_interval` (each bounded by `pass_bytes_max`) and a GC pass every `gc_interval`.
+/// It stops on its own when the log is fenced.
+pub fn spawn_compactor(log: Arc<Log>, cfg: CompactConfig) -> CompactorHandle {
+    let stop = Arc::new(Stop {
+        flag: AtomicBool::new(false),
+        notify: tokio::sync::Notify::new(),
+    });
+    let stats = Arc::new(CompactorStats::default());
+    let task = tokio::spawn(run_compactor(
+        log,
+        cfg,
+        Arc::clone(&stop),
+        Arc::clone(&stats),
+    ));
+    CompactorHandle {
+        stop,
+        stats,
+        task: Some(task),
+    }
+}
+
+async fn run_compactor(log: Arc<Log>, cfg: CompactConfig, stop: Arc<Stop>, stats: Arc<CompactorStats>) {
+    if let Err(e) = cfg.validate() {
+        tracing::error!(export = log.name(), error = %e, "compactor not started");
+        stats.error(&e);
+        return;
+    }
+    let mut gc_state = GcState::default();
+    let mut last_gc = Instant::now();
+    let mut backoff = Duration::ZERO;
+    loop {
+        let wait = cfg.pass_interval + backoff;
+        let notified = stop.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if stop.flag.load(Ordering::Acquire) {
+            break;
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if stop.flag.load(Ordering::Acquire) || log.is_fenced() {
+            break;
+        }
+        let mut failed = false;
+        match compact_pass(&log, &cfg, None).await {
+            Ok(r) => {
+                bump(&stats.passes, 1);
+                if r.version.is_some() {
+                    bump(&stats.rewrites, 1);
+                    bump(&stats.segments_retired, r.victims);
+                    bump(&stats.segments_written, r.segments_written);
+                    bump(&stats.raw_bytes_copied, r.raw_bytes_copied);
+                    bump(&stats.bytes_written, r.bytes_written);
+                }
+            }
+            Err(e) if e.is_fenced() => {
+                stats.error(&e);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(export = log.name(), error = %e, "compaction pass failed");
+                stats.error(&e);
+                failed = true;
+            }
+        }
+        if stop.flag.load(Ordering::Acquire) {
+            break;
+        }
+        if last_gc.elapsed() >= cfg.gc_interval {
+            last_gc = Instant::now();
+            match gc::gc_pass(&log, &cfg.gc, &mut gc_state).await {
+                Ok(r) => {
+                    bump(&stats.gc_passes, 1);
+                    bump(&stats.objects_deleted, r.objects_deleted());
+                    bump(&stats.bytes_deleted, r.bytes_deleted);
+                }
+                Err(e) if e.is_fenced() => {
+                    stats.error(&e);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(export = log.name(), error = %e, "gc pass failed");
+                    stats.error(&e);
+                    failed = true;
+                }
+            }
+        }
+        backoff = if failed {
+            (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(60))
+        } else {
+            Duration::ZERO
+        };
+    }
+    tracing::debug!(export = log.name(), "compactor stopped");
+}
+
+/// Run compaction passes until nothing is left to do (or `passes_max`), then one GC pass:
+/// what `nbds3-compact` does. Returns the pass reports and the GC report.
+pub async fn compact_all(
+    log: &Log,
+    cfg: &CompactConfig,
+    passes_max: usize,
+    progress: Option<Progress<'_>>,
+) -> CompactResult<(Vec<PassReport>, GcReport)> {
+    let mut passes = Vec::new();
+    for _ in 0..passes_max {
+        let r = compact_pass(log, cfg, progress).await?;
+        let done = r.version.is_none();
+        if !done {
+            passes.push(r);
+        }
+        if done {
+            break;
+        }
+    }
+    let gc = gc::gc_pass(log, &cfg.gc, &mut GcState::default()).await?;
+    Ok((passes, gc))
+}
+
+/// Key names are needed by callers holding only a store (the CLI); re-exported here.
+pub fn export_keys(name: &str) -> CompactResult<ExportKeys> {
+    ExportKeys::new(name).map_err(|e| CompactError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(lba: u64, blocks: u64, seg: u64) -> Piece {
+        Piece {
+            lba,
+            blocks,
+            old: Val::Frame {
+                seg,
+                frame_offset: 16,
+                frame_len: 100,
+                block_in_frame: 0,
+            },
+            data: Bytes::from(vec![lba as u8; blocks as usize * 512]),
+        }
+    }
+
+    #[test]
+    fn cut_jobs_frames_are_consecutive_and_bounded() {
+        let pieces = vec![piece(0, 3, 1), piece(3, 5, 2), piece(10, 1, 1), piece(11, 9, 3)];
+        let segs = cut_jobs(pieces, 512, 4 * 512, 8 * 512);
+        let mut all = Vec::new();
+        for s in &segs {
+            let raw: u64 = s.iter().flatten().map(|p| p.blocks).sum();
+            assert!(raw as usize * 512 <= 8 * 512 + 4 * 512);
+            for f in s {
+                let n: u64 = f.iter().map(|p| p.blocks).sum();
+                assert!(n <= 4);
+                let mut at = f[0].lba;
+                for p in f {
+                    assert_eq!(p.lba, at);
+                    at += p.blocks;
+                }
+                all.extend(f.iter().map(|p| (p.lba, p.blocks)));
+            }
+        }
+        let total: u64 = all.iter().map(|(_, b)| b).sum();
+        assert_eq!(total, 3 + 5 + 1 + 9);
+    }
+
+    #[test]
+    fn plan_picks_dead_then_small_within_budget() {
+        let mut idx = Index::new();
+        let stat = |total, live, size| SegStat {
+            size_bytes: size,
+            blocks_total: total,
+            blocks_live: live,
+        };
+        idx.segs.insert(1, stat(100, 10, 400_000)); // 90% dead
+        idx.segs.insert(2, stat(100, 60, 400_000)); // 40% dead, large
+        idx.segs.insert(3, stat(100, 0, 400_000)); // empty
+        idx.segs.insert(4, stat(10, 10, 40_000)); // small
+        idx.segs.insert(5, stat(10, 10, 40_000)); // small
+        let cfg = CompactConfig {
+            small_segment_bytes: 100_000,
+            small_segments_min: 2,
+            ..CompactConfig::default()
+        };
+        let p = plan_from_index(&idx, 4096, &cfg, None);
+        let ids: Vec<u64> = p.victims.iter().map(|v| v.id).collect();
+        assert_eq!(ids, vec![1, 4, 5, 3]);
+        assert_eq!(p.live_raw_bytes, 30 * 4096);
+        // A budget of one block still takes the first victim, and nothing after it.
+        let p = plan_from_index(&idx, 4096, &cfg, Some(1));
+        let ids: Vec<u64> = p.victims.iter().map(|v| v.id).collect();
+        assert_eq!(ids, vec![1, 3]);
+    }
+}
