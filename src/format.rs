@@ -47,6 +47,9 @@ pub const SEGMENT_FOOTER_MAGIC: [u8; 8] = *b"NBDS3SFT";
 pub const FRAME_MAGIC: [u8; 4] = *b"NBFR";
 pub const MANIFEST_MAGIC: [u8; 8] = *b"NBDS3MAN";
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"NBDS3CKP";
+/// Writer lease (`exports/<key>/lease`): a heartbeat the serving daemon refreshes, so offline
+/// tools can tell that the export is in use (see `log::lease` and `format/FORMAT.md`).
+pub const LEASE_MAGIC: [u8; 8] = *b"NBDS3LSE";
 
 pub const SEGMENT_HEADER_BYTES: usize = 16;
 pub const FRAME_HEADER_BYTES: usize = 32;
@@ -768,6 +771,10 @@ impl ExportKeys {
     }
     pub fn checkpoint(&self, id: u64) -> String {
         format!("{}checkpoint/{id:020}", self.root)
+    }
+    /// The serving daemon's heartbeat (overwritten in place; not part of the log).
+    pub fn lease(&self) -> String {
+        format!("{}lease", self.root)
     }
     /// Where the daemon probes conditional-put support.
     pub fn probe_prefix(&self) -> String {
