@@ -184,6 +184,10 @@ pub async fn run(
                         };
                         match result {
                             Ok(end) => tracing::info!(?end, "connection closed"),
+                            // A client vanishing mid-stream is routine, not a server problem.
+                            Err(session::SessionError::Io(e)) if client_went_away(&e) => {
+                                tracing::info!(error = %e, "client went away")
+                            }
                             Err(e) => tracing::warn!(error = %e, "connection dropped"),
                         }
                     }
@@ -226,6 +230,16 @@ pub async fn run(
 enum Split {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+fn client_went_away(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionAborted
+    )
 }
 
 fn log_join(done: Result<(), tokio::task::JoinError>) {
