@@ -11,7 +11,9 @@ e2e_tests!(fio_verify_random_writes_and_reads);
 
 fn fio_verify_random_writes_and_reads(backend: Backend) {
     let test = "fio_verify_random_writes_and_reads";
-    let Some(ctx) = setup(test, backend) else { return };
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
     if !need_bins(&ctx.name, &["fio"]) {
         return;
     }
@@ -29,13 +31,23 @@ fn fio_verify_random_writes_and_reads(backend: Backend) {
     let fio = |uri: &str, verify_only: &str| {
         let out = ctx.run(
             cmd("fio")
+                .current_dir(&ctx.scratch.path) // fio leaves *-verify.state files in its cwd
                 .arg(&job)
                 .env("NBD_URI", uri)
                 .env("VERIFY_ONLY", verify_only),
             secs(180),
         );
-        assert!(!out.contains("verify: bad"), "{}: fio verify failure:\n{out}", ctx.name);
-        assert_eq!(out.matches("err= 0").count(), 3, "{}: fio jobs did not all succeed:\n{out}", ctx.name);
+        assert!(
+            !out.contains("verify: bad"),
+            "{}: fio verify failure:\n{out}",
+            ctx.name
+        );
+        assert_eq!(
+            out.matches("err= 0").count(),
+            3,
+            "{}: fio jobs did not all succeed:\n{out}",
+            ctx.name
+        );
         out
     };
     fio(&d.uri(), "0");
@@ -44,7 +56,7 @@ fn fio_verify_random_writes_and_reads(backend: Backend) {
     fio(&d.uri(), "1");
     // A plain random-read job over the first job's range verifies every block it reads.
     let out = ctx.run(
-        cmd("fio").args([
+        cmd("fio").current_dir(&ctx.scratch.path).args([
             "--name=small",
             "--ioengine=nbd",
             &format!("--uri={}", d.uri()),
@@ -58,6 +70,10 @@ fn fio_verify_random_writes_and_reads(backend: Backend) {
         ]),
         secs(120),
     );
-    assert!(out.contains("err= 0"), "{}: fio randread verify:\n{out}", ctx.name);
+    assert!(
+        out.contains("err= 0"),
+        "{}: fio randread verify:\n{out}",
+        ctx.name
+    );
     d.stop();
 }

@@ -44,8 +44,17 @@ impl<'a> Stack<'a> {
         let mut bg = ctx.spawn(&mut c);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !pidfile.exists() {
-            assert!(bg.is_running(), "{}: nbdfuse exited:\n{}", ctx.name, bg.stderr());
-            assert!(Instant::now() < deadline, "{}: nbdfuse did not come up", ctx.name);
+            assert!(
+                bg.is_running(),
+                "{}: nbdfuse exited:\n{}",
+                ctx.name,
+                bg.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{}: nbdfuse did not come up",
+                ctx.name
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let mut s = Stack {
@@ -73,7 +82,9 @@ impl<'a> Stack<'a> {
         let mnt = self.ctx.scratch.join("mnt");
         fs::create_dir_all(&mnt).unwrap();
         self.ctx.run(
-            cmd("mount").args(["-t", "ext4", "-o", opts, self.dev()]).arg(&mnt),
+            cmd("mount")
+                .args(["-t", "ext4", "-o", opts, self.dev()])
+                .arg(&mnt),
             secs(60),
         );
         self.mnt = Some(mnt.clone());
@@ -95,7 +106,9 @@ impl<'a> Stack<'a> {
         // The loop driver lets go of the file asynchronously; unmount may say "busy" briefly.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = self.ctx.run_status(cmd("fusermount3").arg("-u").arg(&self.fuse_dir), secs(30));
+            let out = self
+                .ctx
+                .run_status(cmd("fusermount3").arg("-u").arg(&self.fuse_dir), secs(30));
             if out.status.success() {
                 break;
             }
@@ -118,13 +131,20 @@ impl Drop for Stack<'_> {
         // Only reached with something left attached when the test already failed: best
         // effort, lazy, never hanging the test run.
         if let Some(m) = self.mnt.take() {
-            let _ = self.ctx.run_status(cmd("umount").arg("-l").arg(&m), secs(30));
+            let _ = self
+                .ctx
+                .run_status(cmd("umount").arg("-l").arg(&m), secs(30));
         }
         if let Some(dev) = self.loop_dev.take() {
-            let _ = self.ctx.run_status(cmd("losetup").args(["-d", &dev]), secs(30));
+            let _ = self
+                .ctx
+                .run_status(cmd("losetup").args(["-d", &dev]), secs(30));
         }
         if self.nbdfuse.is_some() {
-            let _ = self.ctx.run_status(cmd("fusermount3").arg("-u").arg("-z").arg(&self.fuse_dir), secs(30));
+            let _ = self.ctx.run_status(
+                cmd("fusermount3").arg("-u").arg("-z").arg(&self.fuse_dir),
+                secs(30),
+            );
         }
     }
 }
@@ -148,10 +168,18 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
 
 fn sha(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-fn write_files(root: &Path, first: u64, count: u64, files: &mut BTreeMap<PathBuf, String>) -> usize {
+fn write_files(
+    root: &Path,
+    first: u64,
+    count: u64,
+    files: &mut BTreeMap<PathBuf, String>,
+) -> usize {
     let mut total = 0;
     for i in first..first + count {
         let dir = root.join(format!("d{}", i % 4));
@@ -179,15 +207,31 @@ fn sync() {
 
 fn ext4_on_nbdfuse_loop_survives_restart(backend: Backend) {
     let test = "ext4_on_nbdfuse_loop_survives_restart";
-    let Some(ctx) = setup(test, backend) else { return };
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
     // SAFETY: geteuid(2) cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !prerequisite(&ctx.name, root, "needs root (loop devices, mount)")
         || !prerequisite(&ctx.name, Path::new("/dev/fuse").exists(), "no /dev/fuse")
-        || !prerequisite(&ctx.name, Path::new("/dev/loop-control").exists(), "no /dev/loop-control")
+        || !prerequisite(
+            &ctx.name,
+            Path::new("/dev/loop-control").exists(),
+            "no /dev/loop-control",
+        )
         || !need_bins(
             &ctx.name,
-            &["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount", "fstrim", "nbdinfo"],
+            &[
+                "nbdfuse",
+                "fusermount3",
+                "losetup",
+                "mkfs.ext4",
+                "e2fsck",
+                "mount",
+                "umount",
+                "fstrim",
+                "nbdinfo",
+            ],
         )
     {
         return;
@@ -197,7 +241,13 @@ fn ext4_on_nbdfuse_loop_survives_restart(backend: Backend) {
     {
         let mut s = Stack::attach(&ctx, &d, false);
         ctx.run(
-            cmd("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", s.dev()]),
+            cmd("mkfs.ext4").args([
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+                s.dev(),
+            ]),
             secs(120),
         );
         let mnt = s.mount("rw");
@@ -250,7 +300,13 @@ fn ext4_on_nbdfuse_loop_survives_restart(backend: Backend) {
         let mnt = s.mount("ro,noload");
         for (rel, want) in &files {
             let got = sha(&fs::read(mnt.join(rel)).unwrap());
-            assert_eq!(&got, want, "{}: {} differs after restart", ctx.name, rel.display());
+            assert_eq!(
+                &got,
+                want,
+                "{}: {} differs after restart",
+                ctx.name,
+                rel.display()
+            );
         }
         eprintln!("{}: e2fsck clean, {} files verified", ctx.name, files.len());
         s.detach();

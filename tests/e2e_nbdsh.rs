@@ -15,7 +15,9 @@ e2e_tests!(libnbd_features_and_read_only);
 
 fn libnbd_features_and_read_only(backend: Backend) {
     let test = "libnbd_features_and_read_only";
-    let Some(ctx) = setup(test, backend) else { return };
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
     if !need_python_nbd(&ctx.name) {
         return;
     }
@@ -23,18 +25,34 @@ fn libnbd_features_and_read_only(backend: Backend) {
     let mut d = ctx.daemon(&["--default-size", SIZE]);
     let out = ctx.python("nbd_features.py", &["rw", &d.uri(), &size], secs(120));
     eprintln!("{out}");
-    assert!(out.contains("ALL OK"), "{}: rw checks did not finish:\n{out}", ctx.name);
+    assert!(
+        out.contains("ALL OK"),
+        "{}: rw checks did not finish:\n{out}",
+        ctx.name
+    );
     d.stop();
 
     d.restart_with(&["--default-size", SIZE, "--read-only"]);
     let out = ctx.python("nbd_features.py", &["ro", &d.uri(), &size], secs(120));
     eprintln!("{out}");
-    assert!(out.contains("ALL OK"), "{}: ro checks did not finish:\n{out}", ctx.name);
+    assert!(
+        out.contains("ALL OK"),
+        "{}: ro checks did not finish:\n{out}",
+        ctx.name
+    );
     d.stop();
 
     // Writable again: the read-only run changed nothing.
     d.restart_with(&["--default-size", SIZE]);
-    let out = ctx.python("nbd_features.py", &["ro-layout", &d.uri(), &size], secs(120));
-    assert!(out.contains("ALL OK"), "{}: layout after the read-only run:\n{out}", ctx.name);
+    let out = ctx.python(
+        "nbd_features.py",
+        &["ro-layout", &d.uri(), &size],
+        secs(120),
+    );
+    assert!(
+        out.contains("ALL OK"),
+        "{}: layout after the read-only run:\n{out}",
+        ctx.name
+    );
     d.stop();
 }

@@ -15,7 +15,10 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const SIZE: u64 = 64 * MIB;
 
-e2e_tests!(qemu_io_patterns_survive_restart, qemu_img_convert_map_and_nbdcopy);
+e2e_tests!(
+    qemu_io_patterns_survive_restart,
+    qemu_img_convert_map_and_nbdcopy
+);
 
 /// What the device should hold, byte for byte, with qemu-io's single-byte patterns.
 struct Model(Vec<u8>);
@@ -60,16 +63,27 @@ fn qemu_io(ctx: &Ctx, uri: &str, cmds: &[String]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{}: qemu-io failed ({}):\n{text}", ctx.name, out.status);
+    assert!(
+        out.status.success(),
+        "{}: qemu-io failed ({}):\n{text}",
+        ctx.name,
+        out.status
+    );
     for bad in ["Pattern verification failed", "failed", "error"] {
-        assert!(!text.contains(bad), "{}: qemu-io reported {bad:?}:\n{text}", ctx.name);
+        assert!(
+            !text.contains(bad),
+            "{}: qemu-io reported {bad:?}:\n{text}",
+            ctx.name
+        );
     }
     text
 }
 
 fn qemu_io_patterns_survive_restart(backend: Backend) {
     let test = "qemu_io_patterns_survive_restart";
-    let Some(ctx) = setup(test, backend) else { return };
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
     if !need_bins(&ctx.name, &["qemu-io"]) {
         return;
     }
@@ -148,7 +162,8 @@ fn make_image(path: &Path) -> Vec<(u64, u64)> {
     ];
     for (i, &(off, len)) in data.iter().enumerate() {
         if i % 2 == 0 {
-            f.write_all_at(&vec![0x11 * (i as u8 + 1); len as usize], off).unwrap();
+            f.write_all_at(&vec![0x11 * (i as u8 + 1); len as usize], off)
+                .unwrap();
         } else {
             noise(&f, off, len, 0x9e37_79b9_7f4a_7c15 ^ i as u64);
         }
@@ -177,7 +192,9 @@ fn expected_map(data: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
 
 fn qemu_img_convert_map_and_nbdcopy(backend: Backend) {
     let test = "qemu_img_convert_map_and_nbdcopy";
-    let Some(ctx) = setup(test, backend) else { return };
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
     if !need_bins(&ctx.name, &["qemu-img", "nbdinfo", "nbdcopy"]) {
         return;
     }
@@ -188,14 +205,25 @@ fn qemu_img_convert_map_and_nbdcopy(backend: Backend) {
 
     // In with qemu-img (the export exists: -n), compare, map.
     ctx.run(
-        cmd("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(d.uri()),
+        cmd("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(d.uri()),
         secs(120),
     );
     ctx.run(
-        cmd("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(d.uri()),
+        cmd("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(d.uri()),
         secs(120),
     );
-    assert_eq!(e2e::nbd_map(&ctx, &d.uri()), expected_map(&data), "{}: nbdinfo --map after qemu-img convert", ctx.name);
+    assert_eq!(
+        e2e::nbd_map(&ctx, &d.uri()),
+        expected_map(&data),
+        "{}: nbdinfo --map after qemu-img convert",
+        ctx.name
+    );
 
     // In with nbdcopy into a second export.
     let copy_uri = d.uri_for("copy");
@@ -206,24 +234,50 @@ fn qemu_img_convert_map_and_nbdcopy(backend: Backend) {
     d.restart();
     let uri = d.uri();
     let copy_uri = d.uri_for("copy");
-    assert_eq!(e2e::nbd_map(&ctx, &uri), expected_map(&data), "{}: nbdinfo --map after restart", ctx.name);
-    assert_eq!(e2e::nbd_map(&ctx, &copy_uri), expected_map(&data), "{}: nbdinfo --map of the nbdcopy'd export", ctx.name);
+    assert_eq!(
+        e2e::nbd_map(&ctx, &uri),
+        expected_map(&data),
+        "{}: nbdinfo --map after restart",
+        ctx.name
+    );
+    assert_eq!(
+        e2e::nbd_map(&ctx, &copy_uri),
+        expected_map(&data),
+        "{}: nbdinfo --map of the nbdcopy'd export",
+        ctx.name
+    );
     ctx.run(
-        cmd("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri),
+        cmd("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri),
         secs(120),
     );
 
     // Out with qemu-img and with nbdcopy; checksums must match the source.
     let out1 = ctx.scratch.join("out-qemu-img.img");
     ctx.run(
-        cmd("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&out1),
+        cmd("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&uri)
+            .arg(&out1),
         secs(120),
     );
-    assert_eq!(e2e::sha256_file(&out1), src_sum, "{}: qemu-img convert out", ctx.name);
+    assert_eq!(
+        e2e::sha256_file(&out1),
+        src_sum,
+        "{}: qemu-img convert out",
+        ctx.name
+    );
     let out2 = ctx.scratch.join("out-nbdcopy.img");
     fs::File::create(&out2).unwrap();
     ctx.run(cmd("nbdcopy").arg(&copy_uri).arg(&out2), secs(120));
-    assert_eq!(e2e::sha256_file(&out2), src_sum, "{}: nbdcopy out", ctx.name);
+    assert_eq!(
+        e2e::sha256_file(&out2),
+        src_sum,
+        "{}: nbdcopy out",
+        ctx.name
+    );
     assert_eq!(fs::metadata(&out2).unwrap().len(), SIZE);
     d.stop();
 }

@@ -63,7 +63,10 @@ pub enum Backend {
 }
 
 fn env_flag(name: &str) -> bool {
-    matches!(std::env::var(name).as_deref(), Ok("1") | Ok("true") | Ok("yes"))
+    matches!(
+        std::env::var(name).as_deref(),
+        Ok("1") | Ok("true") | Ok("yes")
+    )
 }
 
 fn loud_skip(test: &str, why: &str) {
@@ -96,14 +99,21 @@ pub fn find_bin(name: &str) -> Option<PathBuf> {
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| {
         fs::metadata(p)
-            .map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+            .map(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
             .unwrap_or(false)
     })
 }
 
 /// [`prerequisite`] for a list of client binaries.
 pub fn need_bins(test: &str, bins: &[&str]) -> bool {
-    let missing: Vec<&str> = bins.iter().copied().filter(|b| find_bin(b).is_none()).collect();
+    let missing: Vec<&str> = bins
+        .iter()
+        .copied()
+        .filter(|b| find_bin(b).is_none())
+        .collect();
     prerequisite(
         test,
         missing.is_empty(),
@@ -120,12 +130,18 @@ pub fn need_python_nbd(test: &str) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    prerequisite(test, ok, "/usr/bin/python3 cannot `import nbd` (install python3-libnbd)")
+    prerequisite(
+        test,
+        ok,
+        "/usr/bin/python3 cannot `import nbd` (install python3-libnbd)",
+    )
 }
 
 /// Path of a helper script shipped next to this module.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/e2e")
+        .join(name)
 }
 
 /// Path of the daemon binary cargo built for this test run (`NBDS3_E2E_DAEMON` overrides it,
@@ -161,9 +177,15 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("e2e: test failed; scratch dir kept at {}", self.path.display());
+            eprintln!(
+                "e2e: test failed; scratch dir kept at {}",
+                self.path.display()
+            );
         } else if env_flag("NBDS3_E2E_KEEP") {
-            eprintln!("e2e: NBDS3_E2E_KEEP=1: scratch dir kept at {}", self.path.display());
+            eprintln!(
+                "e2e: NBDS3_E2E_KEEP=1: scratch dir kept at {}",
+                self.path.display()
+            );
         } else if fs::remove_dir_all(&self.path).is_err() {
             // A leftover mount point (fs test) must not fail a passing test.
             eprintln!("e2e: could not remove {}", self.path.display());
@@ -209,8 +231,12 @@ pub fn setup(test: &str, backend: Backend) -> Option<Ctx> {
     let store = match backend {
         Backend::File => None,
         Backend::S3 => {
-            let endpoint = std::env::var("NBDS3_TEST_S3_ENDPOINT").ok().filter(|s| !s.is_empty());
-            let bucket = std::env::var("NBDS3_TEST_S3_BUCKET").ok().filter(|s| !s.is_empty());
+            let endpoint = std::env::var("NBDS3_TEST_S3_ENDPOINT")
+                .ok()
+                .filter(|s| !s.is_empty());
+            let bucket = std::env::var("NBDS3_TEST_S3_BUCKET")
+                .ok()
+                .filter(|s| !s.is_empty());
             match (endpoint, bucket) {
                 (Some(endpoint), Some(bucket)) => {
                     let region = std::env::var("AWS_REGION")
@@ -249,7 +275,11 @@ pub fn setup(test: &str, backend: Backend) -> Option<Ctx> {
         url: format!("file://{}", scratch.join("store").display()),
         args: vec![],
     });
-    eprintln!("e2e: {name}: store {} scratch {}", store.url, scratch.path.display());
+    eprintln!(
+        "e2e: {name}: store {} scratch {}",
+        store.url,
+        scratch.path.display()
+    );
     Some(Ctx {
         name,
         store,
@@ -388,7 +418,11 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "{}: daemon already running", self.test);
+        assert!(
+            self.child.is_none(),
+            "{}: daemon already running",
+            self.test
+        );
         // The free port can be taken between our probe and the daemon's bind: retry.
         for attempt in 0..5 {
             self.runs += 1;
@@ -408,7 +442,9 @@ impl Daemon {
                 .env("NO_COLOR", "1")
                 .env_remove("NBDS3_STORE")
                 .stdin(Stdio::null())
-                .stdout(fs::File::create(self.dir.join(format!("nbds3d-{}.out", self.runs))).unwrap())
+                .stdout(
+                    fs::File::create(self.dir.join(format!("nbds3d-{}.out", self.runs))).unwrap(),
+                )
                 .stderr(fs::File::create(&log).expect("create daemon log"));
             let child = cmd
                 .spawn()
@@ -493,7 +529,11 @@ impl Daemon {
                 self.log_tail(40)
             )
         });
-        eprintln!("e2e: {}: nbds3d stopped by SIGTERM in {:?}: {status}", self.test, started.elapsed());
+        eprintln!(
+            "e2e: {}: nbds3d stopped by SIGTERM in {:?}: {status}",
+            self.test,
+            started.elapsed()
+        );
         status
     }
 
@@ -513,7 +553,10 @@ impl Daemon {
     pub fn assert_no_panic(&self) {
         let logs = self.logs();
         if let Some(at) = logs.find("panicked at") {
-            let end = logs[at..].char_indices().nth(600).map_or(logs.len(), |(i, _)| at + i);
+            let end = logs[at..]
+                .char_indices()
+                .nth(600)
+                .map_or(logs.len(), |(i, _)| at + i);
             panic!("{}: nbds3d panicked:\n{}", self.test, &logs[at..end]);
         }
     }
@@ -560,7 +603,11 @@ impl Drop for Daemon {
         self.kill9();
         if std::thread::panicking() {
             for log in &self.logs {
-                eprintln!("--- {} (last 30 lines) ---\n{}", log.display(), tail(log, 30));
+                eprintln!(
+                    "--- {} (last 30 lines) ---\n{}",
+                    log.display(),
+                    tail(log, 30)
+                );
             }
         }
     }
@@ -670,5 +717,9 @@ pub fn nbd_map(ctx: &Ctx, uri: &str) -> Vec<(u64, u64, u32)> {
 
 /// Bytes `nbdinfo --map` reports as allocated (not a hole).
 pub fn allocated_bytes(ctx: &Ctx, uri: &str) -> u64 {
-    nbd_map(ctx, uri).iter().filter(|r| r.2 & 1 == 0).map(|r| r.1).sum()
+    nbd_map(ctx, uri)
+        .iter()
+        .filter(|r| r.2 & 1 == 0)
+        .map(|r| r.1)
+        .sum()
 }
