@@ -122,6 +122,7 @@ impl FaultyStore {
 
     /// Crash at operation `op_index` (counted from 0 since creation): it fails — applied
     /// first when `applied` and it mutates — and so does every later operation until `heal`.
+    /// An index that has already started never fires; a new call replaces the previous one.
     pub fn crash_at(&self, op_index: u64, applied: bool) {
         let mut st = self.lock();
         st.crash_point = Some((op_index, applied));

@@ -19,6 +19,10 @@
 //! - `delete` removes directories left empty (up to, never including, `DIR`). A concurrent
 //!   put whose directory vanishes under it re-creates the directory and retries.
 //!
+//! - `list` walks the directory subtree the prefix pins down on every call and sorts the full
+//!   key strings (directory order is not byte order: `a-b` < `a/b`), so a page costs time
+//!   proportional to the keys under that subtree, not to the page size.
+//!
 //! All blocking file I/O runs in `tokio::task::spawn_blocking`.
 
 use std::fs::{self, File, OpenOptions};
