@@ -25,7 +25,9 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
+use crate::log::compact::{spawn_compactor, CompactConfig, CompactorHandle, CompactorStats};
 use crate::log::index::Val;
+use crate::log::lease::{spawn_lease, LeaseHandle, LEASE_INTERVAL_DEFAULT};
 use crate::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
 use crate::nbd::{
     BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO,
@@ -1007,6 +1009,14 @@ pub struct ExportsConfig {
     pub log: LogConfig,
     pub volume: VolumeConfig,
     pub read_only: bool,
+    /// Background compaction and GC of writable exports; `None` turns them off.
+    pub compact: Option<CompactConfig>,
+}
+
+/// Tasks that run beside a writable volume: its lease heartbeat and its compactor.
+struct Background {
+    lease: LeaseHandle,
+    compactor: Option<CompactorHandle>,
 }
 
 /// The daemon's export registry: one shared [`Volume`] per export name.
@@ -1016,6 +1026,7 @@ pub struct Exports {
     budget: Arc<DirtyBudget>,
     cache: Arc<PageCache>,
     open: tokio::sync::Mutex<HashMap<String, Arc<Volume>>>,
+    background: Mutex<HashMap<String, Background>>,
 }
 
 impl Exports {
@@ -1034,6 +1045,7 @@ impl Exports {
             budget,
             cache,
             open: tokio::sync::Mutex::new(HashMap::new()),
+            background: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1067,6 +1079,15 @@ impl Exports {
         );
         if !self.cfg.read_only {
             v.start_flusher();
+            let bg = Background {
+                lease: spawn_lease(Arc::clone(v.log()), LEASE_INTERVAL_DEFAULT),
+                compactor: self
+                    .cfg
+                    .compact
+                    .clone()
+                    .map(|c| spawn_compactor(Arc::clone(v.log()), c)),
+            };
+            self.bg().insert(name.to_string(), bg);
         }
         open.insert(name.to_string(), Arc::clone(&v));
         Ok(v)
@@ -1074,6 +1095,14 @@ impl Exports {
 
     /// Flush and close every open export (shutdown). Returns the first error.
     pub async fn close_all(&self) -> Result<(), VolumeError> {
+        // Compactors first (a pass in progress finishes), then the final flushes, then the
+        // leases, so the lease says "in use" until the data is durable.
+        let mut bgs: Vec<Background> = self.bg().drain().map(|(_, b)| b).collect();
+        for b in &mut bgs {
+            if let Some(c) = b.compactor.take() {
+                c.close().await;
+            }
+        }
         let vols: Vec<Arc<Volume>> = self.open.lock().await.values().cloned().collect();
         let mut first = Ok(());
         for v in vols {
@@ -1084,7 +1113,21 @@ impl Exports {
                 }
             }
         }
+        for b in bgs {
+            b.lease.close().await;
+        }
         first
+    }
+
+    fn bg(&self) -> std::sync::MutexGuard<'_, HashMap<String, Background>> {
+        self.background.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counters of an export's background compactor, if one runs.
+    pub fn compactor_stats(&self, name: &str) -> Option<Arc<CompactorStats>> {
+        self.bg()
+            .get(name)
+            .and_then(|b| b.compactor.as_ref().map(|c| Arc::clone(c.stats())))
     }
 
     pub fn budget(&self) -> &Arc<DirtyBudget> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use nbds3::cli::{check_conditional_put, StoreArgs};
+use nbds3::log::compact::CompactConfig;
 use nbds3::log::{Geometry, LogConfig};
 use nbds3::nbd::server::{self, Listener, ServerLimits};
 use nbds3::util::{parse_duration, parse_size};
@@ -47,6 +48,27 @@ struct Cli {
     /// Run even if the store ignores conditional puts (unsafe with more than one writer).
     #[arg(long)]
     allow_unsafe_no_conditional_put: bool,
+    /// Rewrite a segment once at least this share of its data is dead (0..=1).
+    #[arg(long, default_value_t = 0.5)]
+    compact_threshold: f64,
+    /// Time between background compaction passes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    compact_interval: Duration,
+    /// Live bytes one compaction pass copies at most.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    compact_pass_bytes: u64,
+    /// Time between garbage-collection passes.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    gc_interval: Duration,
+    /// Manifest versions garbage collection always keeps.
+    #[arg(long, default_value_t = 8)]
+    gc_keep_versions: u64,
+    /// Garbage collection keeps a state that was current this recently.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    gc_retain: Duration,
+    /// Run no background compaction or garbage collection.
+    #[arg(long)]
+    no_compactor: bool,
 }
 
 #[tokio::main]
@@ -66,6 +88,23 @@ async fn main() -> anyhow::Result<()> {
     geometry
         .validate()
         .map_err(|e| anyhow::anyhow!("--default-size/--block-size: {e}"))?;
+
+    let compact = (!cli.no_compactor && !cli.read_only).then(|| CompactConfig {
+        dead_fraction_min: cli.compact_threshold,
+        pass_interval: cli.compact_interval,
+        pass_bytes_max: cli.compact_pass_bytes,
+        gc_interval: cli.gc_interval,
+        gc: nbds3::log::gc::GcConfig {
+            keep_versions_min: cli.gc_keep_versions,
+            retain_window: cli.gc_retain,
+            ..Default::default()
+        },
+        ..CompactConfig::default()
+    });
+    if let Some(c) = &compact {
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("--compact-*/--gc-* flags: {e}"))?;
+    }
 
     let store = cli.store.open().await.context("opening the store")?;
     if !cli.read_only {
@@ -101,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
                 ..VolumeConfig::default()
             },
             read_only: cli.read_only,
+            compact,
         },
     );
     tracing::info!(
