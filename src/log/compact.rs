@@ -417,7 +417,11 @@ pub async fn compact_pass(
             .map_err(|e| LogError::Internal(e.to_string()))?;
             let size = bytes.len() as u64;
             log.store()
-                .put(&log.keys().segment(id), Bytes::from(bytes), PutMode::IfAbsent)
+                .put(
+                    &log.keys().segment(id),
+                    Bytes::from(bytes),
+                    PutMode::IfAbsent,
+                )
                 .await?;
             Ok::<_, LogError>((
                 SegmentRef {
@@ -956,7 +960,12 @@ pub fn spawn_compactor(log: Arc<Log>, cfg: CompactConfig) -> CompactorHandle {
     }
 }
 
-async fn run_compactor(log: Arc<Log>, cfg: CompactConfig, stop: Arc<Stop>, stats: Arc<CompactorStats>) {
+async fn run_compactor(
+    log: Arc<Log>,
+    cfg: CompactConfig,
+    stop: Arc<Stop>,
+    stats: Arc<CompactorStats>,
+) {
     if let Err(e) = cfg.validate() {
         tracing::error!(export = log.name(), error = %e, "compactor not started");
         stats.error(&e);
@@ -1081,7 +1090,12 @@ mod tests {
 
     #[test]
     fn cut_jobs_frames_are_consecutive_and_bounded() {
-        let pieces = vec![piece(0, 3, 1), piece(3, 5, 2), piece(10, 1, 1), piece(11, 9, 3)];
+        let pieces = vec![
+            piece(0, 3, 1),
+            piece(3, 5, 2),
+            piece(10, 1, 1),
+            piece(11, 9, 3),
+        ];
         let segs = cut_jobs(pieces, 512, 4 * 512, 8 * 512);
         let mut all = Vec::new();
         for s in &segs {

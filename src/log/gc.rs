@@ -123,7 +123,10 @@ async fn list_export(store: &DynStore, keys: &ExportKeys) -> Result<Listing, Com
     let mp = keys.manifest_prefix();
     let mut manifests = Vec::new();
     let mut manifest_strays = 0;
-    for o in list_all(store.as_ref(), &mp).await.map_err(LogError::from)? {
+    for o in list_all(store.as_ref(), &mp)
+        .await
+        .map_err(LogError::from)?
+    {
         match format::parse_numbered_key(&mp, &o.key) {
             Some(v) => manifests.push((v, o)),
             None => manifest_strays += 1,
@@ -138,12 +141,16 @@ async fn list_export(store: &DynStore, keys: &ExportKeys) -> Result<Listing, Com
     let cp = keys.checkpoint_prefix();
     let checkpoints = numbered(
         cp.clone(),
-        list_all(store.as_ref(), &cp).await.map_err(LogError::from)?,
+        list_all(store.as_ref(), &cp)
+            .await
+            .map_err(LogError::from)?,
     );
     let sp = keys.segment_prefix();
     let segments = numbered(
         sp.clone(),
-        list_all(store.as_ref(), &sp).await.map_err(LogError::from)?,
+        list_all(store.as_ref(), &sp)
+            .await
+            .map_err(LogError::from)?,
     );
     Ok(Listing {
         manifests,
@@ -320,7 +327,9 @@ async fn make_plan(
             reachable.extend(segs.iter().copied());
         }
     }
-    state.checkpoints.retain(|id, _| live_checkpoints.contains(id));
+    state
+        .checkpoints
+        .retain(|id, _| live_checkpoints.contains(id));
 
     let latest_epoch = latest_info.writer_epoch;
     let mut plan = Plan {

@@ -57,11 +57,19 @@ pub fn decode_lease(b: &[u8]) -> Result<Lease, format::FormatError> {
 pub enum LeaseStatus {
     Absent,
     /// Refreshed `age_ms` ago (0 when stamped in the future), within its ttl.
-    Live { lease: Lease, age_ms: u64 },
+    Live {
+        lease: Lease,
+        age_ms: u64,
+    },
     /// Not refreshed for longer than its ttl: the holder is gone (or cut off).
-    Expired { lease: Lease, age_ms: u64 },
+    Expired {
+        lease: Lease,
+        age_ms: u64,
+    },
     /// Present but not decodable: treated as live by cautious callers.
-    Unreadable { reason: String },
+    Unreadable {
+        reason: String,
+    },
 }
 
 impl LeaseStatus {
