@@ -981,6 +981,33 @@ mod tests {
         assert!(err.is_precondition_failed(), "{err:?}");
     }
 
+    fn internal_error() -> String {
+        resp(
+            "500 Internal Server Error",
+            "<Error><Code>InternalError</Code><Message>oops</Message></Error>",
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn if_absent_412_after_ambiguous_attempt_checks_the_bytes() {
+        let opts = fast_opts();
+        // 500 (may have been applied) → retry gets 412 → read back: our bytes → success.
+        let ep = fake_server(vec![internal_error(), precondition(), ok_body()]).await;
+        let s = S3Store::with_client(test_client(&ep, &opts), "b", &opts).expect("open");
+        s.put("k", Bytes::from_static(b"hello"), PutMode::IfAbsent)
+            .await
+            .expect("our own earlier attempt landed");
+        // Same, but someone else's bytes are there: the 412 stands.
+        let ep = fake_server(vec![internal_error(), precondition(), ok_body()]).await;
+        let s = S3Store::with_client(test_client(&ep, &opts), "b", &opts).expect("open");
+        let err = s
+            .put("k", Bytes::from_static(b"other"), PutMode::IfAbsent)
+            .await
+            .expect_err("another writer won");
+        assert!(err.is_precondition_failed(), "{err:?}");
+    }
+
     #[tokio::test]
     async fn retry_budget_is_bounded() {
         let opts = S3Options {
