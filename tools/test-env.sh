@@ -94,6 +94,12 @@ nbds3_wait_http() {
     return 1
 }
 
+# Sourced twice in one shell: keep the running servers (resetting the state below would
+# orphan them).
+if [[ -n "${NBDS3_ENV_DIR:-}" && -d "$NBDS3_ENV_DIR" && -n "${NBDS3_TEST_MOTO_ENDPOINT:-}" ]]; then
+    nbds3_log "already running (state in $NBDS3_ENV_DIR)"
+    return 0
+fi
 NBDS3_ENV_PIDS=()
 NBDS3_ENV_DIR=""
 NBDS3_WEED_PORTS=""
