@@ -725,7 +725,7 @@ pub fn encode_offset_data_header(
     data_len: u32,
     done: bool,
 ) {
-    debug_assert!(data_len >= 1 && data_len <= u32::MAX - 8);
+    debug_assert!((1..=u32::MAX - 8).contains(&data_len));
     ChunkHeader {
         flags: done_flag(done),
         reply_type: REPLY_TYPE_OFFSET_DATA,
