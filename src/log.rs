@@ -446,6 +446,16 @@ impl Log {
                         Err(StoreError::PreconditionFailed { .. }) => continue,
                         Err(e) => return Err(e.into()),
                     }
+                    // Same GC trap as in `commit`: between our LIST and this PUT the writer
+                    // may have committed on and GC freed our slot, so the PUT landed below
+                    // the latest version and `base` is stale. Start over on the real latest.
+                    let after = keys.manifest(m.version);
+                    let newer = store
+                        .list(&keys.manifest_prefix(), Some(&after), 1)
+                        .await?;
+                    if !newer.objects.is_empty() {
+                        continue;
+                    }
                     let epoch = m.writer_epoch;
                     (m, epoch)
                 }
