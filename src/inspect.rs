@@ -229,6 +229,8 @@ struct Inventory {
     segments: BTreeMap<u64, u64>,
     checkpoints: BTreeMap<u64, u64>,
     probes: Vec<ObjectMeta>,
+    /// The writer lease (advisory heartbeat of a serving daemon), if present.
+    lease: Option<ObjectMeta>,
     other: Vec<ObjectMeta>,
 }
 
@@ -240,6 +242,7 @@ impl Inventory {
             keys.checkpoint_prefix(),
             keys.probe_prefix(),
         );
+        let lease_key = keys.lease();
         let mut inv = Inventory::default();
         for o in objects {
             if let Some(v) = format::parse_numbered_key(&mp, &o.key) {
@@ -250,6 +253,8 @@ impl Inventory {
                 inv.checkpoints.insert(id, o.size_bytes);
             } else if o.key.starts_with(&pp) {
                 inv.probes.push(o);
+            } else if o.key == lease_key {
+                inv.lease = Some(o);
             } else {
                 inv.other.push(o);
             }
@@ -262,6 +267,7 @@ impl Inventory {
             + self.segments.values().sum::<u64>()
             + self.checkpoints.values().sum::<u64>()
             + self.probes.iter().map(|o| o.size_bytes).sum::<u64>()
+            + self.lease.as_ref().map_or(0, |o| o.size_bytes)
             + self.other.iter().map(|o| o.size_bytes).sum::<u64>()
     }
 
@@ -401,8 +407,68 @@ pub struct ExportRow {
     pub other_objects: usize,
     /// Every byte stored under the export (including orphans).
     pub bytes_stored: u64,
+    /// The writer lease: whether a daemon is serving the export.
+    pub lease: Option<LeaseView>,
     /// Why the latest manifest could not be read, when it could not.
     pub error: Option<String>,
+}
+
+/// The advisory writer lease a serving daemon refreshes (`exports/<key>/lease`).
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseView {
+    pub key: String,
+    pub holder: Option<String>,
+    pub epoch: Option<u64>,
+    pub renewed_unix_ms: Option<u64>,
+    /// Milliseconds since the last refresh (0 when stamped in the future).
+    pub age_ms: Option<u64>,
+    /// Refreshed within its ttl: a daemon is (probably) serving the export right now.
+    pub live: bool,
+    /// Why it could not be decoded.
+    pub error: Option<String>,
+}
+
+impl LeaseView {
+    fn short(&self) -> String {
+        match (&self.error, self.live) {
+            (Some(_), _) => "unreadable".into(),
+            (None, true) => format!("live {}", self.holder.as_deref().unwrap_or("?")),
+            (None, false) => "expired".into(),
+        }
+    }
+}
+
+/// Read the lease when the listing showed one; `None` if it vanished meanwhile.
+async fn read_lease(store: &DynStore, inv: &Inventory) -> InspectResult<Option<LeaseView>> {
+    let Some(o) = &inv.lease else {
+        return Ok(None);
+    };
+    let body = match store.get(&o.key).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut v = LeaseView {
+        key: o.key.clone(),
+        holder: None,
+        epoch: None,
+        renewed_unix_ms: None,
+        age_ms: None,
+        live: false,
+        error: None,
+    };
+    match log::lease::decode_lease(&body) {
+        Ok(l) => {
+            let now = crate::util::unix_ms_now();
+            v.live = l.renewed_unix_ms.saturating_add(l.ttl_ms) > now;
+            v.age_ms = Some(now.saturating_sub(l.renewed_unix_ms));
+            v.holder = Some(l.holder);
+            v.epoch = Some(l.epoch);
+            v.renewed_unix_ms = Some(l.renewed_unix_ms);
+        }
+        Err(e) => v.error = Some(e.to_string()),
+    }
+    Ok(Some(v))
 }
 
 /// Every export in the store, from one listing plus its latest manifest each.
@@ -433,8 +499,11 @@ pub async fn exports(store: &DynStore) -> InspectResult<ExportsReport> {
                 manifests: inv.manifests.len(),
                 segments: inv.segments.len(),
                 checkpoints: inv.checkpoints.len(),
-                other_objects: inv.probes.len() + inv.other.len(),
+                other_objects: inv.probes.len()
+                    + inv.other.len()
+                    + usize::from(inv.lease.is_some()),
                 bytes_stored: inv.bytes(),
+                lease: read_lease(store, &inv).await?,
                 error: None,
             };
             let Some(v) = inv.latest() else {
@@ -1165,6 +1234,9 @@ pub struct VerifyReport {
     pub problems_omitted: u64,
     pub orphans: Vec<Orphan>,
     pub orphan_bytes: u64,
+    /// The writer lease: when live, a daemon is writing and objects of its in-flight
+    /// commit may show as unreachable.
+    pub lease: Option<LeaseView>,
 }
 
 impl VerifyReport {
@@ -1342,7 +1414,13 @@ pub async fn verify(
         problems_omitted: 0,
         orphans: Vec::new(),
         orphan_bytes: 0,
+        lease: read_lease(store, &exp.inv).await?,
     };
+    if let Some(l) = &r.lease {
+        if let Some(e) = l.error.clone() {
+            r.problem(&l.key.clone(), None, "lease", e);
+        }
+    }
 
     // 1. Every manifest present: decode (magic, version, crc) and sanity-check.
     progress.phase("manifests", exp.inv.manifests.len() as u64, false);
@@ -1970,6 +2048,7 @@ impl ExportsReport {
             ("OBJECTS", true),
             ("STORED", true),
             ("UPDATED", false),
+            ("LEASE", false),
         ]);
         for e in &self.exports {
             let objects = e.manifests + e.segments + e.checkpoints + e.other_objects;
@@ -1989,6 +2068,7 @@ impl ExportsReport {
                 objects.to_string(),
                 human_bytes(e.bytes_stored),
                 e.updated_unix_ms.map_or("-".into(), format_unix_ms),
+                e.lease.as_ref().map_or("-".into(), LeaseView::short),
             ]);
         }
         let _ = writeln!(
@@ -2320,6 +2400,21 @@ impl VerifyReport {
                 "; index checks SKIPPED"
             }
         );
+        if self.gc_low_water.is_some_and(|l| self.version < l) {
+            let _ = writeln!(
+                out,
+                "note: version {} is below gc_low_water: objects it names may already be collected",
+                self.version
+            );
+        }
+        if let Some(l) = self.lease.as_ref().filter(|l| l.live) {
+            let _ = writeln!(
+                out,
+                "note: a daemon holds the lease ({}, refreshed {} ms ago): objects of a commit in flight may show as unreachable",
+                l.holder.as_deref().unwrap_or("?"),
+                opt(&l.age_ms)
+            );
+        }
         for p in &self.problems {
             let _ = writeln!(out, "PROBLEM {}", p.to_text());
         }
@@ -2350,5 +2445,119 @@ impl VerifyReport {
             let _ = writeln!(out, "FAILED: {n} problem(s)");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{object_id, SegmentBuilder};
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn read_only_store_refuses_every_write() {
+        let mem = Arc::new(MemoryStore::new());
+        let inner: DynStore = mem.clone();
+        inner
+            .put("a/b", Bytes::from_static(b"x"), PutMode::IfAbsent)
+            .await
+            .unwrap();
+        let ro = ReadOnlyStore::wrap(inner);
+        for mode in [PutMode::IfAbsent, PutMode::Overwrite] {
+            let e = ro.put("a/c", Bytes::from_static(b"y"), mode).await;
+            assert!(matches!(e, Err(StoreError::Permanent { .. })), "{e:?}");
+        }
+        assert!(ro.delete("a/b").await.is_err());
+        assert!(ro.delete_many(&["a/b".to_string()]).await.is_err());
+        assert_eq!(mem.snapshot(), vec![("a/b".to_string(), 1)]);
+        assert_eq!(&ro.get("a/b").await.unwrap()[..], b"x");
+        assert_eq!(list_all(ro.as_ref(), "a/").await.unwrap().len(), 1);
+        assert!(ro.describe().ends_with("(read-only)"));
+    }
+
+    fn sample_segment() -> (Vec<u8>, u64) {
+        let id = object_id(2, 5);
+        let mut b = SegmentBuilder::new(id, 2, 4096, 1);
+        b.add_frame(10, &vec![7u8; 8192]);
+        b.add_range(20, 4, EntryKind::Unmap);
+        let rnd: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        b.add_frame(30, &rnd);
+        (b.finish().0, id)
+    }
+
+    #[test]
+    fn scan_of_intact_segment_is_clean() {
+        let (seg, id) = sample_segment();
+        let s = scan_segment(&seg, id, 4096);
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(s.frames.len(), 2);
+        assert_eq!(s.data_blocks(), 3);
+        assert_eq!(s.frames.get(&16).and_then(|f| f.compressed), Some(true));
+        // The wrong id or block size is reported, with the footer/header offset.
+        assert!(!scan_segment(&seg, id + 1, 4096).problems.is_empty());
+        assert_eq!(scan_segment(&seg, id, 512).problems[0].offset, Some(12));
+    }
+
+    #[test]
+    fn scan_reports_every_flipped_byte_with_an_offset() {
+        let (seg, id) = sample_segment();
+        for i in 0..seg.len() {
+            let mut bad = seg.clone();
+            bad[i] ^= 0x10;
+            let s = scan_segment(&bad, id, 4096);
+            assert!(!s.problems.is_empty(), "flip at {i} undetected");
+            assert!(s.problems.iter().all(|p| p.offset.is_some()), "flip at {i}");
+        }
+        // Decoding garbage or truncated segments never panics.
+        for n in 0..seg.len() {
+            let _ = scan_segment(&seg[..n], id, 4096);
+        }
+    }
+
+    #[test]
+    fn times_and_ranges_render() {
+        assert_eq!(format_unix_ms(0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(
+            format_unix_ms(1_700_000_000_123),
+            "2023-11-14 22:13:20.123 UTC"
+        );
+        assert_eq!(
+            format_unix_ms(951_782_400_000),
+            "2000-02-29 00:00:00.000 UTC"
+        );
+        assert_eq!(
+            version_ranges([1, 2, 3, 5, 7, 8].into_iter()),
+            "1-3, 5, 7-8"
+        );
+        assert_eq!(version_ranges(std::iter::empty()), "none");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(ellipsize("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn exit_codes_are_distinct_per_kind() {
+        let codes = [
+            InspectError::NoSuchExport { export: "x".into() }.exit_code(),
+            InspectError::Store(StoreError::Transient {
+                key: "k".into(),
+                reason: "r".into(),
+            })
+            .exit_code(),
+            InspectError::Corrupt {
+                key: "k".into(),
+                reason: "r".into(),
+            }
+            .exit_code(),
+            InspectError::Invalid("x".into()).exit_code(),
+        ];
+        assert_eq!(
+            codes,
+            [EXIT_NOT_FOUND, EXIT_STORE, EXIT_CORRUPT, EXIT_USAGE]
+        );
+        let missing: InspectError = LogError::MissingObject { key: "k".into() }.into();
+        assert_eq!(missing.exit_code(), EXIT_CORRUPT);
     }
 }
