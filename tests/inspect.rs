@@ -5,6 +5,8 @@
 //! and that the tool never writes to the store.
 
 mod common;
+#[macro_use]
+mod e2e;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -963,4 +965,106 @@ async fn verify_names_corrupt_objects_on_s3() {
     );
     t.expect(&["manifest", EXPORT], 5);
     common::remove_all(store.as_ref()).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The real daemon, written by a real client (qemu-io), compared with nbdinfo --map.
+
+e2e_tests!(inspect_what_qemu_io_wrote_through_nbds3d);
+
+/// nbdinfo's allocation types: 0 data, 2 zero (allocated), 3 hole (reads as zeros).
+fn nbd_type(state: &str) -> u32 {
+    match state {
+        "data" => 0,
+        "zero" => 2,
+        _ => 3,
+    }
+}
+
+fn inspect_what_qemu_io_wrote_through_nbds3d(backend: e2e::Backend) {
+    const MIB: u64 = 1 << 20;
+    let Some(ctx) = e2e::setup("inspect_what_qemu_io_wrote_through_nbds3d", backend) else {
+        return;
+    };
+    if !e2e::need_bins(&ctx.name, &["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    // No background compaction/GC: the versions and segments below are then exactly what
+    // the client's writes and flushes made.
+    let mut d = ctx.daemon(&["--default-size", "64M", "--no-compactor"]);
+    let uri = d.uri();
+    let qemu_io = |cmds: &[&str]| {
+        let mut c = e2e::cmd("qemu-io");
+        c.args(["-f", "raw", "-t", "writeback"]).arg(&uri);
+        for x in cmds {
+            c.arg("-c").arg(x);
+        }
+        ctx.run(&mut c, e2e::secs(120));
+    };
+    qemu_io(&["write -P 0xab 0 1M", "flush"]);
+    qemu_io(&[
+        "write -P 0xcd 4M 64k",
+        "discard 512k 128k",
+        "write -z 8M 1M",
+        "flush",
+    ]);
+    let mut t = Target {
+        args: vec!["--store".into(), ctx.store.url.clone()],
+    };
+    t.args.extend(ctx.store.args.iter().cloned());
+
+    // While the daemon serves the export: its lease is live, and everything checks out.
+    let j = t.json(&["exports"], 0);
+    let row = &j["exports"][0];
+    assert_eq!(row["name"], e2e::EXPORT, "{j}");
+    assert_eq!(u(&row["size_bytes"]), 64 * MIB);
+    assert_eq!(u(&row["block_size"]), 4096);
+    assert_eq!(row["lease"]["live"], true, "{j}");
+    let latest = u(&row["version"]);
+    assert!(latest >= 3, "open + two flushes: {j}");
+
+    let map = t.json(&["map", e2e::EXPORT], 0);
+    let ours = merge(map["extents"].as_array().expect("extents").iter().map(|x| {
+        (
+            u(&x["offset"]),
+            u(&x["length"]),
+            x["state"].as_str().unwrap_or("").to_string(),
+        )
+    }));
+    let ours: Vec<(u64, u64, u32)> = ours
+        .into_iter()
+        .map(|(o, l, st)| (o, l, nbd_type(&st)))
+        .collect();
+    assert_eq!(
+        ours,
+        e2e::nbd_map(&ctx, &uri),
+        "inspect map vs nbdinfo --map"
+    );
+    // What was written: 1 MiB minus the 128 KiB discard, plus 64 KiB.
+    assert_eq!(u(&map["data_bytes"]), MIB - 128 * 1024 + 64 * 1024);
+    assert!(ours.contains(&(512 * 1024, 128 * 1024, 3)), "{ours:?}");
+
+    let segs = t.json(&["segments", e2e::EXPORT], 0);
+    assert_eq!(
+        u(&segs["total"]["blocks_live"]) * 4096,
+        u(&map["data_bytes"]),
+        "live accounting = mapped data"
+    );
+    let ms = t.json(&["manifests", e2e::EXPORT], 0);
+    assert_eq!(u(&ms["latest"]), latest);
+    let m = t.json(&["manifest", e2e::EXPORT], 0);
+    assert_eq!(u(&m["manifest"]["size_bytes"]), 64 * MIB);
+    let v = t.json(&["verify", e2e::EXPORT], 0);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["lease"]["live"], true);
+    let text = t.expect(&["verify", e2e::EXPORT], 0);
+    assert!(text.contains("a daemon holds the lease"), "{text}");
+
+    // After a clean shutdown: the same map from the store alone, still clean.
+    d.stop();
+    let after = t.json(&["map", e2e::EXPORT], 0);
+    assert_eq!(after["extents"], map["extents"]);
+    let v = t.json(&["verify", e2e::EXPORT], 0);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["lease"].is_null() || v["lease"]["live"] == false, "{v}");
 }
