@@ -1291,3 +1291,84 @@ async fn server_closes_connections_above_the_limit() {
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+// ---- garbage from the client ----------------------------------------------------------------
+
+/// Feed `bytes` to a session (optionally after a successful GO) and close: the session must
+/// end on its own, without panicking, whatever the bytes were.
+fn survive(bytes: Vec<u8>, after_go: bool) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut f = start();
+        f.client.greet(C_FIXED | C_NO_ZEROES).await;
+        if after_go {
+            assert_eq!(f.client.final_reply(OPT_STRUCTURED, &[]).await, REP_ACK);
+            f.client.go("disk").await;
+        }
+        let Fixture {
+            client, session, ..
+        } = f;
+        let (mut r, mut w) = tokio::io::split(client.s);
+        // Drain replies concurrently so the server never blocks on a full pipe.
+        let drain = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = r.read_to_end(&mut sink).await;
+        });
+        let _ = w.write_all(&bytes).await;
+        let _ = w.shutdown().await;
+        drop(w);
+        let ended = tokio::time::timeout(Duration::from_secs(10), session)
+            .await
+            .expect("session ends after garbage");
+        assert!(ended.is_ok(), "session task panicked");
+        drain.abort();
+    });
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn garbage_options_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        survive(bytes, false);
+    }
+
+    #[test]
+    fn garbage_after_option_magic_never_panics(
+        option in 0u32..16,
+        len in 0u32..600,
+        body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+    ) {
+        let mut bytes = IHAVEOPT.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&option.to_be_bytes());
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(&body);
+        survive(bytes, false);
+    }
+
+    #[test]
+    fn garbage_requests_never_panic(
+        headers in proptest::collection::vec(
+            (0u16..32, 0u16..10, proptest::prelude::any::<u64>(), 0u32..70_000, proptest::prelude::any::<bool>()),
+            1..12,
+        ),
+    ) {
+        let mut bytes = Vec::new();
+        for (flags, cmd, offset, len, small_offset) in headers {
+            let offset = if small_offset { offset % (DISK_BYTES + 8192) } else { offset };
+            bytes.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            bytes.extend_from_slice(&flags.to_be_bytes());
+            bytes.extend_from_slice(&cmd.to_be_bytes());
+            bytes.extend_from_slice(&7u64.to_be_bytes());
+            bytes.extend_from_slice(&offset.to_be_bytes());
+            bytes.extend_from_slice(&len.to_be_bytes());
+            if cmd == WRITE {
+                bytes.resize(bytes.len() + len as usize, 0x5a);
+            }
+        }
+        survive(bytes, true);
+    }
+}
