@@ -1234,6 +1234,9 @@ pub struct VerifyReport {
     pub problems_omitted: u64,
     pub orphans: Vec<Orphan>,
     pub orphan_bytes: u64,
+    /// False when a retained manifest or a checkpoint it names could not be read: objects
+    /// only that one names then show as unreachable although they are not.
+    pub orphans_certain: bool,
     /// The writer lease: when live, a daemon is writing and objects of its in-flight
     /// commit may show as unreachable.
     pub lease: Option<LeaseView>,
@@ -1414,6 +1417,7 @@ pub async fn verify(
         problems_omitted: 0,
         orphans: Vec::new(),
         orphan_bytes: 0,
+        orphans_certain: true,
         lease: read_lease(store, &exp.inv).await?,
     };
     if let Some(l) = &r.lease {
@@ -1444,6 +1448,7 @@ pub async fn verify(
                 if v >= low || v == target {
                     let msg = e.strip_prefix(&format!("{key}: ")).unwrap_or(e).to_string();
                     r.problem(&key, None, "manifest", msg);
+                    r.orphans_certain = false;
                 }
                 continue;
             }
@@ -1537,6 +1542,7 @@ pub async fn verify(
     for &id in reach_checkpoints.keys() {
         progress.advance(1);
         if !exp.inv.checkpoints.contains_key(&id) {
+            r.orphans_certain = false;
             if Some(id) == target_ck_id {
                 index_possible = false;
             }
@@ -1563,6 +1569,7 @@ pub async fn verify(
             }
             Err(bad) => {
                 r.problem(&key, bad.offset, "checkpoint", bad.reason);
+                r.orphans_certain = false;
                 if Some(id) == target_ck_id {
                     index_possible = false;
                 }
@@ -2424,9 +2431,14 @@ impl VerifyReport {
         if !self.orphans.is_empty() {
             let _ = writeln!(
                 out,
-                "{} unreachable object(s), {} (left untouched):",
+                "{} unreachable object(s), {} (left untouched){}:",
                 self.orphans.len(),
-                human_bytes(self.orphan_bytes)
+                human_bytes(self.orphan_bytes),
+                if self.orphans_certain {
+                    ""
+                } else {
+                    "; UNCERTAIN: an unreadable manifest or checkpoint may reach some of them"
+                }
             );
             let mut t = Table::new(&[("  KEY", false), ("BYTES", true), ("WHY", false)]);
             for o in &self.orphans {
@@ -2439,6 +2451,14 @@ impl VerifyReport {
             t.render(&mut out);
         }
         let n = self.problems.len() as u64 + self.problems_omitted;
+        if !self.index_checked && self.version > 1 {
+            let _ = writeln!(
+                out,
+                "hint: older versions may still be intact: nbds3-inspect verify {:?} --version {}",
+                self.export,
+                self.version - 1
+            );
+        }
         if self.ok {
             let _ = writeln!(out, "OK: no problems found");
         } else {

@@ -396,6 +396,7 @@ fn check_all_commands(t: &Target, sc: &Scenario) {
     assert_eq!(u(&j["checked"]["frames"]), 16 + 1 + 1);
     assert_eq!(u(&j["checked"]["mapped_blocks"]), 100 + 146 + 10 + 16);
     assert_eq!(j["orphans"].as_array().map(Vec::len), Some(0), "{j}");
+    assert_eq!(j["orphans_certain"], true);
     let j = t.json(&["verify", EXPORT, "--version", "4"], 0);
     assert_eq!(j["ok"], true, "{j}");
     let text = t.expect(&["verify", EXPORT], 0);
@@ -542,6 +543,10 @@ async fn verify_names_corrupt_segment_and_manifest() {
         );
     }
     assert_eq!(j["index_checked"], false);
+    assert_eq!(
+        j["orphans_certain"], false,
+        "an unreadable manifest hides what it reaches"
+    );
     let e = t.json(&["manifest", EXPORT], 5);
     assert_eq!(e["error"]["kind"], "corrupt");
     assert!(e["error"]["message"]

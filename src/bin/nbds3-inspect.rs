@@ -190,10 +190,17 @@ async fn run(cli: &Cli) -> InspectResult<i32> {
         } => {
             let r = inspect::segment(&store, export, *id, *version).await?;
             let code = emit(json, &r, |r| r.to_text());
-            if r.problems.is_empty() {
-                code
-            } else {
-                inspect::EXIT_PROBLEMS
+            match r.problems.first() {
+                None => code,
+                Some(p) => {
+                    eprintln!(
+                        "nbds3-inspect: segment {} has {} problem(s), first: {}",
+                        r.key,
+                        r.problems.len(),
+                        p.to_text()
+                    );
+                    inspect::EXIT_PROBLEMS
+                }
             }
         }
         Cmd::Map {
@@ -216,13 +223,17 @@ async fn run(cli: &Cli) -> InspectResult<i32> {
             let progress: &dyn Progress = if show { &bar } else { &inspect::NoProgress };
             let r = inspect::verify(&store, export, *version, progress).await?;
             let code = emit(json, &r, |r| r.to_text());
-            if r.ok {
-                code
-            } else {
-                for p in r.problems.iter().take(5) {
-                    eprintln!("nbds3-inspect: PROBLEM {}", p.to_text());
+            match r.problems.first() {
+                None if r.ok => code,
+                first => {
+                    eprintln!(
+                        "nbds3-inspect: verify found {} problem(s) in export {:?}{}",
+                        r.problems.len() as u64 + r.problems_omitted,
+                        r.export,
+                        first.map_or(String::new(), |p| format!(", first: {}", p.to_text()))
+                    );
+                    inspect::EXIT_PROBLEMS
                 }
-                inspect::EXIT_PROBLEMS
             }
         }
     })
