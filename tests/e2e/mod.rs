@@ -424,8 +424,10 @@ impl Daemon {
             self.test
         );
         // The free port can be taken between our probe and the daemon's bind: retry.
+        // Log names are unique per test process: several daemons may share a scratch dir.
+        static RUN: AtomicU32 = AtomicU32::new(1);
         for attempt in 0..5 {
-            self.runs += 1;
+            self.runs = RUN.fetch_add(1, Ordering::Relaxed);
             let port = free_port();
             let log = self.dir.join(format!("nbds3d-{}.log", self.runs));
             let mut cmd = Command::new(daemon_bin());
@@ -484,6 +486,11 @@ impl Daemon {
     /// `nbd://127.0.0.1:PORT/disk`.
     pub fn uri(&self) -> String {
         self.uri_for(EXPORT)
+    }
+
+    /// `tcp:127.0.0.1:PORT`, the target form of `nbd_repl.py` (any export name).
+    pub fn tcp_target(&self) -> String {
+        format!("tcp:127.0.0.1:{}", self.port)
     }
 
     pub fn uri_for(&self, export: &str) -> String {
@@ -722,4 +729,117 @@ pub fn allocated_bytes(ctx: &Ctx, uri: &str) -> u64 {
         .filter(|r| r.2 & 1 == 0)
         .map(|r| r.1)
         .sum()
+}
+
+/// One libnbd connection driven step by step (`tests/e2e/nbd_repl.py`): each command
+/// answers one line, `ok …` or `err ERRNAME …`.
+pub struct Repl {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    what: String,
+}
+
+impl Repl {
+    /// Connect to `target` (`tcp:HOST:PORT`, `unix:PATH` or a URI), export `export`.
+    /// Returns the connection, or the `err …` line when connecting failed.
+    pub fn connect(target: &str, export: Option<&str>) -> Result<Repl, String> {
+        use std::io::BufRead;
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(script("nbd_repl.py")).arg(target);
+        if let Some(e) = export {
+            cmd.arg(e);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn nbd_repl.py");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut r = Repl {
+            stdin: child.stdin.take(),
+            child,
+            lines: rx,
+            what: format!("{target} export {export:?}"),
+        };
+        let first = r.answer("connect");
+        if first.starts_with("ok") {
+            Ok(r)
+        } else {
+            Err(first)
+        }
+    }
+
+    fn answer(&mut self, what: &str) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("nbd_repl ({}): no answer to {what:?}: {e}", self.what))
+    }
+
+    /// Send one command; its answer line.
+    pub fn send(&mut self, line: &str) -> String {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("repl closed");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .expect("write to nbd_repl");
+        self.answer(line)
+    }
+
+    /// Send a command that must succeed; the rest of its answer.
+    pub fn ok(&mut self, line: &str) -> String {
+        let a = self.send(line);
+        assert!(
+            a.starts_with("ok"),
+            "nbd_repl ({}): {line:?} answered {a:?}",
+            self.what
+        );
+        a[2..].trim().to_owned()
+    }
+
+    /// Send a command that must fail; its errno name.
+    pub fn err(&mut self, line: &str) -> String {
+        let a = self.send(line);
+        assert!(
+            a.starts_with("err"),
+            "nbd_repl ({}): {line:?} should fail, answered {a:?}",
+            self.what
+        );
+        a.split_whitespace().nth(1).unwrap_or("").to_owned()
+    }
+}
+
+impl Drop for Repl {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if wait_timeout_ref(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_timeout_ref(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,0 +1,182 @@
+//! Several exports in one daemon, over TCP and a Unix socket, and two daemons on one store.
+//! - Export names are arbitrary bytes to NBD: the empty (default) name, slashes, dots,
+//!   `../` traversal attempts, spaces, non-ASCII, and names that differ only by how they
+//!   would be percent-encoded. Each must get its own device, nothing may land outside the
+//!   store, NBD_OPT_LIST must name them, and all of it must survive a restart.
+//! - A second daemon opening an export fences the first: the first one's FLUSH must fail
+//!   (never a silent drop), and none of its later writes may reach the store.
+
+#[macro_use]
+mod e2e;
+
+use std::fs;
+use std::path::Path;
+
+use e2e::{need_python_nbd, setup, Backend, Repl};
+
+e2e_tests!(
+    exports_are_isolated_listed_and_survive_restart,
+    second_daemon_fences_the_first
+);
+
+const NAMES: &[&str] = &[
+    "",
+    "disk",
+    "a/b",
+    "a%2Fb",
+    "..",
+    ".",
+    "../../escape",
+    "x y",
+    "ünï-☃",
+    "A",
+    "%41",
+    "-",
+];
+
+fn files_under(dir: &Path, out: &mut Vec<String>) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+}
+
+fn exports_are_isolated_listed_and_survive_restart(backend: Backend) {
+    let test = "exports_are_isolated_listed_and_survive_restart";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    let sock = ctx.scratch.join("nbds3d.sock");
+    let sock_arg = sock.display().to_string();
+    let mut d = ctx.daemon(&["--default-size", "16M", "--unix", &sock_arg]);
+    for (i, name) in NAMES.iter().enumerate() {
+        let mut r = Repl::connect(&d.tcp_target(), Some(name))
+            .unwrap_or_else(|e| panic!("{}: export {name:?}: connect: {e}", ctx.name));
+        assert_eq!(
+            r.ok("size"),
+            (16u64 << 20).to_string(),
+            "{}: export {name:?}",
+            ctx.name
+        );
+        r.ok(&format!("write 0 65536 {:x}", 0x10 + i));
+        r.ok(&format!("write 1048576 4096 {:x}", 0x80 + i));
+        r.ok("flush");
+    }
+    // Every name, through the Unix socket this time.
+    let mut r = Repl::connect(&format!("unix:{sock_arg}"), Some("disk")).unwrap();
+    let listed: Vec<String> = r.ok("list").split('\u{1f}').map(str::to_owned).collect();
+    for name in NAMES.iter().filter(|n| !n.is_empty()) {
+        assert!(
+            listed.iter().any(|l| l == name),
+            "{}: NBD_OPT_LIST lacks {name:?}: {listed:?}",
+            ctx.name
+        );
+    }
+    drop(r);
+    d.stop();
+    if backend == Backend::File {
+        let mut all = vec![];
+        files_under(&ctx.scratch.path, &mut all);
+        let store = ctx.scratch.join("store").display().to_string();
+        let stray: Vec<&String> = all
+            .iter()
+            .filter(|f| {
+                !f.starts_with(&store)
+                    && !f.ends_with(".log")
+                    && !f.ends_with(".out")
+                    && !f.ends_with(".err")
+                    && !f.ends_with(".sock")
+            })
+            .collect();
+        assert!(
+            stray.is_empty(),
+            "{}: files outside the store: {stray:?}",
+            ctx.name
+        );
+    }
+    d.restart();
+    for (i, name) in NAMES.iter().enumerate() {
+        let mut r = Repl::connect(&format!("unix:{sock_arg}"), Some(name))
+            .unwrap_or_else(|e| panic!("{}: export {name:?} after restart: {e}", ctx.name));
+        let check = |r: &mut Repl, cmd: String| {
+            let a = r.send(&cmd);
+            assert!(
+                a.starts_with("ok"),
+                "{}: export {name:?}: {cmd}: {a}",
+                ctx.name
+            );
+        };
+        check(&mut r, format!("read 0 65536 {:x}", 0x10 + i));
+        check(&mut r, format!("read 65536 983040 0"));
+        check(&mut r, format!("read 1048576 4096 {:x}", 0x80 + i));
+        check(&mut r, format!("read 1052672 4096 0"));
+    }
+    d.stop();
+}
+
+fn second_daemon_fences_the_first(backend: Backend) {
+    let test = "second_daemon_fences_the_first";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    let args = ["--default-size", "16M", "--flush-interval", "3600s"];
+    let mut d1 = ctx.daemon(&args);
+    let mut r1 = Repl::connect(&d1.uri(), None).unwrap();
+    r1.ok("write 0 4096 aa");
+    r1.ok("flush");
+
+    // A second daemon takes the export over.
+    let mut d2 = ctx.daemon(&args);
+    let mut r2 = Repl::connect(&d2.uri(), None).unwrap();
+    r2.ok("read 0 4096 aa");
+
+    // The first daemon may accept a write into memory, but its flush must fail.
+    let w = r1.send("write 0 4096 bb");
+    let f = r1.send("flush");
+    eprintln!(
+        "{}: fenced daemon: write -> {w:?}, flush -> {f:?}",
+        ctx.name
+    );
+    assert!(
+        f.starts_with("err"),
+        "{}: a fenced daemon acknowledged a FLUSH: {f}",
+        ctx.name
+    );
+    let errno = r1.err("write 8192 4096 cc");
+    eprintln!("{}: fenced daemon: later write -> {errno}", ctx.name);
+    let f = r1.send("flush");
+    assert!(
+        f.starts_with("err"),
+        "{}: a fenced daemon acknowledged a second FLUSH: {f}",
+        ctx.name
+    );
+
+    // The new owner sees none of it and keeps working.
+    r2.ok("read 0 4096 aa");
+    r2.ok("read 8192 4096 0");
+    r2.ok("write 4096 4096 dd");
+    r2.ok("flush");
+    drop(r1);
+    drop(r2);
+    let st = d1.terminate();
+    eprintln!("{}: fenced daemon exited with {st} on SIGTERM", ctx.name);
+    d1.assert_no_panic();
+    d2.stop();
+    d2.restart();
+    let mut r = Repl::connect(&d2.uri(), None).unwrap();
+    r.ok("read 0 4096 aa");
+    r.ok("read 4096 4096 dd");
+    r.ok("read 8192 4096 0");
+    drop(r);
+    d2.stop();
+}
