@@ -294,7 +294,13 @@ impl BlockExport for MemExport {
             consumed += n;
             let mut shard = self.shard(page);
             if n == bs {
-                shard.insert(page, Page::Data(piece.into()));
+                // Overwrite in place when the page has a buffer already: no allocation.
+                match shard.get_mut(&page) {
+                    Some(Page::Data(bytes)) => bytes.copy_from_slice(piece),
+                    _ => {
+                        shard.insert(page, Page::Data(piece.into()));
+                    }
+                }
                 continue;
             }
             let entry = shard

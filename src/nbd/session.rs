@@ -900,7 +900,7 @@ where
         let export = Arc::clone(&export);
         let tx = tx.clone();
         let cookie = header.cookie;
-        tasks.spawn(async move {
+        let mut request = Box::pin(async move {
             let body = AssertUnwindSafe(execute(export.as_ref(), op, size_bytes))
                 .catch_unwind()
                 .await
@@ -915,6 +915,13 @@ where
                 _bytes_permit: bytes_permit,
             });
         });
+        // Fast path: most requests (a write into a dirty set, a cached read) finish without
+        // waiting; running them here saves a task spawn and a cross-thread wakeup each. One
+        // that has to wait continues as its own task (a future may move between tasks: the
+        // spawned task re-polls it at once and so registers the right waker).
+        if futures::poll!(request.as_mut()).is_pending() {
+            tasks.spawn(request);
+        }
     };
 
     // Stop reading; let in-flight requests finish and their replies drain, then close.
