@@ -287,6 +287,9 @@ struct Piece {
     data: Bytes,
 }
 
+/// A stored frame: (segment id, frame offset, frame length).
+type FrameKey = (u64, u64, u32);
+
 /// `(lba, blocks, old location, new location)`: what the commit repoints if still current.
 type Move = (u64, u64, Val, Val);
 
@@ -324,7 +327,7 @@ pub async fn compact_pass(
     let victims: HashSet<u64> = plan.victims.iter().map(|v| v.id).collect();
 
     // 1. The live runs of the victims, grouped by the frame that holds them.
-    let mut frames: BTreeMap<(u64, u64, u32), Vec<(u64, u64, Val)>> = BTreeMap::new();
+    let mut frames: BTreeMap<FrameKey, Vec<(u64, u64, Val)>> = BTreeMap::new();
     log.with_index(|idx| {
         for (lba, blocks, v) in idx.map.iter() {
             if let Val::Frame {
