@@ -4,9 +4,10 @@
 //!
 //! Shape of the transmission phase:
 //! ```text
-//!  reader loop (this task)          request tasks (one per request)      writer task
-//!  read header ─ validate ─┬─ error reply ─────────────────────────────┐
-//!                          └─ spawn ─► export.read/write/… ─► reply ───┴─► mpsc ─► batch ─► socket
+//!  reader loop (this task)            request futures                      writer task
+//!  read header ─ validate ─┬─ error reply ───────────────────────────────┐
+//!                          └─ export.read/write/… ─► reply ──────────────┴─► mpsc ─► batch ─► socket
+//!                             (polled once inline; spawned as its own task if it has to wait)
 //! ```
 //! Invariants:
 //! - Every request is validated (command, flags, range with `checked_add`, size limits,
