@@ -609,7 +609,7 @@ pub async fn manifests(store: &DynStore, export: &str) -> InspectResult<Manifest
                     row.gc_low_water = Some(m.gc_low_water);
                 }
                 Some(Err(e)) => row.error = Some(e.clone()),
-                None => row.error = Some("not read".into()),
+                None => row.error = Some("deleted while reading (GC at work)".into()),
             }
             row
         })
@@ -624,11 +624,12 @@ pub async fn manifests(store: &DynStore, export: &str) -> InspectResult<Manifest
 }
 
 /// Decode every listed manifest; per-version decode errors are values, store errors abort.
+/// Versions deleted since the listing (GC at work) are left out.
 async fn read_all_manifests(
     store: &DynStore,
     exp: &Export,
 ) -> InspectResult<BTreeMap<u64, Result<Manifest, String>>> {
-    let pairs: Vec<(u64, Result<Manifest, String>)> =
+    let pairs: Vec<Option<(u64, Result<Manifest, String>)>> =
         futures::stream::iter(exp.inv.manifests.keys().copied())
             .map(|v| async move {
                 let key = exp.keys.manifest(v);
@@ -638,18 +639,16 @@ async fn read_all_manifests(
                         m.export_name
                     )),
                     Ok(m) => Ok(m),
-                    Err(LogError::Store(StoreError::NotFound { .. })) => {
-                        Err(format!("{key}: vanished while reading (GC running?)"))
-                    }
+                    Err(LogError::Store(StoreError::NotFound { .. })) => return Ok(None),
                     Err(LogError::Store(e)) => return Err(InspectError::Store(e)),
                     Err(e) => Err(e.to_string()),
                 };
-                Ok((v, r))
+                Ok(Some((v, r)))
             })
             .buffered(MANIFESTS_IN_FLIGHT_MAX)
             .try_collect()
             .await?;
-    Ok(pairs.into_iter().collect())
+    Ok(pairs.into_iter().flatten().collect())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1430,6 +1429,13 @@ pub async fn verify(
     progress.phase("manifests", exp.inv.manifests.len() as u64, false);
     let decoded = read_all_manifests(store, &exp).await?;
     progress.advance(exp.inv.manifests.len() as u64);
+    if !decoded.contains_key(&target) {
+        return Err(InspectError::NoSuchVersion {
+            export: exp.name.clone(),
+            version: target,
+            present: "(deleted while verifying: GC at work; try again)".into(),
+        });
+    }
     r.checked.manifests = decoded.len() as u64;
     // The GC low-water mark comes from the newest manifest that decodes.
     let low = decoded
