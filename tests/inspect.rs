@@ -1,8 +1,9 @@
-//! nbds3-inspect against exports written through the log layer, on the file store and on
-//! the real S3 server of `tools/test-env.sh`: every subcommand in text and JSON, checked
-//! against what was written (sizes, versions, mapped ranges, live accounting); `verify`
-//! clean on intact exports and naming the object (and offset) after corruption; exit codes;
-//! and that the tool never writes to the store.
+//! nbds3-inspect against exports written through the log layer and through the real
+//! `nbds3d` (with `qemu-io`), on the file store and on the real S3 server of
+//! `tools/test-env.sh`: every subcommand in text and JSON, checked against what was written
+//! (sizes, versions, mapped ranges, live accounting) and against `nbdinfo --map`; `verify`
+//! clean on intact exports (also after compaction and GC) and naming the object (and
+//! offset) after corruption; exit codes; and that the tool never writes to the store.
 
 mod common;
 #[macro_use]
