@@ -1022,7 +1022,10 @@ async fn shutdown_stops_reading_and_finishes_in_flight() {
     let (mut f, _) = ready("disk", false, false).await;
     f.disk.set_delay(0, Duration::from_millis(200));
     f.client.req(0, READ, 1, 0, 4096).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Trigger only once the read is in flight (it then sleeps in the export).
+    while f.disk.stats.started.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     f.trigger.send(true).unwrap();
     let (err, cookie, data) = f.client.simple_read(4096).await;
     assert_eq!((err, cookie, data.len()), (0, 1, 4096));
@@ -1283,11 +1286,20 @@ async fn server_closes_connections_above_the_limit() {
         .expect("closed promptly")
         .unwrap_or(0);
     assert_eq!(n, 0, "the second connection is closed without a greeting");
-    // Once the first leaves, a new connection is served.
+    // Once the first leaves, a new connection is served (retry: the server notices the
+    // first one's end asynchronously).
     drop(first);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
-    client_handshake(&mut third).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut magic = [0u8; 8];
+        if third.read_exact(&mut magic).await.is_ok() {
+            assert_eq!(&magic, b"NBDMAGIC");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }

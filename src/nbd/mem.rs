@@ -52,6 +52,8 @@ struct Faults {
 /// Operation counters, for tests that check what reached the export.
 #[derive(Debug, Default)]
 pub struct MemStats {
+    /// Operations that reached the export (counted before any injected delay or fault).
+    pub started: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub fua_ops: AtomicU64,
@@ -128,6 +130,7 @@ impl MemExport {
     }
 
     async fn inject(&self, op: Op, offset: u64) -> Result<(), ExportError> {
+        self.stats.started.fetch_add(1, Ordering::Relaxed);
         if !self.faults_armed.load(Ordering::Acquire) {
             return Ok(());
         }
