@@ -450,9 +450,7 @@ impl Log {
                     // may have committed on and GC freed our slot, so the PUT landed below
                     // the latest version and `base` is stale. Start over on the real latest.
                     let after = keys.manifest(m.version);
-                    let newer = store
-                        .list(&keys.manifest_prefix(), Some(&after), 1)
-                        .await?;
+                    let newer = store.list(&keys.manifest_prefix(), Some(&after), 1).await?;
                     if !newer.objects.is_empty() {
                         continue;
                     }
@@ -1101,11 +1099,10 @@ fn build_segment(
 
 pub fn is_zero(b: &[u8]) -> bool {
     // Fold 64-byte chunks with OR (no early exit inside a chunk, so it vectorizes).
-    let (chunks, rest) = b.as_chunks::<64>();
-    chunks
-        .iter()
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-        && rest.iter().all(|&x| x == 0)
+    // (`chunks_exact`, not `as_chunks`: the latter needs Rust 1.88, the MSRV is 1.85.)
+    let mut chunks = b.chunks_exact(64);
+    let rest = chunks.remainder();
+    chunks.all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0) && rest.iter().all(|&x| x == 0)
 }
 
 /// Shared handle.
