@@ -40,6 +40,9 @@ use crate::util::{RangeMap, RangeValue};
 const DIRTY_RUN_OVERHEAD_BYTES: usize = 64;
 /// Partial-block writes lock one of these stripes for their read-modify-write.
 const RMW_STRIPES: usize = 64;
+/// Times one read looks the index up again after a frame vanished under it (moved by
+/// compaction, then deleted by GC).
+const READ_RELOOKUPS_MAX: u32 = 3;
 /// Blocks a single BLOCK_STATUS answer looks at (a prefix answer is allowed by the spec).
 const BLOCK_STATUS_BLOCKS_MAX: u64 = 1 << 20;
 
@@ -653,8 +656,12 @@ impl Volume {
                 }
             }
         }
-        // Store, one frame at a time.
-        if out.iter().any(|s| s.is_none()) {
+        // Store, one frame at a time. A fetch fails when compaction moved the blocks and GC
+        // deleted the old segment between our lookup and the GET (possible when the GC
+        // retain window is shorter than a read): then the index no longer points there and
+        // a fresh lookup finds the blocks' new home.
+        let mut relookups = 0;
+        'lookup: while out.iter().any(|s| s.is_none()) {
             let runs = self.log.lookup(lba, n);
             for (s, l, v) in runs {
                 let missing = (s..s + l).any(|b| out[(b - lba) as usize].is_none());
@@ -676,7 +683,18 @@ impl Volume {
                         frame_len,
                         block_in_frame,
                     }) => {
-                        let frame = self.fetch_frame(seg, frame_offset, frame_len).await?;
+                        let frame = match self.fetch_frame(seg, frame_offset, frame_len).await {
+                            Ok(f) => f,
+                            Err(e) => {
+                                if relookups < READ_RELOOKUPS_MAX
+                                    && self.log.lookup(s, l) != [(s, l, v)]
+                                {
+                                    relookups += 1;
+                                    continue 'lookup;
+                                }
+                                return Err(e);
+                            }
+                        };
                         let first = block_in_frame as u64;
                         crate::log::check_frame_covers(
                             &self.log.keys().segment(seg),
