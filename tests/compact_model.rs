@@ -52,8 +52,8 @@ enum Blk {
 
 /// Deterministic, never all-zero, mostly incompressible content.
 fn block_bytes(bs: usize, lba: u64, id: u64) -> Vec<u8> {
-    let mut x = (lba.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ id.wrapping_mul(0xd1b5_4a32_d192_ed03))
-        | 1;
+    let mut x =
+        (lba.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ id.wrapping_mul(0xd1b5_4a32_d192_ed03)) | 1;
     let mut v = Vec::with_capacity(bs + 8);
     while v.len() < bs {
         x ^= x << 13;
@@ -325,7 +325,10 @@ async fn run_model(opts: RunOpts) -> Result<RunStats, String> {
                 rng.random_range(0..5)
             };
             if trace() {
-                eprintln!("life {life} step {step}: action {action} (ops so far {})", faulty.op_count());
+                eprintln!(
+                    "life {life} step {step}: action {action} (ops so far {})",
+                    faulty.op_count()
+                );
             }
             match action {
                 0 | 1 | 4 => {
@@ -514,7 +517,11 @@ async fn model_random_crashes() {
         t.gc_deleted,
         t.ops
     );
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "mismatches (see stderr)");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "mismatches (see stderr)"
+    );
     assert!(t.crashes > runs, "crashes actually happened");
     assert!(t.compactions > runs, "compaction actually ran");
     assert!(t.gc_deleted > runs, "gc actually deleted");
@@ -754,7 +761,11 @@ async fn space_after_random_overwrites_64mib() {
     check.extend([0, blocks - 1]);
     for lba in check {
         let got = log.read_blocks(lba, 1).await.unwrap();
-        assert_eq!(got, block_bytes(bs, lba, model[lba as usize]), "block {lba}");
+        assert_eq!(
+            got,
+            block_bytes(bs, lba, model[lba as usize]),
+            "block {lba}"
+        );
     }
 }
 
@@ -834,9 +845,13 @@ async fn daemon_serves_while_compacting() {
                 match rng.random_range(0..10) {
                     0..=4 => {
                         id += 1;
-                        vol.write(lba * bs as u64, Bytes::from(block_bytes(bs, lba, id)), false)
-                            .await
-                            .unwrap();
+                        vol.write(
+                            lba * bs as u64,
+                            Bytes::from(block_bytes(bs, lba, id)),
+                            false,
+                        )
+                        .await
+                        .unwrap();
                         expected[lba as usize].store(id, Ordering::Release);
                     }
                     5 => {
@@ -1060,7 +1075,10 @@ async fn gc_keeps_pending_ids_until_released() {
     };
     let mut st = GcState::default();
     let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
-    assert!(store.get(&key).await.is_ok(), "pending object deleted: {r:?}");
+    assert!(
+        store.get(&key).await.is_ok(),
+        "pending object deleted: {r:?}"
+    );
     assert!(r.objects_kept_unsure >= 1);
     // Released (the compaction gave up): now it is an orphan of this session, collected
     // once a commit has settled everything allocated before it.

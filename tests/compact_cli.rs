@@ -1,0 +1,333 @@
+//! `nbds3-compact` end to end on a file store: a dry run changes no byte of the store, a
+//! real run reclaims space and keeps every block, a fresh daemon lease makes it refuse
+//! (and `--force` fences that daemon), and each failure class has its own exit code.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nbds3::format::ExportKeys;
+use nbds3::log::lease::{self, Lease};
+use nbds3::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
+use nbds3::store::file::FileStore;
+use nbds3::store::{DynStore, PutMode};
+
+const NAME: &str = "disk";
+const BS: usize = 4096;
+const BLOCKS: u64 = 1024;
+
+fn block(lba: u64, id: u64) -> Vec<u8> {
+    let mut x =
+        lba.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ id.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1;
+    let mut v = Vec::with_capacity(BS);
+    while v.len() < BS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+fn store_at(dir: &Path) -> DynStore {
+    Arc::new(FileStore::open(dir.to_str().unwrap()).unwrap())
+}
+
+async fn open(store: &DynStore, mode: OpenMode) -> Log {
+    Log::open(
+        Arc::clone(store),
+        NAME,
+        Some(Geometry {
+            size_bytes: BLOCKS * BS as u64,
+            block_size: BS as u32,
+        }),
+        LogConfig {
+            segment_bytes_max: 256 << 10,
+            ..LogConfig::default()
+        },
+        mode,
+    )
+    .await
+    .unwrap()
+}
+
+/// Fill the export, then overwrite most of it twice: plenty of mostly-dead segments.
+/// Returns the id each block holds.
+async fn populate(store: &DynStore) -> Vec<u64> {
+    let log = open(store, OpenMode::Writer).await;
+    let mut ids = vec![0u64; BLOCKS as usize];
+    for round in 1..=3u64 {
+        for chunk in (0..BLOCKS).collect::<Vec<_>>().chunks(64) {
+            let mut entries = Vec::new();
+            for &lba in chunk {
+                // Round 1 writes everything; later rounds 3 blocks of 4.
+                if round == 1 || !lba.is_multiple_of(4) {
+                    ids[lba as usize] = round;
+                    entries.push(BatchEntry {
+                        lba,
+                        blocks: 1,
+                        update: Update::Data(Bytes::from(block(lba, round))),
+                    });
+                }
+            }
+            log.commit(&entries).await.unwrap();
+        }
+    }
+    ids
+}
+
+/// Every file under `dir` with its full content: what "byte-identical" compares.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let k = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(k, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn compact(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_nbds3-compact"))
+        .arg("--store")
+        .arg(format!("file://{}", dir.display()))
+        .args(args)
+        .env_remove("NBDS3_STORE")
+        .output()
+        .unwrap();
+    eprintln!(
+        "nbds3-compact {args:?} -> {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+async fn assert_content(store: &DynStore, ids: &[u64]) {
+    let log = open(store, OpenMode::ReadOnly).await;
+    log.check_accounting().unwrap();
+    let data = log.read_blocks(0, BLOCKS).await.unwrap();
+    for lba in 0..BLOCKS {
+        let got = &data[lba as usize * BS..(lba as usize + 1) * BS];
+        assert!(
+            got == block(lba, ids[lba as usize]).as_slice(),
+            "block {lba}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dry_run_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_at(dir.path());
+    populate(&store).await;
+    let before = snapshot(dir.path());
+    let out = compact(dir.path(), &[NAME, "--dry-run", "--retain", "0s"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("would rewrite"), "{stdout}");
+    assert!(stdout.contains("would delete"), "{stdout}");
+    let after = snapshot(dir.path());
+    assert!(before == after, "a dry run changed the store");
+    // Also with a live daemon lease: the dry run still only reads.
+    let log = Arc::new(open(&store, OpenMode::Writer).await);
+    let l = lease::spawn_lease(Arc::clone(&log), Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = snapshot(dir.path());
+    let out = compact(dir.path(), &[NAME, "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        before == snapshot(dir.path()),
+        "a dry run changed the store"
+    );
+    l.close().await;
+}
+
+#[tokio::test]
+async fn compacts_and_collects_keeping_every_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_at(dir.path());
+    let ids = populate(&store).await;
+    let out = compact(
+        dir.path(),
+        &[NAME, "--retain", "0s", "--keep-versions", "1"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for field in [
+        "segments read",
+        "segments written",
+        "bytes stored",
+        "before",
+        "after",
+        "requests",
+        "gc deleted",
+    ] {
+        assert!(stdout.contains(field), "summary lacks {field:?}:\n{stdout}");
+    }
+    // Space: the summary's before/after, checked independently from the store.
+    let keys = ExportKeys::new(NAME).unwrap();
+    let objs = nbds3::log::gc::list_objects(&store, &keys).await.unwrap();
+    let stored: u64 = objs.iter().map(|o| o.size_bytes).sum();
+    let live = BLOCKS * BS as u64;
+    assert!(
+        (stored as f64) < 1.15 * live as f64,
+        "stored {stored} for {live} live bytes"
+    );
+    assert_content(&store, &ids).await;
+    // Nothing left to do: a second run rewrites nothing.
+    let out = compact(
+        dir.path(),
+        &[NAME, "--retain", "0s", "--keep-versions", "1"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("0 compaction passes"), "{stdout}");
+    assert_content(&store, &ids).await;
+}
+
+#[tokio::test]
+async fn refuses_while_a_daemon_holds_the_lease_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_at(dir.path());
+    let ids = populate(&store).await;
+    // The "daemon": a writer log with its lease heartbeat.
+    let daemon = Arc::new(open(&store, OpenMode::Writer).await);
+    let l = lease::spawn_lease(Arc::clone(&daemon), Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = snapshot(dir.path());
+    let out = compact(dir.path(), &[NAME]);
+    assert_eq!(out.status.code(), Some(6));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("served by a daemon") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    // Refusing wrote nothing (the lease itself is refreshed meanwhile: compare the rest).
+    let lease_key = ExportKeys::new(NAME).unwrap().lease();
+    let strip = |mut m: BTreeMap<String, Vec<u8>>| {
+        m.retain(|k, _| !k.ends_with(&lease_key));
+        m
+    };
+    assert!(strip(before) == strip(snapshot(dir.path())));
+    assert!(daemon
+        .commit(&[BatchEntry {
+            lba: 1,
+            blocks: 1,
+            update: Update::Data(Bytes::from(block(1, 9))),
+        }])
+        .await
+        .is_ok());
+    let mut ids = ids;
+    ids[1] = 9;
+
+    // --force takes the export: the daemon is fenced, its acknowledged data survives.
+    let out = compact(dir.path(), &[NAME, "--force", "--retain", "0s"]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = daemon
+        .commit(&[BatchEntry {
+            lba: 2,
+            blocks: 1,
+            update: Update::Data(Bytes::from(block(2, 10))),
+        }])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LogError::Fenced { .. }), "{err}");
+    l.close().await;
+    assert_content(&store, &ids).await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_does_not_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_at(dir.path());
+    let ids = populate(&store).await;
+    let keys = ExportKeys::new(NAME).unwrap();
+    let stale = Lease {
+        epoch: 2,
+        nonce: 1,
+        holder: "gone:1".into(),
+        renewed_unix_ms: nbds3::util::unix_ms_now() - 60_000,
+        ttl_ms: 20_000,
+    };
+    store
+        .put(
+            &keys.lease(),
+            Bytes::from(lease::encode_lease(&stale)),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let out = compact(dir.path(), &[NAME]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_content(&store, &ids).await;
+    // An unreadable lease is treated as a daemon that may be live.
+    store
+        .put(
+            &keys.lease(),
+            Bytes::from_static(b"garbage"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let out = compact(dir.path(), &[NAME]);
+    assert_eq!(out.status.code(), Some(6));
+}
+
+#[tokio::test]
+async fn exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_at(dir.path());
+    populate(&store).await;
+    // Usage.
+    assert_eq!(compact(dir.path(), &[]).status.code(), Some(2));
+    assert_eq!(
+        compact(dir.path(), &[NAME, "--threshold", "1.5"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        compact(dir.path(), &[NAME, "--keep-versions", "0"])
+            .status
+            .code(),
+        Some(2)
+    );
+    // Unknown export.
+    let out = compact(dir.path(), &["no-such-disk"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no export named"));
+    // Store error: the store directory cannot be created (a file is in the way).
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nbds3-compact"))
+        .arg("--store")
+        .arg(format!("file://{}/sub", file.display()))
+        .arg(NAME)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    // A corrupt object the export needs.
+    let keys = ExportKeys::new(NAME).unwrap();
+    let latest = nbds3::log::latest_version(&store, &keys)
+        .await
+        .unwrap()
+        .unwrap();
+    let path = dir.path().join(keys.manifest(latest));
+    let mut b = std::fs::read(&path).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 0x55;
+    std::fs::write(&path, b).unwrap();
+    assert_eq!(compact(dir.path(), &[NAME]).status.code(), Some(5));
+}
