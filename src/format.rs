@@ -97,6 +97,8 @@ pub enum FormatError {
     },
     #[error("corrupt {what}: {reason}")]
     Corrupt { what: &'static str, reason: String },
+    #[error("export name too long: {bytes} bytes, limit is {limit}")]
+    ExportNameTooLong { bytes: usize, limit: usize },
 }
 
 type FResult<T> = Result<T, FormatError>;
@@ -691,10 +693,10 @@ const EXPORT_KEY_PLAIN_MAX: usize = 160;
 /// the manifest stores the full name so a hash collision would be detected, not merged.
 pub fn export_key(name: &str) -> Result<String, FormatError> {
     if name.len() > EXPORT_NAME_BYTES_MAX {
-        return Err(corrupt(
-            "export name",
-            format!("{} bytes, limit is {EXPORT_NAME_BYTES_MAX}", name.len()),
-        ));
+        return Err(FormatError::ExportNameTooLong {
+            bytes: name.len(),
+            limit: EXPORT_NAME_BYTES_MAX,
+        });
     }
     let mut s = String::with_capacity(name.len() + 1);
     s.push('n');
