@@ -353,7 +353,7 @@ fn assemble(offset: u64, len: usize, chunks: &[Chunk]) -> Result<Vec<u8>, u32> {
 fn extents(chunk: &Chunk) -> (u32, Vec<(u32, u32)>) {
     assert_eq!(chunk.kind, CH_BLOCK_STATUS);
     let p = &chunk.payload;
-    assert!(p.len() >= 12 && (p.len() - 4) % 8 == 0);
+    assert!(p.len() >= 12 && (p.len() - 4).is_multiple_of(8));
     let id = u32::from_be_bytes(p[..4].try_into().unwrap());
     let ext = p[4..]
         .chunks(8)

@@ -868,7 +868,7 @@ impl ChunkPayload {
             }
             REPLY_TYPE_BLOCK_STATUS => {
                 let context_id = r.u32()?;
-                if r.bytes.is_empty() || r.bytes.len() % 8 != 0 {
+                if r.bytes.is_empty() || !r.bytes.len().is_multiple_of(8) {
                     return Err(ProtocolError::Invalid {
                         what: "BLOCK_STATUS",
                         detail: "descriptor bytes not a positive multiple of 8",
