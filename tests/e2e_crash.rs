@@ -1,8 +1,10 @@
 //! Durability against the real daemon, with a libnbd client that knows what it was promised
 //! (`tests/e2e/nbd_workload.py`):
-//! - kill -9 mid-workload, several rounds: every block whose write was covered by a completed
-//!   FLUSH reads back exactly; later writes may be old or new, but each block holds one of
-//!   the values written to it, never garbage.
+//! - kill -9 mid-workload, several rounds (one and several connections, multi-conn FLUSH
+//!   semantics): every block whose write was covered by a completed FLUSH reads back
+//!   exactly; later writes may be old or new, but each block holds one of the values
+//!   written to it, never garbage. Once without compaction, once with compaction and GC
+//!   running as often as they can.
 //! - SIGTERM while writes are dirty (idle client, and a client still streaming writes): exit
 //!   status 0, and after a restart every acknowledged write is there.
 
@@ -17,6 +19,7 @@ use e2e::{need_python_nbd, script, secs, setup, Backend, Ctx, Daemon, PYTHON};
 
 e2e_tests!(
     kill9_mid_workload_keeps_flushed_writes,
+    kill9_with_compaction_and_gc_running,
     sigterm_with_dirty_writes_is_durable
 );
 
@@ -84,14 +87,7 @@ fn stop_reason(state: &Path) -> String {
     st["stop_reason"].as_str().unwrap_or("").to_owned()
 }
 
-fn kill9_mid_workload_keeps_flushed_writes(backend: Backend) {
-    let test = "kill9_mid_workload_keeps_flushed_writes";
-    let Some(ctx) = setup(test, backend) else {
-        return;
-    };
-    if !need_python_nbd(&ctx.name) {
-        return;
-    }
+fn seed(ctx: &Ctx) -> u64 {
     let seed = std::env::var("NBDS3_E2E_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -106,46 +102,44 @@ fn kill9_mid_workload_keeps_flushed_writes(backend: Backend) {
         "{}: seed {seed} (NBDS3_E2E_SEED={seed} to repeat)",
         ctx.name
     );
+    seed
+}
+
+/// Rounds of: workload → kill -9 at a seed-chosen moment after some acknowledged flushes →
+/// restart → every block checked against the model. Round `r` uses `flush_every[r]` and
+/// `conns[r]` connections.
+fn crash_rounds(ctx: &Ctx, d: &mut Daemon, flush_every: &[u32], conns: &[u32], extra_ms: u64) {
+    let seed = seed(ctx);
     let state = ctx.scratch.join("state.json");
     let prog = ctx.scratch.join("state.json.progress");
-    // A short flush interval and a small dirty budget: background flushes and writers
-    // waiting on the budget both happen while the client runs its own flushes.
-    let mut d = ctx.daemon(&[
-        "--default-size",
-        "64M",
-        "--flush-interval",
-        "1s",
-        "--dirty-max",
-        "8M",
-    ]);
-    for round in 0..3u64 {
+    for (round, (&fe, &nc)) in flush_every.iter().zip(conns).enumerate() {
+        let round = round as u64;
         let _ = fs::remove_file(&prog);
-        let flush_every = ["16", "64", "200"][round as usize];
         let mut w = writer(
-            &ctx,
-            &d,
+            ctx,
+            d,
             &state,
             &[
                 "--seconds",
-                "60",
+                "120",
                 "--flush-every",
-                flush_every,
+                &fe.to_string(),
                 "--qd",
                 "16",
+                "--conns",
+                &nc.to_string(),
                 "--seed",
                 &(seed + round).to_string(),
             ],
         );
         // Pull the plug at a different point each round, after some flushes have landed.
         let want_flushes = 2 + (seed + round) % 4;
-        wait_until(
-            &ctx,
-            &mut w,
-            "enough acknowledged flushes",
-            secs(90),
-            || progress(&prog).0 >= want_flushes,
-        );
-        std::thread::sleep(Duration::from_millis((seed * 7 + round * 131) % 400));
+        wait_until(ctx, &mut w, "enough acknowledged flushes", secs(90), || {
+            progress(&prog).0 >= want_flushes
+        });
+        std::thread::sleep(Duration::from_millis(
+            (seed * 7 + round * 131) % (400 + extra_ms),
+        ));
         assert!(
             w.is_running(),
             "{}: workload ended before the kill",
@@ -161,13 +155,84 @@ fn kill9_mid_workload_keeps_flushed_writes(backend: Backend) {
             ctx.name
         );
         d.restart();
-        verify(&ctx, &d, &state);
+        verify(ctx, d, &state);
     }
     d.stop();
     // And once more after a clean stop.
     d.restart();
-    verify(&ctx, &d, &state);
+    verify(ctx, d, &state);
     d.stop();
+}
+
+fn kill9_mid_workload_keeps_flushed_writes(backend: Backend) {
+    let test = "kill9_mid_workload_keeps_flushed_writes";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    // A short flush interval and a small dirty budget: background flushes and writers
+    // waiting on the budget both happen while the client runs its own flushes.
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "64M",
+        "--flush-interval",
+        "1s",
+        "--dirty-max",
+        "8M",
+        "--no-compactor",
+    ]);
+    crash_rounds(&ctx, &mut d, &[16, 64, 200, 32], &[1, 1, 1, 4], 0);
+}
+
+/// The same with compaction and garbage collection running flat out: segments get
+/// rewritten and old manifests and segments deleted under the writer's feet, and the
+/// daemon is killed in the middle of whatever they are doing.
+fn kill9_with_compaction_and_gc_running(backend: Backend) {
+    let test = "kill9_with_compaction_and_gc_running";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "64M",
+        "--flush-interval",
+        "300ms",
+        "--dirty-max",
+        "4M",
+        "--compact-interval",
+        "100ms",
+        "--compact-threshold",
+        "0.05",
+        "--gc-interval",
+        "200ms",
+        "--gc-keep-versions",
+        "1",
+        "--gc-retain",
+        "0s",
+    ]);
+    crash_rounds(
+        &ctx,
+        &mut d,
+        &[64, 16, 128, 48, 256],
+        &[2, 1, 3, 2, 1],
+        1500,
+    );
+    let logs = d.logs();
+    let passes = logs.matches("compaction pass committed").count();
+    eprintln!(
+        "{}: {passes} compaction passes committed over all runs",
+        ctx.name
+    );
+    assert!(
+        passes > 0,
+        "{}: compaction never ran; the test did not test it",
+        ctx.name
+    );
 }
 
 fn sigterm_with_dirty_writes_is_durable(backend: Backend) {

@@ -4,14 +4,16 @@
 Run with Debian's /usr/bin/python3 (python3-libnbd). Used by tests/e2e_crash.rs.
 
   nbd_workload.py write  URI STATE [--seconds S] [--flush-every K] [--durable flush|ack]
-                                   [--qd Q] [--blocks N] [--seed X] [--hold]
+                                   [--qd Q] [--blocks N] [--seed X] [--hold] [--conns C]
   nbd_workload.py verify URI STATE
 
 Every block of the first N 4 KiB blocks holds either zeros or a self-describing pattern:
 24-byte header (magic, block number, generation) + bytes derived from it, so any torn or
 misplaced block is recognised. Each operation (a write of 1-8 consecutive blocks, or a trim or
 zero of them) gets a fresh generation; a block never has two operations in flight at once, so
-the order of completions is the order of effects.
+the order of completions is the order of effects. With --conns C the operations are spread
+over C connections (one thread each, QD per connection), and a FLUSH on any of them covers
+writes completed on all of them (multi-conn).
 
 `--durable flush`: a block's generation becomes durable when a FLUSH sent after the write
 completed has itself completed (the NBD contract). `--durable ack`: every completed write is
@@ -35,6 +37,7 @@ import os
 import random
 import struct
 import sys
+import threading
 import time
 
 import nbd
@@ -87,118 +90,166 @@ def write_progress(path, text):
     os.replace(tmp, path)
 
 
+class Writer:
+    """Shared model; one thread per connection drives its own handle (multi-conn: a FLUSH
+    on any connection covers writes completed on all of them)."""
+
+    def __init__(self, args, st):
+        self.args = args
+        self.st = st
+        self.issued, self.durable = st["issued"], st["durable"]
+        self.lock = threading.Lock()
+        self.rng = random.Random(args.seed)
+        self.busy = set()  # blocks with an operation in flight (on any connection)
+        self.completed = []  # (block, gen) completed since the last flush was sent
+        self.flush_seq = 0
+        self.flush_snaps = {}  # flush sequence number -> (block, gen) pairs it makes durable
+        self.ops_since_flush = 0
+        self.stats = {"ops": 0, "writes_acked": 0, "flushes_acked": 0, "bytes": 0}
+        self.stop = threading.Event()
+        self.errors = []
+        self.deadline = time.monotonic() + args.seconds
+
+    def progress(self):
+        write_progress(
+            self.args.state + ".progress",
+            f"flushes={self.stats['flushes_acked']} writes={self.stats['writes_acked']}",
+        )
+
+    def mark_durable(self, pairs):
+        for b, g in pairs:
+            if g > self.durable[b]:
+                self.durable[b] = g
+                self.issued[b] = [e for e in self.issued[b] if e[0] >= g]
+
+    def retire(self, entry):
+        """Under the lock: account one completed command."""
+        kind, payload = entry[0], entry[1]
+        if kind == "flush":
+            self.stats["flushes_acked"] += 1
+            # A completed flush covers every write completed before it was sent, so also
+            # those of earlier flushes still in flight.
+            for s in sorted(k for k in self.flush_snaps if k <= payload):
+                self.mark_durable(self.flush_snaps.pop(s))
+            self.progress()
+        else:
+            for b, _ in payload:
+                self.busy.discard(b)
+            self.stats["writes_acked"] += 1
+            if self.stats["writes_acked"] % 256 == 0:
+                self.progress()
+            if self.args.durable == "ack":
+                self.mark_durable(payload)
+            else:
+                self.completed.extend(payload)
+
+    def next_op(self):
+        """Under the lock: choose the next command, or None when the blocks are busy."""
+        a = self.args
+        if self.ops_since_flush >= a.flush_every:
+            self.flush_seq += 1
+            self.flush_snaps[self.flush_seq], self.completed = self.completed, []
+            self.ops_since_flush = 0
+            return ("flush", self.flush_seq)
+        n = 1 if self.rng.random() < 0.6 else self.rng.randint(2, 8)
+        start = self.rng.randrange(0, a.blocks - n + 1)
+        blocks = range(start, start + n)
+        if any(b in self.busy for b in blocks):
+            return None
+        gen = self.st["next_gen"]
+        self.st["next_gen"] += 1
+        r = self.rng.random()
+        kind = "w" if r < 0.9 else ("t" if r < 0.95 else "z")
+        for b in blocks:
+            self.issued[b].append([gen, "w" if kind == "w" else "z"])
+            self.busy.add(b)
+        self.stats["ops"] += 1
+        self.ops_since_flush += 1
+        if kind == "w":
+            self.stats["bytes"] += n * BS
+        return (kind, start, n, gen)
+
+    def run_conn(self, h):
+        inflight = {}  # cookie -> (kind, payload, buffer)
+
+        def reap(block):
+            while inflight:
+                c = h.aio_peek_command_completed()
+                if c <= 0:
+                    if block:
+                        h.poll(-1)
+                        block = False
+                        continue
+                    return
+                # Raises when the command failed (it is retired then); the run stops there.
+                h.aio_command_completed(c)
+                with self.lock:
+                    self.retire(inflight.pop(c))
+
+        try:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                with self.lock:
+                    op = self.next_op()
+                if op is None:
+                    reap(block=bool(inflight))
+                    if not inflight:
+                        time.sleep(0.0005)  # another connection holds those blocks
+                    continue
+                if op[0] == "flush":
+                    c = h.aio_flush()
+                    inflight[c] = ("flush", op[1], None)
+                else:
+                    kind, start, n, gen = op
+                    pairs = [(b, gen) for b in range(start, start + n)]
+                    if kind == "w":
+                        buf = nbd.Buffer.from_bytearray(
+                            b"".join(content(b, gen) for b in range(start, start + n))
+                        )
+                        c = h.aio_pwrite(buf, start * BS)
+                        inflight[c] = ("op", pairs, buf)
+                    elif kind == "t":
+                        c = h.aio_trim(n * BS, start * BS)
+                        inflight[c] = ("op", pairs, None)
+                    else:
+                        c = h.aio_zero(n * BS, start * BS)
+                        inflight[c] = ("op", pairs, None)
+                while len(inflight) >= self.args.qd:
+                    reap(block=True)
+                reap(block=False)
+            while inflight:
+                reap(block=True)
+        except nbd.Error as e:
+            self.errors.append(f"nbd error: {e}")
+            self.stop.set()
+
+
 def cmd_write(args):
     st = load_state(args.state, args.blocks)
-    rng = random.Random(args.seed)
-    issued, durable = st["issued"], st["durable"]
-    h = nbd.NBD()
-    h.connect_uri(args.uri)
-    size = h.get_size()
+    handles = []
+    for _ in range(args.conns):
+        h = nbd.NBD()
+        h.connect_uri(args.uri)
+        handles.append(h)
+    size = handles[0].get_size()
     if size < args.blocks * BS:
         log(f"FAIL: export is {size} bytes, workload needs {args.blocks * BS}")
         return 1
-    busy = set()  # blocks with an operation in flight
-    inflight = {}  # cookie -> ("op", [(block, gen)], buffer) | ("flush", flush sequence number)
-    completed = []  # (block, gen) completed since the last flush was sent
-    stats = {"ops": 0, "writes_acked": 0, "flushes_acked": 0, "bytes": 0}
-    writes_since_flush = 0
-    flush_seq = 0
-    flush_snaps = {}  # flush sequence number -> (block, gen) pairs it makes durable
-    stop_reason = "time"
-    deadline = time.monotonic() + args.seconds
-
-    def mark_durable(pairs):
-        for b, g in pairs:
-            if g > durable[b]:
-                durable[b] = g
-                issued[b] = [e for e in issued[b] if e[0] >= g]
-
-    def progress():
-        write_progress(
-            args.state + ".progress",
-            f"flushes={stats['flushes_acked']} writes={stats['writes_acked']}",
-        )
-
-    def retire(cookie):
-        kind, pairs, *_ = inflight.pop(cookie)
-        if kind == "flush":
-            stats["flushes_acked"] += 1
-            # A completed flush covers every write completed before it was sent, so also
-            # those of earlier flushes still in flight.
-            seq = pairs
-            for s in sorted(k for k in flush_snaps if k <= seq):
-                mark_durable(flush_snaps.pop(s))
-            progress()
-        else:
-            for b, _ in pairs:
-                busy.discard(b)
-            stats["writes_acked"] += 1
-            if stats["writes_acked"] % 256 == 0:
-                progress()
-            if args.durable == "ack":
-                mark_durable(pairs)
-            else:
-                completed.extend(pairs)
-
-    def reap(block):
-        while inflight:
-            c = h.aio_peek_command_completed()
-            if c <= 0:
-                if block and inflight:
-                    h.poll(-1)
-                    block = False
-                    continue
-                return
-            # Raises when the command failed (it is retired then); the run stops there.
-            h.aio_command_completed(c)
-            retire(c)
-
-    try:
-        while time.monotonic() < deadline:
-            if writes_since_flush >= args.flush_every:
-                flush_seq += 1
-                flush_snaps[flush_seq], completed = completed, []
-                c = h.aio_flush()
-                inflight[c] = ("flush", flush_seq)
-                writes_since_flush = 0
-            else:
-                n = 1 if rng.random() < 0.6 else rng.randint(2, 8)
-                start = rng.randrange(0, args.blocks - n + 1)
-                blocks = range(start, start + n)
-                if any(b in busy for b in blocks):
-                    reap(block=True)
-                    continue
-                gen = st["next_gen"]
-                st["next_gen"] += 1
-                r = rng.random()
-                kind = "w" if r < 0.9 else "z"
-                for b in blocks:
-                    issued[b].append([gen, kind])
-                    busy.add(b)
-                pairs = [(b, gen) for b in blocks]
-                if kind == "w":
-                    buf = nbd.Buffer.from_bytearray(b"".join(content(b, gen) for b in blocks))
-                    c = h.aio_pwrite(buf, start * BS)
-                    inflight[c] = ("op", pairs, buf)
-                    stats["bytes"] += n * BS
-                elif r < 0.95:
-                    c = h.aio_trim(n * BS, start * BS)
-                    inflight[c] = ("op", pairs)
-                else:
-                    c = h.aio_zero(n * BS, start * BS)
-                    inflight[c] = ("op", pairs)
-                stats["ops"] += 1
-                writes_since_flush += 1
-            while len(inflight) >= args.qd:
-                reap(block=True)
-            reap(block=False)
-        # Drain what is in flight.
-        while inflight:
-            reap(block=True)
-        if args.hold:
-            write_progress(args.state + ".idle", "idle")
-            log("holding the connection open, idle")
-            hold_deadline = time.monotonic() + 300
+    if args.conns > 1 and not handles[0].can_multi_conn():
+        log("FAIL: several connections requested but the server does not offer multi-conn")
+        return 1
+    w = Writer(args, st)
+    threads = [threading.Thread(target=w.run_conn, args=(h,)) for h in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop_reason = w.errors[0] if w.errors else "time"
+    if args.hold and not w.errors:
+        h = handles[0]
+        write_progress(args.state + ".idle", "idle")
+        log("holding the connection open, idle")
+        hold_deadline = time.monotonic() + 300
+        try:
             while not (h.aio_is_dead() or h.aio_is_closed()):
                 if time.monotonic() > hold_deadline:
                     stop_reason = "hold timed out"
@@ -206,14 +257,16 @@ def cmd_write(args):
                 h.poll(500)
             else:
                 stop_reason = "server closed the idle connection"
-    except nbd.Error as e:
-        stop_reason = f"nbd error: {e}"
+        except nbd.Error as e:
+            stop_reason = f"server closed the idle connection ({e})"
+    stats = w.stats
     st["stop_reason"] = stop_reason
     st["stats"] = stats
     save_json(args.state, st)
     log(
-        f"stopped ({stop_reason}): {stats['ops']} ops, {stats['writes_acked']} acked, "
-        f"{stats['flushes_acked']} flushes acked, {stats['bytes'] >> 20} MiB written"
+        f"stopped ({stop_reason}): {stats['ops']} ops on {args.conns} connection(s), "
+        f"{stats['writes_acked']} acked, {stats['flushes_acked']} flushes acked, "
+        f"{stats['bytes'] >> 20} MiB written"
     )
     return 0
 
@@ -285,6 +338,7 @@ def main():
     p.add_argument("--blocks", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hold", action="store_true")
+    p.add_argument("--conns", type=int, default=1)
     args = p.parse_args()
     return cmd_write(args) if args.mode == "write" else cmd_verify(args)
 
