@@ -206,7 +206,9 @@ impl SegmentBuilder {
     /// Append `raw` (a whole number of blocks starting at `first_lba`) as one frame.
     pub fn add_frame(&mut self, first_lba: u64, raw: &[u8]) -> DirEntry {
         let bs = self.block_size as usize;
-        debug_assert!(!raw.is_empty() && raw.len() % bs == 0 && raw.len() <= FRAME_RAW_BYTES_MAX);
+        debug_assert!(
+            !raw.is_empty() && raw.len().is_multiple_of(bs) && raw.len() <= FRAME_RAW_BYTES_MAX
+        );
         let blocks = (raw.len() / bs) as u32;
         let compressed = zstd::bulk::compress(raw, self.zstd_level).ok();
         let (flags, payload): (u16, &[u8]) = match &compressed {

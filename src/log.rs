@@ -88,7 +88,7 @@ impl Geometry {
                 self.block_size
             )));
         }
-        if self.size_bytes == 0 || self.size_bytes % self.block_size as u64 != 0 {
+        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(self.block_size as u64) {
             return Err(LogError::Invalid(format!(
                 "size {} must be a positive multiple of the block size {}",
                 self.size_bytes, self.block_size
