@@ -309,9 +309,9 @@ async fn scenario(blocks: u64, layout: Layout) -> Row {
 }
 
 fn human(n: u64) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{}Mi", n >> 20)
-    } else if n >= 1000 && n % 1000 == 0 {
+    } else if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}K", n / 1000)
     } else {
         n.to_string()
