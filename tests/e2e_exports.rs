@@ -114,9 +114,9 @@ fn exports_are_isolated_listed_and_survive_restart(backend: Backend) {
             );
         };
         check(&mut r, format!("read 0 65536 {:x}", 0x10 + i));
-        check(&mut r, format!("read 65536 983040 0"));
+        check(&mut r, "read 65536 983040 0".to_owned());
         check(&mut r, format!("read 1048576 4096 {:x}", 0x80 + i));
-        check(&mut r, format!("read 1052672 4096 0"));
+        check(&mut r, "read 1052672 4096 0".to_owned());
     }
     d.stop();
 }
