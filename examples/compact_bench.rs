@@ -251,7 +251,7 @@ async fn delete_export(store: &DynStore, name: &str) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        args.size >= (16 << 20) && args.size % BS as u64 == 0,
+        args.size >= (16 << 20) && args.size.is_multiple_of(BS as u64),
         "--size must be a multiple of 4 KiB, at least 16 MiB"
     );
     let tmp;
