@@ -37,7 +37,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::gc::{self, GcConfig, GcReport, GcState};
 use super::index::{Index, SegStat, Val};
 use super::{check_frame_covers, read_segment_directory, Log, LogError, OpenMode};
-use crate::format::{DirEntry, EntryKind, ExportKeys, SegmentBuilder, SegmentRef};
+use crate::format::{DirEntry, EntryKind, SegmentBuilder, SegmentRef};
 use crate::store::{DynStore, ListPage, ObjectMeta, ObjectStore, PutMode, StoreResult};
 use crate::util::RangeValue;
 
@@ -1066,11 +1066,6 @@ pub async fn compact_all(
     }
     let gc = gc::gc_pass(log, &cfg.gc, &mut GcState::default()).await?;
     Ok((passes, gc))
-}
-
-/// Key names are needed by callers holding only a store (the CLI); re-exported here.
-pub fn export_keys(name: &str) -> CompactResult<ExportKeys> {
-    ExportKeys::new(name).map_err(|e| CompactError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]

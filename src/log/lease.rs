@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::compact::{CompactError, CompactResult};
+use super::compact::CompactResult;
 use super::{Log, LogError};
 use crate::format::{self, ExportKeys, LEASE_MAGIC};
 use crate::store::{DynStore, PutMode, StoreError};
@@ -223,14 +223,6 @@ pub fn spawn_lease(log: Arc<Log>, interval: Duration) -> LeaseHandle {
         store,
         keys,
         nonce,
-    }
-}
-
-/// Map a lease decoding problem to this layer's error (for callers that need one).
-pub fn lease_error(keys: &ExportKeys, reason: impl Into<String>) -> CompactError {
-    CompactError::Lease {
-        key: keys.lease(),
-        reason: reason.into(),
     }
 }
 
