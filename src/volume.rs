@@ -545,7 +545,7 @@ impl Volume {
         let mut pos = offset;
         // Head partial block.
         let mut rmw: Vec<(u64, usize, usize, usize)> = Vec::new(); // (lba, in-block off, data off, len)
-        if pos % bs != 0 || end - pos < bs {
+        if !pos.is_multiple_of(bs) || end - pos < bs {
             let lba = pos / bs;
             let in_off = (pos % bs) as usize;
             let n = ((bs - pos % bs).min(end - pos)) as usize;
@@ -600,11 +600,11 @@ impl Volume {
         }
         if zero_edges {
             let mut edges = Vec::new();
-            if offset % bs != 0 || first_full > end_full {
+            if !offset.is_multiple_of(bs) || first_full > end_full {
                 let e = (first_full * bs).min(end);
                 edges.push((offset, e - offset));
             }
-            if end % bs != 0 && end_full >= first_full && end_full * bs >= offset {
+            if !end.is_multiple_of(bs) && end_full >= first_full && end_full * bs >= offset {
                 let s = (end_full * bs).max(offset);
                 if edges.last().is_none_or(|&(o, _)| o != s) && s < end {
                     edges.push((s, end - s));

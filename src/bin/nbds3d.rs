@@ -14,7 +14,11 @@ use nbds3::util::{parse_duration, parse_size};
 use nbds3::volume::{Exports, ExportsConfig, VolumeConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "nbds3d", version, about = "NBD server whose devices live in S3-compatible object storage")]
+#[command(
+    name = "nbds3d",
+    version,
+    about = "NBD server whose devices live in S3-compatible object storage"
+)]
 struct Cli {
     /// TCP address to listen on (repeatable). Default: 127.0.0.1:10809 unless --unix is given.
     #[arg(long)]
