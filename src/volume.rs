@@ -722,14 +722,10 @@ impl Volume {
     /// (checked under the cache lock; see the module invariants).
     fn fill_cache_from_frame(&self, seg: u64, frame_offset: u64, frame: &crate::format::Frame) {
         let bs = self.bs() as usize;
-        let runs = self.log.lookup(frame.first_lba, frame.blocks as u64);
         let mut cache = self.cache.lock();
-        // Re-check under the cache lock: a commit updates the index before the cache.
-        let runs_now = self.log.lookup(frame.first_lba, frame.blocks as u64);
-        if runs != runs_now {
-            return;
-        }
-        for (s, l, v) in runs_now {
+        // Look the index up under the cache lock: a commit updates the index before the
+        // cache, so a block is inserted only where the index still points at this frame.
+        for (s, l, v) in self.log.lookup(frame.first_lba, frame.blocks as u64) {
             if let Some(Val::Frame {
                 seg: vs,
                 frame_offset: vo,
