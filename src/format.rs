@@ -459,7 +459,8 @@ pub fn parse_segment_header(b: &[u8]) -> FResult<u32> {
 pub struct Frame {
     pub first_lba: u64,
     pub blocks: u32,
-    pub data: Vec<u8>,
+    /// `Bytes` so callers can hand out block slices without copying.
+    pub data: bytes::Bytes,
 }
 
 thread_local! {
@@ -542,7 +543,7 @@ pub fn decode_frame(b: &[u8], block_size: u32, offset: u64) -> FResult<Frame> {
     Ok(Frame {
         first_lba,
         blocks,
-        data,
+        data: data.into(),
     })
 }
 

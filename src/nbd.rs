@@ -54,6 +54,8 @@ impl ExportError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadChunk {
     Data(Bytes),
+    /// Data held in consecutive pieces (cached blocks), sent without joining them.
+    Pieces(Vec<Bytes>),
     Hole(u32),
 }
 
@@ -61,7 +63,16 @@ impl ReadChunk {
     pub fn len(&self) -> u32 {
         match self {
             ReadChunk::Data(b) => b.len() as u32,
+            ReadChunk::Pieces(ps) => ps.iter().map(|b| b.len() as u32).sum(),
             ReadChunk::Hole(n) => *n,
+        }
+    }
+    /// The data as one buffer (copies pieces; for tests and small callers).
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            ReadChunk::Data(b) => b.to_vec(),
+            ReadChunk::Pieces(ps) => ps.concat(),
+            ReadChunk::Hole(n) => vec![0; *n as usize],
         }
     }
     pub fn is_empty(&self) -> bool {

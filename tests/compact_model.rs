@@ -775,10 +775,7 @@ async fn space_after_random_overwrites_64mib() {
 fn flat(chunks: Vec<ReadChunk>) -> Vec<u8> {
     let mut out = Vec::new();
     for c in chunks {
-        match c {
-            ReadChunk::Data(b) => out.extend_from_slice(&b),
-            ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
-        }
+        out.extend_from_slice(&c.to_vec());
     }
     out
 }

@@ -460,10 +460,7 @@ mod tests {
     fn flat(chunks: Vec<ReadChunk>) -> Vec<u8> {
         let mut out = Vec::new();
         for c in chunks {
-            match c {
-                ReadChunk::Data(b) => out.extend_from_slice(&b),
-                ReadChunk::Hole(n) => out.resize(out.len() + n as usize, 0),
-            }
+            out.extend_from_slice(&c.to_vec());
         }
         out
     }

@@ -32,7 +32,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -70,7 +70,9 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Replies are batched up to this many bytes per write.
 const WRITE_BATCH_BYTES: usize = 128 * 1024;
 /// Data pieces at least this large are written straight from their buffer, not copied.
-const DIRECT_WRITE_BYTES: usize = 32 * 1024;
+const ZERO_COPY_MIN_BYTES: usize = 2048;
+/// Buffers per vectored write (Linux's IOV_MAX is 1024).
+const IOVECS_PER_WRITE_MAX: usize = 512;
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
 /// Tells sessions the server is shutting down: stop reading, finish in-flight, close.
@@ -1093,117 +1095,177 @@ fn clip_extents(
 
 // ---- reply writer -------------------------------------------------------------------------
 
-/// Encode replies as they arrive, batching whatever is queued into one write.
+/// Reply bytes waiting to be written: small pieces (headers, small data) are copied into
+/// one buffer; data pieces are queued by reference and go out with vectored writes, so a
+/// cached read is copied once, by the kernel, from the page cache's blocks to the socket.
+struct OutQueue {
+    small: BytesMut,
+    parts: Vec<Bytes>,
+    queued_bytes: usize,
+}
+
+impl OutQueue {
+    fn new() -> Self {
+        Self {
+            small: BytesMut::with_capacity(WRITE_BATCH_BYTES),
+            parts: Vec::new(),
+            queued_bytes: 0,
+        }
+    }
+
+    /// Where encoders append headers and small replies.
+    fn buf(&mut self) -> &mut BytesMut {
+        &mut self.small
+    }
+
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.parts.push(self.small.split().freeze());
+        }
+    }
+
+    fn push_data(&mut self, b: &Bytes) {
+        if b.len() < ZERO_COPY_MIN_BYTES {
+            self.small.extend_from_slice(b);
+        } else {
+            self.seal();
+            self.queued_bytes += b.len();
+            self.parts.push(b.clone());
+        }
+    }
+
+    fn push_zeros(&mut self, mut len: usize) {
+        while len > 0 {
+            let n = len.min(ZEROS.len());
+            self.push_data(&Bytes::from_static(&ZEROS[..n]));
+            len -= n;
+        }
+    }
+
+    fn push_chunk(&mut self, chunk: &ReadChunk) {
+        match chunk {
+            ReadChunk::Data(b) => self.push_data(b),
+            ReadChunk::Pieces(ps) => ps.iter().for_each(|b| self.push_data(b)),
+            ReadChunk::Hole(n) => self.push_zeros(*n as usize),
+        }
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.queued_bytes + self.small.len()
+    }
+
+    fn is_full(&self) -> bool {
+        self.pending_bytes() >= WRITE_BATCH_BYTES || self.parts.len() >= IOVECS_PER_WRITE_MAX
+    }
+
+    /// Write everything queued, in order.
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<()> {
+        self.seal();
+        let mut first = 0; // index of the first part not fully written
+        let mut skip = 0; // bytes of parts[first] already written
+        while first < self.parts.len() {
+            let end = (first + IOVECS_PER_WRITE_MAX).min(self.parts.len());
+            let slices: Vec<io::IoSlice<'_>> = self.parts[first..end]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| io::IoSlice::new(if i == 0 { &b[skip..] } else { &b[..] }))
+                .collect();
+            let mut n = writer.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 && first < self.parts.len() {
+                let left = self.parts[first].len() - skip;
+                if n >= left {
+                    n -= left;
+                    first += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        self.parts.clear();
+        self.queued_bytes = 0;
+        Ok(())
+    }
+}
+
+/// Encode replies as they arrive, batching whatever is queued into one vectored write. A
+/// reply's permits are released only after its bytes were written, so what the queue holds
+/// stays within the session's budget.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     structured: bool,
 ) -> io::Result<()> {
-    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    let mut q = OutQueue::new();
+    let mut written: Vec<Permits> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next {
-            encode_reply(&mut out, &mut writer, reply, structured).await?;
-            if out.len() >= WRITE_BATCH_BYTES {
-                writer.write_all(&out).await?;
-                out.clear();
+            let Outgoing {
+                cookie,
+                body,
+                _request_permit,
+                _bytes_permit,
+            } = reply;
+            encode_reply(&mut q, cookie, body, structured);
+            written.push((_request_permit, _bytes_permit));
+            if q.is_full() {
+                q.write_to(&mut writer).await?;
+                written.clear();
             }
             next = rx.try_recv().ok();
         }
-        if !out.is_empty() {
-            writer.write_all(&out).await?;
-            out.clear();
-        }
+        q.write_to(&mut writer).await?;
+        written.clear();
         writer.flush().await?;
     }
     writer.shutdown().await
 }
 
-/// Append `data` to the batch, or write it straight out if it is large.
-async fn put_data<W: AsyncWrite + Unpin>(
-    out: &mut BytesMut,
-    writer: &mut W,
-    data: &[u8],
-) -> io::Result<()> {
-    if data.len() < DIRECT_WRITE_BYTES {
-        out.extend_from_slice(data);
-        return Ok(());
-    }
-    if !out.is_empty() {
-        writer.write_all(out).await?;
-        out.clear();
-    }
-    writer.write_all(data).await
-}
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
-async fn put_zeros<W: AsyncWrite + Unpin>(
-    out: &mut BytesMut,
-    writer: &mut W,
-    mut len: usize,
-) -> io::Result<()> {
-    while len > 0 {
-        let n = len.min(ZEROS.len());
-        put_data(out, writer, &ZEROS[..n]).await?;
-        len -= n;
-    }
-    Ok(())
-}
-
-async fn put_chunk_bytes<W: AsyncWrite + Unpin>(
-    out: &mut BytesMut,
-    writer: &mut W,
-    chunk: &ReadChunk,
-) -> io::Result<()> {
-    match chunk {
-        ReadChunk::Data(bytes) => put_data(out, writer, bytes).await,
-        ReadChunk::Hole(n) => put_zeros(out, writer, *n as usize).await,
-    }
-}
-
-async fn encode_reply<W: AsyncWrite + Unpin>(
-    out: &mut BytesMut,
-    writer: &mut W,
-    reply: Outgoing,
-    structured: bool,
-) -> io::Result<()> {
-    let cookie = reply.cookie;
-    match reply.body {
-        Body::Ok => SimpleReply { error: 0, cookie }.encode(out),
+fn encode_reply(q: &mut OutQueue, cookie: u64, body: Body, structured: bool) {
+    match body {
+        Body::Ok => SimpleReply { error: 0, cookie }.encode(q.buf()),
         Body::Error { errno, message } => {
             if structured {
-                encode_error_chunk(out, cookie, errno as u32, &message);
+                encode_error_chunk(q.buf(), cookie, errno as u32, &message);
             } else {
                 SimpleReply {
                     error: errno as u32,
                     cookie,
                 }
-                .encode(out);
+                .encode(q.buf());
             }
         }
         Body::BlockStatus { extents } => {
-            encode_block_status(out, cookie, BASE_ALLOCATION_ID, &extents, true);
+            encode_block_status(q.buf(), cookie, BASE_ALLOCATION_ID, &extents, true);
         }
         Body::Read { offset, chunks, df } => {
             if !structured {
-                SimpleReply { error: 0, cookie }.encode(out);
+                SimpleReply { error: 0, cookie }.encode(q.buf());
                 for chunk in &chunks {
-                    put_chunk_bytes(out, writer, chunk).await?;
+                    q.push_chunk(chunk);
                 }
-                return Ok(());
+                return;
             }
             let chunks: Vec<&ReadChunk> = chunks.iter().filter(|c| !c.is_empty()).collect();
             let total: u32 = chunks.iter().map(|c| c.len()).sum();
             if chunks.is_empty() {
-                proto::encode_none_chunk(out, cookie);
+                proto::encode_none_chunk(q.buf(), cookie);
             } else if df && chunks.len() > 1 {
                 // One content chunk only: a hole if it is all hole, else data with the
                 // holes written out as zeros.
                 if chunks.iter().all(|c| matches!(c, ReadChunk::Hole(_))) {
-                    encode_offset_hole(out, cookie, offset, total, true);
+                    encode_offset_hole(q.buf(), cookie, offset, total, true);
                 } else {
-                    encode_offset_data_header(out, cookie, offset, total, true);
+                    encode_offset_data_header(q.buf(), cookie, offset, total, true);
                     for chunk in chunks {
-                        put_chunk_bytes(out, writer, chunk).await?;
+                        q.push_chunk(chunk);
                     }
                 }
             } else {
@@ -1211,29 +1273,98 @@ async fn encode_reply<W: AsyncWrite + Unpin>(
                 let mut at = offset;
                 for (i, chunk) in chunks.into_iter().enumerate() {
                     match chunk {
-                        ReadChunk::Data(bytes) => {
-                            encode_offset_data_header(
-                                out,
-                                cookie,
-                                at,
-                                bytes.len() as u32,
-                                i == last,
-                            );
-                            put_data(out, writer, bytes).await?;
+                        ReadChunk::Hole(n) => {
+                            encode_offset_hole(q.buf(), cookie, at, *n, i == last)
                         }
-                        ReadChunk::Hole(n) => encode_offset_hole(out, cookie, at, *n, i == last),
+                        data => {
+                            encode_offset_data_header(q.buf(), cookie, at, data.len(), i == last);
+                            q.push_chunk(data);
+                        }
                     }
                     at += u64::from(chunk.len());
                 }
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accepts at most 7 bytes per write (vectored or not), like a congested socket.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let n = buf.len().min(7);
+            self.0.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let mut left = 7;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.0.extend_from_slice(&b[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(7 - left))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn out_queue_writes_everything_in_order_across_partial_writes() {
+        let mut q = OutQueue::new();
+        let mut want = Vec::new();
+        let big: Vec<Bytes> = (0..600u32)
+            .map(|i| Bytes::from(vec![(i % 251) as u8; 4096 + (i as usize % 3)]))
+            .collect();
+        // Small copied bytes, zero-copy pieces (more than one vectored write's worth),
+        // zeros, and small bytes again.
+        q.buf().extend_from_slice(b"header");
+        want.extend_from_slice(b"header");
+        q.push_chunk(&ReadChunk::Pieces(big.clone()));
+        big.iter().for_each(|b| want.extend_from_slice(b));
+        q.push_chunk(&ReadChunk::Hole(100_000));
+        want.extend(std::iter::repeat_n(0u8, 100_000));
+        q.push_data(&Bytes::from_static(b"tail"));
+        want.extend_from_slice(b"tail");
+        let mut w = Trickle(Vec::new());
+        q.write_to(&mut w).await.unwrap();
+        assert_eq!(w.0.len(), want.len());
+        assert!(w.0 == want, "bytes differ");
+        assert_eq!(q.pending_bytes(), 0);
+        // The queue is reusable afterwards.
+        q.push_data(&Bytes::from(vec![5u8; 5000]));
+        q.write_to(&mut w).await.unwrap();
+        assert_eq!(w.0.len(), want.len() + 5000);
+    }
 
     #[test]
     fn pieces_cover_the_range() {
