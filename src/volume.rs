@@ -370,7 +370,7 @@ impl Volume {
     }
 
     /// Flush everything and stop the flusher. Further writes fail.
-    pub async fn close(&self) -> Result<(), VolumeError> {
+    pub async fn close(self: &Arc<Self>) -> Result<(), VolumeError> {
         let r = self.flush().await;
         self.closed.store(true, Ordering::Release);
         self.stop.notify_waiters();
@@ -378,7 +378,22 @@ impl Volume {
     }
 
     /// Make every write that completed before this call durable.
-    pub async fn flush(&self) -> Result<(), VolumeError> {
+    ///
+    /// The work runs as its own task and this call only waits for it: a caller that goes
+    /// away (a client disconnecting, a forced shutdown aborting its session) must not
+    /// cancel a flush half-way, which would leave the batch it took out of the dirty set
+    /// neither committed nor put back.
+    pub async fn flush(self: &Arc<Self>) -> Result<(), VolumeError> {
+        let v = Arc::clone(self);
+        match tokio::spawn(async move { v.flush_detached().await }).await {
+            Ok(r) => r,
+            Err(e) => Err(VolumeError::Log(LogError::Internal(format!(
+                "flush task failed: {e}"
+            )))),
+        }
+    }
+
+    async fn flush_detached(&self) -> Result<(), VolumeError> {
         let target = self.st().write_gen;
         let _g = self.flush_lock.lock().await;
         let (snap, gen, snap_bytes) = {

@@ -1384,3 +1384,122 @@ proptest::proptest! {
         survive(bytes, true);
     }
 }
+
+/// An export whose writes wait for a gate, counting the payload bytes they hold.
+#[derive(Default)]
+struct GatedExport {
+    held: std::sync::atomic::AtomicUsize,
+    max_held: std::sync::atomic::AtomicUsize,
+    open: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl BlockExport for GatedExport {
+    fn size_bytes(&self) -> u64 {
+        16 * MIB
+    }
+    fn block_size(&self) -> u32 {
+        4096
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    async fn read(&self, _: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        Ok(vec![ReadChunk::Hole(len)])
+    }
+    async fn write(&self, _: u64, data: Bytes, _: bool) -> Result<(), ExportError> {
+        let now = self.held.fetch_add(data.len(), Ordering::SeqCst) + data.len();
+        self.max_held.fetch_max(now, Ordering::SeqCst);
+        while !self.open.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.held.fetch_sub(data.len(), Ordering::SeqCst);
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), ExportError> {
+        Ok(())
+    }
+    async fn trim(&self, _: u64, _: u64, _: bool) -> Result<(), ExportError> {
+        Ok(())
+    }
+    async fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), ExportError> {
+        Ok(())
+    }
+    async fn cache(&self, _: u64, _: u64) -> Result<(), ExportError> {
+        Ok(())
+    }
+    async fn block_status(&self, _: u64, len: u64) -> Result<Vec<(u32, u32)>, ExportError> {
+        Ok(vec![(len as u32, 0)])
+    }
+}
+
+struct GatedProvider(Arc<GatedExport>);
+
+#[async_trait]
+impl ExportProvider for GatedProvider {
+    async fn open(&self, _: &str) -> Result<Arc<dyn BlockExport>, ExportError> {
+        Ok(self.0.clone())
+    }
+    async fn list(&self) -> Result<Vec<String>, ExportError> {
+        Ok(vec!["disk".into()])
+    }
+}
+
+#[tokio::test]
+async fn server_wide_byte_budget_bounds_all_connections_together() {
+    const W: usize = 64 * 1024;
+    let export = Arc::new(GatedExport::default());
+    let provider: Arc<dyn ExportProvider> = Arc::new(GatedProvider(export.clone()));
+    // Each connection alone could hold 1 MiB; the server as a whole only 2 writes.
+    let config = SessionConfig {
+        request_bytes_in_flight_max: 1 << 20,
+        server_bytes: Some(session::ServerBytes::new(2 * W)),
+        ..SessionConfig::default()
+    };
+    let mut clients = Vec::new();
+    let mut sessions = Vec::new();
+    let mut triggers = Vec::new();
+    for _ in 0..3 {
+        let (client_end, server_end) = tokio::io::duplex(4 << 20);
+        let (trigger, shutdown) = Shutdown::channel();
+        sessions.push(tokio::spawn(session::serve_stream(
+            server_end,
+            provider.clone(),
+            config.clone(),
+            shutdown,
+        )));
+        triggers.push(trigger);
+        let mut c = Client { s: client_end };
+        c.greet(C_FIXED | C_NO_ZEROES).await;
+        c.go("disk").await;
+        clients.push(c);
+    }
+    let data = pattern(3, W);
+    for (i, c) in clients.iter_mut().enumerate() {
+        for j in 0..4u64 {
+            c.write(0, j, (i as u64 * 4 + j) * W as u64, &data).await;
+        }
+    }
+    // Give every session time to read what it can.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(export.held.load(Ordering::SeqCst), 2 * W);
+    assert_eq!(export.max_held.load(Ordering::SeqCst), 2 * W);
+    export.open.store(true, Ordering::SeqCst);
+    for c in clients.iter_mut() {
+        for _ in 0..4 {
+            match c.reply().await {
+                Reply::Simple { error, .. } => assert_eq!(error, 0),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    }
+    assert!(export.max_held.load(Ordering::SeqCst) <= 2 * W);
+    for c in clients.iter_mut() {
+        c.req(0, DISC, 0, 0, 0).await;
+        c.expect_eof().await;
+    }
+    for s in sessions {
+        s.await.expect("session task").expect("session ok");
+    }
+    drop(triggers);
+}

@@ -49,6 +49,10 @@ struct Cli {
     /// Maximum simultaneous client connections.
     #[arg(long, default_value_t = 256)]
     connections_max: usize,
+    /// WRITE payload and READ reply bytes all connections' in-flight requests may hold
+    /// together (each connection is also limited to 128M); requests beyond it wait.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    inflight_bytes_max: u64,
     /// Run even if the store ignores conditional puts (unsafe with more than one writer).
     #[arg(long)]
     allow_unsafe_no_conditional_put: bool,
@@ -156,6 +160,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let limits = ServerLimits {
         connections_max: cli.connections_max,
+        request_bytes_in_flight_total_max: usize::try_from(cli.inflight_bytes_max)
+            .unwrap_or(usize::MAX),
         ..ServerLimits::default()
     };
     let shutdown = async {

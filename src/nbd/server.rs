@@ -2,6 +2,8 @@
 //! [`session`](super::session) per connection, and shuts down gracefully.
 //!
 //! Invariants:
+//! - Requests of all sessions together hold at most `request_bytes_in_flight_total_max`
+//!   bytes of payload and replies (one shared budget), besides each session's own bound.
 //! - At most `connections_max` sessions run at once; a connection above the limit is closed
 //!   straight away (and logged) rather than queued, so a flood cannot hold memory.
 //! - Every TCP connection has TCP_NODELAY set: replies are small and latency-bound.
@@ -21,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::session::{self, SessionConfig, Shutdown};
+use super::session::{self, ServerBytes, SessionConfig, Shutdown};
 use super::ExportProvider;
 
 /// A bound listener.
@@ -74,6 +76,9 @@ pub struct ServerLimits {
     pub requests_in_flight_max: usize,
     /// Per connection: WRITE payload and READ reply bytes held by in-flight requests.
     pub request_bytes_in_flight_max: usize,
+    /// All connections together: WRITE payload and READ reply bytes held by in-flight
+    /// requests (so memory does not scale with `connections_max`).
+    pub request_bytes_in_flight_total_max: usize,
     /// Per connection: time allowed for option haggling.
     pub handshake_timeout_ms: u64,
     /// Per connection: largest option data accepted.
@@ -89,6 +94,7 @@ impl Default for ServerLimits {
             connections_max: 256,
             requests_in_flight_max: session.requests_in_flight_max,
             request_bytes_in_flight_max: session.request_bytes_in_flight_max,
+            request_bytes_in_flight_total_max: 512 * 1024 * 1024,
             handshake_timeout_ms: session.handshake_timeout.as_millis() as u64,
             option_bytes_max: session.option_bytes_max,
             shutdown_grace_ms: 30_000,
@@ -97,12 +103,15 @@ impl Default for ServerLimits {
 }
 
 impl ServerLimits {
+    /// One session configuration for the whole server: its `server_bytes` budget is the
+    /// same semaphore for every connection.
     fn session_config(&self) -> SessionConfig {
         SessionConfig {
             requests_in_flight_max: self.requests_in_flight_max,
             request_bytes_in_flight_max: self.request_bytes_in_flight_max,
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             option_bytes_max: self.option_bytes_max,
+            server_bytes: Some(ServerBytes::new(self.request_bytes_in_flight_total_max)),
         }
     }
 }

@@ -52,6 +52,31 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// Largest option data accepted; larger options are discarded and refused.
     pub option_bytes_max: u32,
+    /// Shared by every connection of a server: WRITE payload and READ reply bytes held by
+    /// in-flight requests of all connections together (permits are bytes). `None`: only
+    /// the per-connection bound applies.
+    pub server_bytes: Option<ServerBytes>,
+}
+
+/// The server-wide in-flight byte budget, shared by all sessions.
+#[derive(Debug, Clone)]
+pub struct ServerBytes {
+    sem: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ServerBytes {
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        Self {
+            sem: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+    /// Bytes currently held by in-flight requests of all sessions.
+    pub fn in_use(&self) -> usize {
+        self.max - self.sem.available_permits()
+    }
 }
 
 impl Default for SessionConfig {
@@ -61,6 +86,7 @@ impl Default for SessionConfig {
             request_bytes_in_flight_max: 128 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(30),
             option_bytes_max: 64 * 1024,
+            server_bytes: None,
         }
     }
 }
@@ -573,6 +599,20 @@ fn encode_info_replies(
 
 // ---- transmission -------------------------------------------------------------------------
 
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Read { .. } => "read",
+            Op::Write { .. } => "write",
+            Op::Flush => "flush",
+            Op::Trim { .. } => "trim",
+            Op::WriteZeroes { .. } => "write_zeroes",
+            Op::Cache { .. } => "cache",
+            Op::BlockStatus { .. } => "block_status",
+        }
+    }
+}
+
 /// A validated request, ready for the export.
 enum Op {
     Read {
@@ -646,6 +686,7 @@ struct Outgoing {
     body: Body,
     _request_permit: OwnedSemaphorePermit,
     _bytes_permit: Option<OwnedSemaphorePermit>,
+    _server_permit: Option<OwnedSemaphorePermit>,
 }
 
 struct Rejected {
@@ -808,6 +849,7 @@ where
                 body,
                 _request_permit: permit,
                 _bytes_permit: None,
+                _server_permit: None,
             });
         };
         let Some(command) = Command::from_u16(header.command) else {
@@ -843,6 +885,8 @@ where
             Command::Read | Command::Write => header.length as usize,
             _ => 0,
         };
+        // Always the connection's budget first, then the server's: one order, so waiting
+        // for the shared budget only ever holds this connection's own permits.
         let bytes_permit = if held == 0 {
             None
         } else {
@@ -852,6 +896,16 @@ where
                 Ok(p) => Some(p),
                 Err(_) => break Ok(SessionEnd::Shutdown),
             }
+        };
+        let server_permit = match (&config.server_bytes, held) {
+            (Some(budget), 1..) => {
+                let cost = held.min(budget.max) as u32;
+                match Arc::clone(&budget.sem).acquire_many_owned(cost).await {
+                    Ok(p) => Some(p),
+                    Err(_) => break Ok(SessionEnd::Shutdown),
+                }
+            }
+            _ => None,
         };
 
         let len = header.length;
@@ -903,6 +957,7 @@ where
         let export = Arc::clone(&export);
         let tx = tx.clone();
         let cookie = header.cookie;
+        let op_name = op.name();
         let mut request = Box::pin(async move {
             let body = AssertUnwindSafe(execute(export.as_ref(), op, size_bytes))
                 .catch_unwind()
@@ -911,11 +966,20 @@ where
                     tracing::error!(cookie, "export panicked while serving a request");
                     Body::error(Errno::Io, "internal error")
                 });
+            if let Body::Error {
+                errno: Errno::Io,
+                message,
+            } = &body
+            {
+                // Storage failures reach the client as EIO; the operator sees them here.
+                tracing::warn!(cookie, request = op_name, error = %message, "request failed with EIO");
+            }
             let _ = tx.send(Outgoing {
                 cookie,
                 body,
                 _request_permit: request_permit,
                 _bytes_permit: bytes_permit,
+                _server_permit: server_permit,
             });
         });
         // Fast path: most requests (a write into a dirty set, a cached read) finish without
@@ -1210,9 +1274,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 body,
                 _request_permit,
                 _bytes_permit,
+                _server_permit,
             } = reply;
             encode_reply(&mut q, cookie, body, structured);
-            written.push((_request_permit, _bytes_permit));
+            written.push((_request_permit, _bytes_permit, _server_permit));
             if q.is_full() {
                 q.write_to(&mut writer).await?;
                 written.clear();
@@ -1226,7 +1291,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
-type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+type Permits = (
+    OwnedSemaphorePermit,
+    Option<OwnedSemaphorePermit>,
+    Option<OwnedSemaphorePermit>,
+);
 
 fn encode_reply(q: &mut OutQueue, cookie: u64, body: Body, structured: bool) {
     match body {
