@@ -32,7 +32,8 @@
 //!   else (a compaction's `commit_rewrite`, a resync onto another state) discards it; so does
 //!   a failed build or PUT. A discarded checkpoint is an orphan for GC.
 //! - Its id is in `pending_ids` (GC never deletes it) from allocation until a landed,
-//!   fence-checked manifest names it, or until it is discarded. A manifest naming it whose
+//!   fence-checked manifest names it (then in `recently_named` until a GC pass has listed
+//!   that manifest), or until it is discarded. A manifest naming it whose
 //!   PUT was ambiguous keeps it pending: the next commit resynchronizes first and then either
 //!   finds the adopted manifest naming it (installed) or the unchanged base (installs it
 //!   again). It is discarded only while no manifest of ours that may land names it: the
@@ -236,6 +237,11 @@ struct CommitState {
     /// progress ([`Log::allocate_id`]) and the background checkpoint. Garbage collection
     /// never deletes these.
     pending_ids: std::collections::BTreeSet<u64>,
+    /// Formerly pending ids → the version of the landed manifest that first named them.
+    /// GC keeps them until a pass whose manifest listing reached that version: a pass that
+    /// listed manifests just before it landed would otherwise see an unnamed object that
+    /// is no longer pending (`gc::gc_pass` drops the entries such a pass has seen).
+    recently_named: std::collections::BTreeMap<u64, u64>,
     /// The background checkpoint being written or waiting to be installed (at most one).
     checkpoint: Option<BgCheckpoint>,
 }
@@ -722,6 +728,7 @@ impl Log {
                     tail_dirs,
                     need_resync: false,
                     pending_ids: std::collections::BTreeSet::new(),
+                    recently_named: std::collections::BTreeMap::new(),
                     checkpoint: None,
                 }),
                 fenced: AtomicBool::new(false),
@@ -896,9 +903,11 @@ impl Log {
                 }
             }
             if let Some((cref, covered)) = install {
-                // Named by the latest manifest now, which GC always keeps.
+                // Named by the latest manifest now, which GC always keeps once its listing
+                // includes this version.
                 st.tail_dirs.drain(..covered);
                 st.pending_ids.remove(&cref.id);
+                st.recently_named.insert(cref.id, m.version);
                 st.checkpoint = None;
                 self.stats
                     .checkpoints_installed
@@ -1069,6 +1078,8 @@ impl Log {
             // An install attempt whose PUT looked failed did land and we adopted it.
             let id = bg.id;
             st.pending_ids.remove(&id);
+            let v = st.manifest.version;
+            st.recently_named.insert(id, v);
             st.checkpoint = None;
             self.stats
                 .checkpoints_installed
@@ -1465,6 +1476,16 @@ impl Log {
         let before = self.stats.checkpoints_installed.load(Ordering::Relaxed);
         self.commit(&[]).await?;
         Ok(self.stats.checkpoints_installed.load(Ordering::Relaxed) > before)
+    }
+
+    /// Pending ids that the landed manifest `version` names: no longer pending, but kept
+    /// from GC until a pass has listed that version (see `CommitState::recently_named`).
+    pub(crate) async fn named_by(&self, ids: &[u64], version: u64) {
+        let mut st = self.commit.lock().await;
+        for id in ids {
+            st.pending_ids.remove(id);
+            st.recently_named.insert(*id, version);
+        }
     }
 
     /// Allocate an object id under the commit lock (compaction writes its own segments).
