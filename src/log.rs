@@ -221,6 +221,10 @@ pub struct LogStats {
     pub checkpoints_discarded: AtomicU64,
     /// Commits that waited for a background checkpoint at the tail's hard limit.
     pub commits_waited_for_checkpoint: AtomicU64,
+    /// Background checkpoint build time (base decode + replay + encode, not the PUT), in
+    /// microseconds: total and the longest one.
+    pub checkpoint_build_us_total: AtomicU64,
+    pub checkpoint_build_us_max: AtomicU64,
     pub frames_read: AtomicU64,
     pub frame_bytes_read: AtomicU64,
 }
@@ -532,6 +536,7 @@ impl CheckpointJob {
             .is_none_or(|(_, b)| b.len() <= CHECKPOINT_INLINE_BYTES_MAX)
             && entries <= CHECKPOINT_INLINE_ENTRIES_MAX;
         let (g, version, tail) = (self.geometry, self.version, self.tail);
+        let started = std::time::Instant::now();
         let build = move || -> LogResult<Vec<u8>> {
             let mut idx = match base {
                 Some((key, body)) => {
@@ -552,6 +557,13 @@ impl CheckpointJob {
                 .await
                 .map_err(|e| LogError::Internal(e.to_string()))??
         };
+        let build_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats
+            .checkpoint_build_us_total
+            .fetch_add(build_us, Ordering::Relaxed);
+        self.stats
+            .checkpoint_build_us_max
+            .fetch_max(build_us, Ordering::Relaxed);
         let size = body.len() as u64;
         self.store
             .put(
