@@ -881,9 +881,11 @@ impl Log {
             // A background checkpoint that is written and still fits replaces the part of
             // the tail it covers. Its object was PUT (and returned Ok) before this
             // manifest's PUT starts, like the segments above.
+            // (`make_tail_room` just reconciled it with this manifest; checked again.)
             let install = st
                 .checkpoint
                 .as_ref()
+                .filter(|bg| bg.base_matches(&st.manifest))
                 .and_then(|bg| bg.written().map(|c| (c, bg.base_tail.len())));
             if let Some((cref, covered)) = install {
                 m.checkpoint = Some(cref);
