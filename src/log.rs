@@ -16,6 +16,38 @@
 //!   and fails: the caller never acknowledges it.
 //! - Segment and checkpoint ids are `epoch << 32 | seq` and never reused, so retries never
 //!   collide with an earlier attempt's objects.
+//!
+//! Checkpoints (issue #2: a flush's cost must not grow with the device). A flush
+//! ([`Log::commit`]) never writes a checkpoint. When the tail is long (the soft triggers
+//! `tail_segments_max` / `tail_entries_min`), the commit that made it so starts a
+//! *background checkpoint* after it landed: the state of that version `v0`, rebuilt off the
+//! commit path from `v0`'s checkpoint object and the tail directories held in memory, and
+//! PUT IfAbsent under a fresh id. A later commit installs it: its manifest names the new
+//! checkpoint and keeps only the tail segments committed after `v0`. That is the same state,
+//! because a manifest means "checkpoint + tail replayed in order" (FORMAT.md §7) and the
+//! checkpoint is exactly `v0`'s checkpoint + `v0`'s tail replayed. Rules:
+//! - At most one background checkpoint at a time ([`CommitState::checkpoint`]). It is
+//!   installed only while its base still matches: the current manifest names the same
+//!   checkpoint and its tail starts with exactly the segment ids `v0`'s tail had. Anything
+//!   else (a compaction's `commit_rewrite`, a resync onto another state) discards it; so does
+//!   a failed build or PUT. A discarded checkpoint is an orphan for GC.
+//! - Its id is in `pending_ids` (GC never deletes it) from allocation until a landed,
+//!   fence-checked manifest names it (then in `recently_named` until a GC pass has listed
+//!   that manifest), or until it is discarded. A manifest naming it whose
+//!   PUT was ambiguous keeps it pending: the next commit resynchronizes first and then either
+//!   finds the adopted manifest naming it (installed) or the unchanged base (installs it
+//!   again). It is discarded only while no manifest of ours that may land names it: the
+//!   only manifests that ever name it are install attempts, and after an ambiguous one the
+//!   session resynchronizes before anything else (`need_resync`); a later landed commit
+//!   takes the slot such an attempt aimed at, so it can no longer become the latest (the GC
+//!   floor argument, `gc` module doc).
+//! - Back-pressure: a commit whose tail would exceed `tail_segments_hard_max` segments (or
+//!   [`TAIL_ENTRIES_HARD_FACTOR`] × the entry trigger) waits for the background checkpoint
+//!   (starting one if none) and installs it, instead of growing the manifest further. The
+//!   manifest therefore stays below ≈ 12–14 bytes × `tail_segments_hard_max` + ~100 bytes
+//!   (a `SegmentRef` is two varints: a 9-byte id and a 3- or 5-byte size), ≈ 13 KiB by
+//!   default, unless a single commit carries more segments than that by itself.
+//! - [`Log::commit_rewrite`] (compaction, not a flush) still writes its checkpoint inline.
 
 pub mod compact;
 pub mod gc;
@@ -107,11 +139,16 @@ pub struct LogConfig {
     pub frame_bytes_max: usize,
     /// Segment uploads running at once during one commit.
     pub uploads_in_flight_max: usize,
-    /// Tail segments a manifest may list before the commit writes a checkpoint instead.
+    /// Tail segments a manifest may list before a background checkpoint is started (soft).
     pub tail_segments_max: usize,
-    /// Tail directory entries (replay work on open) before a checkpoint is written, at
-    /// least; the real trigger is also relative to the index size, so the amortized cost of
-    /// checkpoints per flushed block stays constant.
+    /// Tail segments a manifest may never exceed: a commit that would waits for the
+    /// background checkpoint and installs it first (hard; > `tail_segments_max`). Bounds
+    /// the manifest (≈ 13 bytes per tail segment) and the replay on open.
+    pub tail_segments_hard_max: usize,
+    /// Tail directory entries (replay work on open) before a background checkpoint is
+    /// started, at least; the real trigger is also relative to the index size, so the
+    /// amortized cost of checkpoints per flushed block stays constant. The hard limit is
+    /// [`TAIL_ENTRIES_HARD_FACTOR`] times the trigger.
     pub tail_entries_min: usize,
     pub zstd_level: i32,
 }
@@ -123,11 +160,26 @@ impl Default for LogConfig {
             frame_bytes_max: 128 << 10,
             uploads_in_flight_max: 8,
             tail_segments_max: 256,
+            tail_segments_hard_max: 1024,
             tail_entries_min: 64 * 1024,
             zstd_level: 1,
         }
     }
 }
+
+/// The tail's hard limit on directory entries, as a multiple of the entry trigger
+/// (`max(tail_entries_min, index extents / 2)`).
+pub const TAIL_ENTRIES_HARD_FACTOR: usize = 4;
+
+/// How many background checkpoints one commit at the hard limit waits for before it gives
+/// up (each failed one is replaced by a fresh one).
+const CHECKPOINT_WAITS_MAX: usize = 3;
+
+/// A background checkpoint whose base checkpoint is at most this big and whose tail has at
+/// most `CHECKPOINT_INLINE_ENTRIES_MAX` entries is built on the async task itself (it takes
+/// well under a millisecond, less than a hop to the blocking pool), else off the reactor.
+const CHECKPOINT_INLINE_BYTES_MAX: usize = 64 * 1024;
+const CHECKPOINT_INLINE_ENTRIES_MAX: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenMode {
@@ -160,8 +212,19 @@ pub struct LogStats {
     pub segments_written: AtomicU64,
     pub segment_bytes_written: AtomicU64,
     pub manifest_bytes_written: AtomicU64,
+    /// Checkpoints PUT (background ones when their PUT returned, compaction's inline).
     pub checkpoints_written: AtomicU64,
     pub checkpoint_bytes_written: AtomicU64,
+    /// Background checkpoints named by a landed manifest.
+    pub checkpoints_installed: AtomicU64,
+    /// Background checkpoints dropped (failed, or their base changed under them).
+    pub checkpoints_discarded: AtomicU64,
+    /// Commits that waited for a background checkpoint at the tail's hard limit.
+    pub commits_waited_for_checkpoint: AtomicU64,
+    /// Background checkpoint build time (base decode + replay + encode, not the PUT), in
+    /// microseconds: total and the longest one.
+    pub checkpoint_build_us_total: AtomicU64,
+    pub checkpoint_build_us_max: AtomicU64,
     pub frames_read: AtomicU64,
     pub frame_bytes_read: AtomicU64,
 }
@@ -169,13 +232,62 @@ pub struct LogStats {
 struct CommitState {
     manifest: Manifest,
     next_seq: u32,
-    /// Directory entries in the tail (replay cost on open).
-    tail_entries: usize,
+    /// The directories of `manifest.tail`, in the same order (always the same length): the
+    /// replay cost on open, and what a background checkpoint applies to its base.
+    tail_dirs: Vec<Arc<Vec<DirEntry>>>,
     /// An earlier manifest PUT failed ambiguously: re-read before the next commit.
     need_resync: bool,
-    /// Ids handed out by [`Log::allocate_id`] whose objects no manifest names yet (a
-    /// compaction in progress). Garbage collection never deletes these.
+    /// Ids handed out whose objects no manifest is known to name yet: a compaction in
+    /// progress ([`Log::allocate_id`]) and the background checkpoint. Garbage collection
+    /// never deletes these.
     pending_ids: std::collections::BTreeSet<u64>,
+    /// Formerly pending ids → the version of the landed manifest that first named them.
+    /// GC keeps them until a pass whose manifest listing reached that version: a pass that
+    /// listed manifests just before it landed would otherwise see an unnamed object that
+    /// is no longer pending (`gc::gc_pass` drops the entries such a pass has seen).
+    recently_named: std::collections::BTreeMap<u64, u64>,
+    /// The background checkpoint being written or waiting to be installed (at most one).
+    checkpoint: Option<BgCheckpoint>,
+}
+
+impl CommitState {
+    fn tail_entries(&self) -> usize {
+        self.tail_dirs.iter().map(|d| d.len()).sum()
+    }
+}
+
+/// A checkpoint of the state of manifest `version`, written off the commit path (see the
+/// module doc). It can replace `base_checkpoint` + the first `base_tail.len()` tail
+/// segments of any later manifest that still has exactly that base.
+struct BgCheckpoint {
+    id: u64,
+    version: u64,
+    base_checkpoint: Option<CheckpointRef>,
+    base_tail: Vec<u64>,
+    base_tail_entries: usize,
+    state: BgState,
+}
+
+enum BgState {
+    Writing(tokio::task::JoinHandle<LogResult<CheckpointRef>>),
+    Written(CheckpointRef),
+}
+
+impl BgCheckpoint {
+    fn base_matches(&self, m: &Manifest) -> bool {
+        m.checkpoint == self.base_checkpoint
+            && m.tail.len() >= self.base_tail.len()
+            && m.tail
+                .iter()
+                .zip(&self.base_tail)
+                .all(|(s, id)| s.id == *id)
+    }
+    fn written(&self) -> Option<CheckpointRef> {
+        match self.state {
+            BgState::Written(c) => Some(c),
+            BgState::Writing(_) => None,
+        }
+    }
 }
 
 pub struct Log {
@@ -191,7 +303,22 @@ pub struct Log {
     commit: tokio::sync::Mutex<CommitState>,
     fenced: AtomicBool,
     version: AtomicU64,
-    pub stats: LogStats,
+    /// Shared with the background checkpoint task.
+    pub stats: Arc<LogStats>,
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // Nobody can install it any more: stop the upload (an object that landed anyway is
+        // an orphan that GC removes).
+        if let Some(BgCheckpoint {
+            state: BgState::Writing(task),
+            ..
+        }) = &self.commit.get_mut().checkpoint
+        {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Log {
@@ -288,33 +415,64 @@ async fn get_range_exact(
 }
 
 /// Rebuild the index a manifest describes: its checkpoint, then its tail in order.
+/// Returns the index and the number of tail directory entries (replay cost).
 pub async fn load_index(
     store: &DynStore,
     keys: &ExportKeys,
     m: &Manifest,
     uploads_in_flight_max: usize,
 ) -> LogResult<(Index, usize)> {
+    let (idx, dirs) = load_index_and_tail(store, keys, m, uploads_in_flight_max).await?;
+    Ok((idx, dirs.iter().map(|d| d.len()).sum()))
+}
+
+/// GET a checkpoint object, mapping a missing one to `MissingObject`.
+async fn get_checkpoint_body(store: &DynStore, key: &str) -> LogResult<Bytes> {
+    store.get(key).await.map_err(|e| match e {
+        StoreError::NotFound { key } => LogError::MissingObject { key },
+        other => LogError::Store(other),
+    })
+}
+
+/// Decode and validate a checkpoint body into an index (CPU-heavy for big ones).
+fn index_from_checkpoint_body(
+    key: &str,
+    body: &[u8],
+    size_bytes: u64,
+    block_size: u32,
+) -> LogResult<Index> {
+    let c = format::decode_checkpoint(body).map_err(fmt_err(key))?;
+    if c.size_bytes != size_bytes || c.block_size != block_size {
+        return Err(LogError::Corrupt {
+            key: key.to_string(),
+            reason: "checkpoint geometry differs from manifest".into(),
+        });
+    }
+    Index::from_checkpoint(&c, size_bytes / block_size as u64).map_err(|reason| LogError::Corrupt {
+        key: key.to_string(),
+        reason,
+    })
+}
+
+/// [`load_index`], also returning the tail's directories (in tail order).
+async fn load_index_and_tail(
+    store: &DynStore,
+    keys: &ExportKeys,
+    m: &Manifest,
+    uploads_in_flight_max: usize,
+) -> LogResult<(Index, Vec<Arc<Vec<DirEntry>>>)> {
     let geometry_blocks = m.size_bytes / m.block_size as u64;
     let mut idx = match m.checkpoint {
         None => Index::new(),
         Some(cref) => {
             let key = keys.checkpoint(cref.id);
-            let body = store.get(&key).await.map_err(|e| match e {
-                StoreError::NotFound { key } => LogError::MissingObject { key },
-                other => LogError::Store(other),
-            })?;
-            let c = tokio::task::spawn_blocking(move || format::decode_checkpoint(&body))
-                .await
-                .map_err(|e| LogError::Internal(e.to_string()))?
-                .map_err(fmt_err(&key))?;
-            if c.size_bytes != m.size_bytes || c.block_size != m.block_size {
-                return Err(LogError::Corrupt {
-                    key,
-                    reason: "checkpoint geometry differs from manifest".into(),
-                });
-            }
-            Index::from_checkpoint(&c, geometry_blocks)
-                .map_err(|reason| LogError::Corrupt { key, reason })?
+            let body = get_checkpoint_body(store, &key).await?;
+            let (size_bytes, block_size) = (m.size_bytes, m.block_size);
+            tokio::task::spawn_blocking(move || {
+                index_from_checkpoint_body(&key, &body, size_bytes, block_size)
+            })
+            .await
+            .map_err(|e| LogError::Internal(e.to_string()))??
         }
     };
     // Directories are fetched in parallel but applied strictly in commit order.
@@ -323,9 +481,8 @@ pub async fn load_index(
         .buffered(uploads_in_flight_max.max(1))
         .try_collect()
         .await?;
-    let mut tail_entries = 0;
-    for (s, dir) in m.tail.iter().zip(dirs) {
-        for e in &dir {
+    for (s, dir) in m.tail.iter().zip(&dirs) {
+        for e in dir {
             if e.lba
                 .checked_add(e.blocks)
                 .is_none_or(|end| end > geometry_blocks)
@@ -336,10 +493,104 @@ pub async fn load_index(
                 });
             }
         }
-        tail_entries += dir.len();
-        idx.apply_segment(*s, &dir);
+        idx.apply_segment(*s, dir);
     }
-    Ok((idx, tail_entries))
+    Ok((idx, dirs.into_iter().map(Arc::new).collect()))
+}
+
+/// Everything a background checkpoint needs, owned (the task outlives no `Log` borrow).
+struct CheckpointJob {
+    store: DynStore,
+    keys: ExportKeys,
+    id: u64,
+    /// The manifest version whose state this is.
+    version: u64,
+    geometry: Geometry,
+    base: Option<CheckpointRef>,
+    tail: Vec<(SegmentRef, Arc<Vec<DirEntry>>)>,
+    stats: Arc<LogStats>,
+}
+
+impl CheckpointJob {
+    /// GET the base checkpoint (checked: crc, geometry, references), replay the tail on it,
+    /// encode, PUT IfAbsent. The result is exactly the index that loading `version`'s
+    /// manifest gives; only a commit that finds the base unchanged names it.
+    async fn run(self) -> LogResult<CheckpointRef> {
+        let base = match self.base {
+            Some(c) => {
+                let key = self.keys.checkpoint(c.id);
+                let body = get_checkpoint_body(&self.store, &key).await?;
+                if body.len() as u64 != c.size_bytes {
+                    return Err(LogError::Corrupt {
+                        key,
+                        reason: format!("{} bytes, manifest says {}", body.len(), c.size_bytes),
+                    });
+                }
+                Some((key, body))
+            }
+            None => None,
+        };
+        let entries: usize = self.tail.iter().map(|(_, d)| d.len()).sum();
+        let inline = base
+            .as_ref()
+            .is_none_or(|(_, b)| b.len() <= CHECKPOINT_INLINE_BYTES_MAX)
+            && entries <= CHECKPOINT_INLINE_ENTRIES_MAX;
+        let (g, version, tail) = (self.geometry, self.version, self.tail);
+        let started = std::time::Instant::now();
+        let build = move || -> LogResult<Vec<u8>> {
+            let mut idx = match base {
+                Some((key, body)) => {
+                    index_from_checkpoint_body(&key, &body, g.size_bytes, g.block_size)?
+                }
+                None => Index::new(),
+            };
+            for (s, d) in &tail {
+                idx.apply_segment(*s, d);
+            }
+            let c = idx.to_checkpoint(version, g.size_bytes, g.block_size);
+            Ok(format::encode_checkpoint(&c))
+        };
+        let body = if inline {
+            build()?
+        } else {
+            tokio::task::spawn_blocking(build)
+                .await
+                .map_err(|e| LogError::Internal(e.to_string()))??
+        };
+        let build_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats
+            .checkpoint_build_us_total
+            .fetch_add(build_us, Ordering::Relaxed);
+        self.stats
+            .checkpoint_build_us_max
+            .fetch_max(build_us, Ordering::Relaxed);
+        let size = body.len() as u64;
+        self.store
+            .put(
+                &self.keys.checkpoint(self.id),
+                Bytes::from(body),
+                PutMode::IfAbsent,
+            )
+            .await?;
+        self.stats
+            .checkpoints_written
+            .fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .checkpoint_bytes_written
+            .fetch_add(size, Ordering::Relaxed);
+        Ok(CheckpointRef {
+            id: self.id,
+            size_bytes: size,
+        })
+    }
+}
+
+/// What became of a manifest PUT (see [`Log::land_manifest`]).
+enum Landing {
+    /// It landed and no newer version exists: the commit point.
+    Landed,
+    /// The slot holds an earlier attempt of this session that we had seen fail.
+    EarlierAttemptLanded,
 }
 
 impl Log {
@@ -357,6 +608,12 @@ impl Log {
         }
         if cfg.frame_bytes_max == 0 || cfg.frame_bytes_max > FRAME_RAW_BYTES_MAX {
             return Err(LogError::Invalid("frame_bytes_max out of range".into()));
+        }
+        if cfg.tail_segments_hard_max <= cfg.tail_segments_max {
+            return Err(LogError::Invalid(format!(
+                "tail_segments_hard_max {} must exceed tail_segments_max {}",
+                cfg.tail_segments_hard_max, cfg.tail_segments_max
+            )));
         }
         let nonce: u64 = rand::random();
         // Loop: racing openers and writers may take the version we aim for.
@@ -427,8 +684,8 @@ impl Log {
                 key: keys.manifest(base.version),
                 reason: e.to_string(),
             })?;
-            let (index, tail_entries) =
-                load_index(&store, &keys, &base, cfg.uploads_in_flight_max).await?;
+            let (index, tail_dirs) =
+                load_index_and_tail(&store, &keys, &base, cfg.uploads_in_flight_max).await?;
             let (manifest, epoch) = match mode {
                 OpenMode::ReadOnly => (base.clone(), base.writer_epoch),
                 OpenMode::Writer => {
@@ -480,13 +737,15 @@ impl Log {
                 commit: tokio::sync::Mutex::new(CommitState {
                     manifest,
                     next_seq: 0,
-                    tail_entries,
+                    tail_dirs,
                     need_resync: false,
                     pending_ids: std::collections::BTreeSet::new(),
+                    recently_named: std::collections::BTreeMap::new(),
+                    checkpoint: None,
                 }),
                 fenced: AtomicBool::new(false),
                 version: AtomicU64::new(version),
-                stats: LogStats::default(),
+                stats: Arc::new(LogStats::default()),
             });
         }
         Err(LogError::Internal(
@@ -595,6 +854,10 @@ impl Log {
     /// segments first, then the manifest. Returns the new version. On error nothing of the
     /// batch is visible unless a later reopen finds the manifest landed after all — it is
     /// then visible whole, never torn.
+    ///
+    /// Never writes a checkpoint: it may install a background checkpoint that is ready, and
+    /// start one after landing when the tail is long (see the module doc). Writes one
+    /// segment per `segment_bytes_max` of data (one for a small batch) and one manifest.
     pub async fn commit(&self, batch: &[BatchEntry]) -> LogResult<u64> {
         if self.mode == OpenMode::ReadOnly {
             return Err(LogError::ReadOnly);
@@ -607,102 +870,66 @@ impl Log {
         }
         // 1. Segments. All must be durable before the manifest that names them exists.
         let (segs, dirs) = self.write_segments(&mut st, batch).await?;
+        let dirs: Vec<Arc<Vec<DirEntry>>> = dirs.into_iter().map(Arc::new).collect();
         let new_entries: usize = dirs.iter().map(|d| d.len()).sum();
         // 2. Manifest, retried past our own earlier attempts that turned out to land.
         for _ in 0..8 {
-            let mut m = st.manifest.clone();
-            m.version += 1;
-            m.writer_nonce = self.nonce;
-            m.writer_epoch = self.epoch;
-            m.created_unix_ms = crate::util::unix_ms_now();
+            // Back-pressure: never let the tail pass its hard limit (waits, rarely).
+            self.make_tail_room(&mut st, segs.len(), new_entries)
+                .await?;
+            let mut m = self.next_manifest(&st);
+            // A background checkpoint that is written and still fits replaces the part of
+            // the tail it covers. Its object was PUT (and returned Ok) before this
+            // manifest's PUT starts, like the segments above.
+            // (`make_tail_room` just reconciled it with this manifest; checked again.)
+            let install = st
+                .checkpoint
+                .as_ref()
+                .filter(|bg| bg.base_matches(&st.manifest))
+                .and_then(|bg| bg.written().map(|c| (c, bg.base_tail.len())));
+            if let Some((cref, covered)) = install {
+                m.checkpoint = Some(cref);
+                m.tail.drain(..covered);
+            }
             m.tail.extend(segs.iter().copied());
-            let tail_entries = st.tail_entries + new_entries;
-            let index_extents = self.index_read().map.len();
-            let checkpoint_due = m.tail.len() > self.cfg.tail_segments_max
-                || tail_entries > self.cfg.tail_entries_min.max(index_extents / 2);
-            let mut checkpointed: Option<Index> = None;
-            if checkpoint_due {
-                let mut idx = self.index_read().clone();
+            match self.land_manifest(&mut st, &m).await? {
+                Landing::Landed => {}
+                Landing::EarlierAttemptLanded => {
+                    // An earlier attempt of ours that we saw fail did land: adopt it and
+                    // commit again on top (its data is a subset of ours).
+                    self.resync(&mut st).await?;
+                    continue;
+                }
+            }
+            // 3. Publish to readers: the manifest landed and no newer version exists.
+            {
+                let mut idx = self.index_write();
                 for (s, d) in segs.iter().zip(&dirs) {
                     idx.apply_segment(*s, d);
                 }
-                idx.drop_dead_segments();
-                let cref = self.write_checkpoint(&mut st, &idx, m.version).await?;
-                m.checkpoint = Some(cref);
-                m.tail.clear();
-                checkpointed = Some(idx);
-            }
-            match self.put_manifest(&m).await {
-                Ok(()) => {}
-                Err(LogError::Store(StoreError::PreconditionFailed { key })) => {
-                    let other = read_manifest(&self.store, &self.keys, m.version).await?;
-                    if other.writer_nonce != self.nonce {
-                        // Another writer took this version: a newer epoch (or, after GC, a
-                        // writer we cannot order against). Either way we must stop.
-                        return Err(self.fence(other.writer_epoch.max(self.epoch + 1)));
-                    }
-                    if other != m {
-                        // An earlier attempt of ours that we saw fail did land: adopt it
-                        // and commit again on top (its data is a subset of ours).
-                        tracing::warn!(%key, "earlier commit attempt landed; resynchronizing");
-                        self.resync(&mut st).await?;
-                        continue;
-                    }
-                    // Else our own PUT landed on a retry inside the store client.
-                }
-                Err(e) => {
-                    // Ambiguous: the manifest may or may not exist. Re-read before the next
-                    // commit so we never build on a state we are unsure of.
-                    st.need_resync = true;
-                    return Err(e);
+                if install.is_some() {
+                    // Segments neither live nor in the tail are no longer part of the
+                    // state's description (as after reopening from this manifest).
+                    let tail: std::collections::HashSet<u64> =
+                        m.tail.iter().map(|s| s.id).collect();
+                    idx.segs
+                        .retain(|id, s| s.blocks_live > 0 || tail.contains(id));
                 }
             }
-            // 3. Fencing against GC: if any version above ours exists, a newer writer owns
-            // the export and our version slot was one GC had freed. Our manifest is then an
-            // orphan that no reader will choose; report failure so nothing is acknowledged.
-            let after = self.keys.manifest(m.version);
-            let newer = self
-                .store
-                .list(&self.keys.manifest_prefix(), Some(&after), 1)
-                .await;
-            match newer {
-                Ok(p) if p.objects.is_empty() => {}
-                Ok(p) => {
-                    let v = p
-                        .objects
-                        .first()
-                        .and_then(|o| {
-                            format::parse_numbered_key(&self.keys.manifest_prefix(), &o.key)
-                        })
-                        .unwrap_or(0);
-                    let e = read_manifest(&self.store, &self.keys, v)
-                        .await
-                        .map(|m| m.writer_epoch)
-                        .unwrap_or(self.epoch + 1);
-                    return Err(self.fence(e));
-                }
-                Err(e) => {
-                    st.need_resync = true;
-                    return Err(e.into());
-                }
+            if let Some((cref, covered)) = install {
+                // Named by the latest manifest now, which GC always keeps once its listing
+                // includes this version.
+                st.tail_dirs.drain(..covered);
+                st.pending_ids.remove(&cref.id);
+                st.recently_named.insert(cref.id, m.version);
+                st.checkpoint = None;
+                self.stats
+                    .checkpoints_installed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(export = %self.name, version = m.version, checkpoint = cref.id, "installed background checkpoint");
             }
-            // 4. Publish to readers.
-            {
-                let mut idx = self.index_write();
-                match checkpointed {
-                    Some(new_idx) => *idx = new_idx,
-                    None => {
-                        for (s, d) in segs.iter().zip(&dirs) {
-                            idx.apply_segment(*s, d);
-                        }
-                    }
-                }
-            }
-            st.tail_entries = if m.checkpoint != st.manifest.checkpoint {
-                0
-            } else {
-                tail_entries
-            };
+            st.tail_dirs.extend(dirs.iter().cloned());
+            debug_assert_eq!(st.tail_dirs.len(), m.tail.len());
             let manifest_len = format::encode_manifest(&m).len() as u64;
             self.stats
                 .manifest_bytes_written
@@ -711,11 +938,254 @@ impl Log {
             let v = m.version;
             st.manifest = m;
             self.version.store(v, Ordering::Release);
+            // 4. A long tail starts a checkpoint of the state just published. It is the
+            // caller's flush that has landed: a failure here must not fail it.
+            if st.checkpoint.is_none() && self.checkpoint_due(&st) {
+                if let Err(e) = self.start_checkpoint(&mut st) {
+                    tracing::warn!(export = %self.name, error = %e, "could not start a background checkpoint");
+                }
+            }
             return Ok(v);
         }
         Err(LogError::Internal(
             "commit kept colliding with our own earlier attempts".into(),
         ))
+    }
+
+    /// The next manifest on top of the current one, as this session's: same checkpoint and
+    /// tail, version + 1.
+    fn next_manifest(&self, st: &CommitState) -> Manifest {
+        let mut m = st.manifest.clone();
+        m.version += 1;
+        m.writer_nonce = self.nonce;
+        m.writer_epoch = self.epoch;
+        m.created_unix_ms = crate::util::unix_ms_now();
+        m
+    }
+
+    /// PUT the manifest IfAbsent (the commit point), then check that no newer version
+    /// exists (FORMAT.md §10.3 steps 3–4). `Ok(Landed)` is the only outcome after which
+    /// the caller may publish and acknowledge.
+    async fn land_manifest(&self, st: &mut CommitState, m: &Manifest) -> LogResult<Landing> {
+        match self.put_manifest(m).await {
+            Ok(()) => {}
+            Err(LogError::Store(StoreError::PreconditionFailed { key })) => {
+                let other = read_manifest(&self.store, &self.keys, m.version).await?;
+                if other.writer_nonce != self.nonce {
+                    // Another writer took this version: a newer epoch (or, after GC, a
+                    // writer we cannot order against). Either way we must stop.
+                    return Err(self.fence(other.writer_epoch.max(self.epoch + 1)));
+                }
+                if other != *m {
+                    tracing::warn!(%key, "earlier commit attempt landed");
+                    return Ok(Landing::EarlierAttemptLanded);
+                }
+                // Else our own PUT landed on a retry inside the store client.
+            }
+            Err(e) => {
+                // Ambiguous: the manifest may or may not exist. Re-read before the next
+                // commit so we never build on a state we are unsure of.
+                st.need_resync = true;
+                return Err(e);
+            }
+        }
+        // Fencing against GC: if any version above ours exists, a newer writer owns the
+        // export and our version slot was one GC had freed. Our manifest is then an orphan
+        // that no reader will choose; report failure so nothing is acknowledged.
+        let after = self.keys.manifest(m.version);
+        let newer = self
+            .store
+            .list(&self.keys.manifest_prefix(), Some(&after), 1)
+            .await;
+        match newer {
+            Ok(p) if p.objects.is_empty() => Ok(Landing::Landed),
+            Ok(p) => {
+                let v = p
+                    .objects
+                    .first()
+                    .and_then(|o| format::parse_numbered_key(&self.keys.manifest_prefix(), &o.key))
+                    .unwrap_or(0);
+                let e = read_manifest(&self.store, &self.keys, v)
+                    .await
+                    .map(|m| m.writer_epoch)
+                    .unwrap_or(self.epoch + 1);
+                Err(self.fence(e))
+            }
+            Err(e) => {
+                st.need_resync = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The soft triggers: the tail has more segments than `tail_segments_max`, or more
+    /// directory entries than `max(tail_entries_min, index extents / 2)`.
+    fn checkpoint_due(&self, st: &CommitState) -> bool {
+        st.manifest.tail.len() > self.cfg.tail_segments_max
+            || st.tail_entries() > self.tail_entries_trigger()
+    }
+
+    fn tail_entries_trigger(&self) -> usize {
+        let extents = self.index_read().map.len();
+        self.cfg.tail_entries_min.max(extents / 2)
+    }
+
+    /// Start a background checkpoint of the current manifest's state. Under the commit
+    /// lock, with none in flight; the id is pending (kept by GC) from here on.
+    fn start_checkpoint(&self, st: &mut CommitState) -> LogResult<()> {
+        debug_assert!(st.checkpoint.is_none());
+        let id = self.next_id(st)?;
+        st.pending_ids.insert(id);
+        let m = &st.manifest;
+        let job = CheckpointJob {
+            store: Arc::clone(&self.store),
+            keys: self.keys.clone(),
+            id,
+            version: m.version,
+            geometry: self.geometry,
+            base: m.checkpoint,
+            // The directories are shared, not copied: this costs O(tail segments) under
+            // the lock whatever the size of the index.
+            tail: m
+                .tail
+                .iter()
+                .copied()
+                .zip(st.tail_dirs.iter().cloned())
+                .collect(),
+            stats: Arc::clone(&self.stats),
+        };
+        let span = tracing::debug_span!("checkpoint", export = %self.name, id, version = m.version);
+        let task = tokio::spawn(tracing::Instrument::instrument(job.run(), span));
+        tracing::debug!(export = %self.name, id, version = m.version, tail_segments = m.tail.len(), "started background checkpoint");
+        st.checkpoint = Some(BgCheckpoint {
+            id,
+            version: m.version,
+            base_checkpoint: m.checkpoint,
+            base_tail: m.tail.iter().map(|s| s.id).collect(),
+            base_tail_entries: st.tail_entries(),
+            state: BgState::Writing(task),
+        });
+        Ok(())
+    }
+
+    /// Drop the background checkpoint: stop its upload if running and let GC have its id
+    /// (no manifest of ours names it or may still land naming it: see the module doc).
+    fn discard_checkpoint(&self, st: &mut CommitState, why: &str) {
+        if let Some(bg) = st.checkpoint.take() {
+            if let BgState::Writing(task) = &bg.state {
+                task.abort();
+            }
+            st.pending_ids.remove(&bg.id);
+            self.stats
+                .checkpoints_discarded
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(export = %self.name, id = bg.id, version = bg.version, why, "discarded background checkpoint");
+        }
+    }
+
+    /// After the manifest changed other than by installing it (resync, rewrite): the
+    /// background checkpoint is installed already (the adopted manifest names it), still
+    /// installable, or stale.
+    fn reconcile_checkpoint(&self, st: &mut CommitState) {
+        let Some(bg) = &st.checkpoint else { return };
+        if bg.written().is_some() && st.manifest.checkpoint.map(|c| c.id) == Some(bg.id) {
+            // An install attempt whose PUT looked failed did land and we adopted it.
+            let id = bg.id;
+            st.pending_ids.remove(&id);
+            let v = st.manifest.version;
+            st.recently_named.insert(id, v);
+            st.checkpoint = None;
+            self.stats
+                .checkpoints_installed
+                .fetch_add(1, Ordering::Relaxed);
+        } else if !bg.base_matches(&st.manifest) {
+            self.discard_checkpoint(st, "its base is no longer the manifest's");
+        }
+    }
+
+    /// Collect the background checkpoint's outcome if it has finished (with `wait`, wait
+    /// for it). A failed one is discarded and its error returned.
+    async fn settle_checkpoint(&self, st: &mut CommitState, wait: bool) -> Option<LogError> {
+        let bg = st.checkpoint.as_mut()?;
+        if let BgState::Writing(task) = &mut bg.state {
+            if !wait && !task.is_finished() {
+                return None;
+            }
+            let r = match task.await {
+                Ok(r) => r,
+                Err(e) => Err(LogError::Internal(format!("checkpoint task: {e}"))),
+            };
+            match r {
+                Ok(cref) => bg.state = BgState::Written(cref),
+                Err(e) => {
+                    tracing::warn!(export = %self.name, id = bg.id, error = %e, "background checkpoint failed; a later commit starts another");
+                    self.discard_checkpoint(st, "write failed");
+                    return Some(e);
+                }
+            }
+        }
+        self.reconcile_checkpoint(st);
+        None
+    }
+
+    /// Make sure this commit's tail (after installing a ready checkpoint) stays within the
+    /// hard limits; else wait for the background checkpoint, starting one if none runs.
+    /// Waiting holds the commit lock: later flushes queue behind this one (that is the
+    /// back-pressure). Gives up after [`CHECKPOINT_WAITS_MAX`] failed checkpoints.
+    async fn make_tail_room(
+        &self,
+        st: &mut CommitState,
+        new_segments: usize,
+        new_entries: usize,
+    ) -> LogResult<()> {
+        let mut last_err: Option<LogError> = None;
+        let mut waited = false;
+        for attempt in 0..=CHECKPOINT_WAITS_MAX {
+            if let Some(e) = self.settle_checkpoint(st, false).await {
+                last_err = Some(e);
+            }
+            let (mut segments, mut entries) = (st.manifest.tail.len(), st.tail_entries());
+            if let Some(bg) = st.checkpoint.as_ref().filter(|b| b.written().is_some()) {
+                segments -= bg.base_tail.len();
+                entries -= bg.base_tail_entries;
+            }
+            let entries_hard = self
+                .tail_entries_trigger()
+                .saturating_mul(TAIL_ENTRIES_HARD_FACTOR);
+            // With nothing left of the current tail, only this commit's own segments
+            // remain: nothing can shorten that.
+            let fits = segments + new_segments <= self.cfg.tail_segments_hard_max
+                && entries + new_entries <= entries_hard;
+            if fits || segments == 0 {
+                if waited {
+                    self.stats
+                        .commits_waited_for_checkpoint
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(());
+            }
+            if attempt == CHECKPOINT_WAITS_MAX {
+                break;
+            }
+            match &st.checkpoint {
+                None => self.start_checkpoint(st)?,
+                Some(bg) if bg.written().is_some() => {
+                    // Written, but what it leaves of the tail is still too long (a big
+                    // commit): replace it by one of the current state.
+                    self.discard_checkpoint(st, "superseded at the hard limit");
+                    self.start_checkpoint(st)?;
+                }
+                Some(_) => {}
+            }
+            tracing::debug!(export = %self.name, tail_segments = st.manifest.tail.len(), "tail at its hard limit; waiting for the background checkpoint");
+            waited = true;
+            if let Some(e) = self.settle_checkpoint(st, true).await {
+                last_err = Some(e);
+            }
+        }
+        Err(last_err.unwrap_or_else(|| {
+            LogError::Internal("tail at its hard limit and no checkpoint could be installed".into())
+        }))
     }
 
     fn fence(&self, newer_epoch: u64) -> LogError {
@@ -759,14 +1229,18 @@ impl Log {
             if m.writer_epoch != self.epoch || m.writer_nonce != self.nonce {
                 return Err(self.fence(m.writer_epoch));
             }
-            let (idx, tail_entries) =
-                load_index(&self.store, &self.keys, &m, self.cfg.uploads_in_flight_max).await?;
+            let (idx, tail_dirs) =
+                load_index_and_tail(&self.store, &self.keys, &m, self.cfg.uploads_in_flight_max)
+                    .await?;
             *self.index_write() = idx;
-            st.tail_entries = tail_entries;
+            st.tail_dirs = tail_dirs;
             self.version.store(m.version, Ordering::Release);
             st.manifest = m;
         }
         st.need_resync = false;
+        // Settles an install attempt that was ambiguous: the adopted manifest names the
+        // checkpoint (installed), or the manifest is unchanged (still installable).
+        self.reconcile_checkpoint(st);
         Ok(())
     }
 
@@ -928,7 +1402,8 @@ impl Log {
 
     /// Write a checkpoint now and commit a manifest pointing at it (compaction uses this to
     /// publish a rewritten index; `rewrite` edits the index copy before it is written, under
-    /// the commit lock so no flush interleaves).
+    /// the commit lock so no flush interleaves). Not a flush: the checkpoint is written
+    /// inline, and any background checkpoint is dropped (its base is about to change).
     pub async fn commit_rewrite<F>(
         &self,
         new_segments: &[(SegmentRef, Vec<DirEntry>)],
@@ -945,6 +1420,10 @@ impl Log {
         if st.need_resync {
             self.resync(&mut st).await?;
         }
+        // After the resync no install attempt is unresolved, so no manifest of ours that
+        // may still land names the background checkpoint: it can go. (If this rewrite
+        // fails, the next commit simply starts a new one.)
+        self.discard_checkpoint(&mut st, "compaction rewrites the index");
         let mut idx = self.index_read().clone();
         for (s, _) in new_segments {
             let total = new_segments
@@ -968,52 +1447,59 @@ impl Log {
         }
         rewrite(&mut idx);
         idx.drop_dead_segments();
-        let mut m = st.manifest.clone();
-        m.version += 1;
-        m.writer_nonce = self.nonce;
-        m.writer_epoch = self.epoch;
-        m.created_unix_ms = crate::util::unix_ms_now();
+        let mut m = self.next_manifest(&st);
         let cref = self.write_checkpoint(&mut st, &idx, m.version).await?;
         m.checkpoint = Some(cref);
         m.tail.clear();
-        match self.put_manifest(&m).await {
-            Ok(()) => {}
-            Err(LogError::Store(StoreError::PreconditionFailed { .. })) => {
-                let other = read_manifest(&self.store, &self.keys, m.version).await?;
-                if other != m {
-                    if other.writer_nonce != self.nonce {
-                        return Err(self.fence(other.writer_epoch));
-                    }
-                    st.need_resync = true;
-                    return Err(LogError::Internal(
-                        "rewrite raced an earlier attempt; retry".into(),
-                    ));
-                }
-            }
-            Err(e) => {
+        match self.land_manifest(&mut st, &m).await? {
+            Landing::Landed => {}
+            Landing::EarlierAttemptLanded => {
                 st.need_resync = true;
-                return Err(e);
-            }
-        }
-        let after = self.keys.manifest(m.version);
-        let p = self
-            .store
-            .list(&self.keys.manifest_prefix(), Some(&after), 1)
-            .await;
-        match p {
-            Ok(p) if p.objects.is_empty() => {}
-            Ok(_) => return Err(self.fence(self.epoch + 1)),
-            Err(e) => {
-                st.need_resync = true;
-                return Err(e.into());
+                return Err(LogError::Internal(
+                    "rewrite raced an earlier attempt; retry".into(),
+                ));
             }
         }
         *self.index_write() = idx;
-        st.tail_entries = 0;
+        st.tail_dirs.clear();
+        let manifest_len = format::encode_manifest(&m).len() as u64;
+        self.stats
+            .manifest_bytes_written
+            .fetch_add(manifest_len, Ordering::Relaxed);
         let v = m.version;
         st.manifest = m;
         self.version.store(v, Ordering::Release);
         Ok(v)
+    }
+
+    /// Wait for the background checkpoint being written, if any. Returns its id when one
+    /// is written and waits for the next commit to install it (tests, benchmarks).
+    pub async fn wait_checkpoint(&self) -> Option<u64> {
+        let mut st = self.commit.lock().await;
+        self.settle_checkpoint(&mut st, true).await;
+        st.checkpoint.as_ref().map(|c| c.id)
+    }
+
+    /// Wait for the background checkpoint and install it with an empty commit (one
+    /// manifest PUT). Returns whether one was installed. For a quiet moment: shutdown (the
+    /// next open replays less), tests that want no work in flight.
+    pub async fn finish_checkpoint(&self) -> LogResult<bool> {
+        if self.wait_checkpoint().await.is_none() {
+            return Ok(false);
+        }
+        let before = self.stats.checkpoints_installed.load(Ordering::Relaxed);
+        self.commit(&[]).await?;
+        Ok(self.stats.checkpoints_installed.load(Ordering::Relaxed) > before)
+    }
+
+    /// Pending ids that the landed manifest `version` names: no longer pending, but kept
+    /// from GC until a pass has listed that version (see `CommitState::recently_named`).
+    pub(crate) async fn named_by(&self, ids: &[u64], version: u64) {
+        let mut st = self.commit.lock().await;
+        for id in ids {
+            st.pending_ids.remove(id);
+            st.recently_named.insert(*id, version);
+        }
     }
 
     /// Allocate an object id under the commit lock (compaction writes its own segments).

@@ -35,8 +35,9 @@ const EXPORT: &str = "disk";
 /// - v4: unmap 100..110, pseudo-random data at 1000..1010, zero-alloc 2000..2016
 /// - v5: lbas 0..16 = 0xcd (kills the first frame of v3's segment)
 ///
-/// With `tail_segments_max = 1` the v4 commit writes a checkpoint (holding v3's and v4's
-/// segments) and v5's segment is the tail.
+/// With `tail_segments_max = 1` the v4 commit (tail of 2) starts a background checkpoint of
+/// v4's state (holding v3's and v4's segments); the scenario waits for it, so the v5 commit
+/// installs it and v5's segment is the tail.
 struct Scenario {
     checkpoint: bool,
 }
@@ -115,6 +116,9 @@ impl Scenario {
         ])
         .await
         .expect("commit 2");
+        if self.checkpoint {
+            assert!(log.wait_checkpoint().await.is_some(), "checkpoint of v4");
+        }
         log.commit(&[BatchEntry {
             lba: 0,
             blocks: 16,
@@ -236,7 +240,7 @@ fn check_all_commands(t: &Target, sc: &Scenario) {
             .map(|v| u(&v["tail_segments"]))
             .collect::<Vec<_>>(),
         if sc.checkpoint {
-            vec![0, 0, 1, 0, 1]
+            vec![0, 0, 1, 2, 1]
         } else {
             vec![0, 0, 1, 2, 3]
         }
@@ -244,7 +248,8 @@ fn check_all_commands(t: &Target, sc: &Scenario) {
     assert!(vs
         .iter()
         .all(|v| v["retained"] == true && v["error"].is_null()));
-    assert_eq!(vs[3]["checkpoint"].is_null(), !sc.checkpoint);
+    assert!(vs[3]["checkpoint"].is_null());
+    assert_eq!(vs[4]["checkpoint"].is_null(), !sc.checkpoint);
     let text = t.expect(&["manifests", EXPORT], 0);
     assert!(
         text.contains("latest 5") && text.contains("VERSION"),
@@ -591,14 +596,14 @@ async fn verify_names_missing_segment_and_bad_checkpoint() {
         .contains(&keys.segment(tail.id)));
 
     flip_byte(&key_path(dir.path(), &ck.key), 40);
-    let j = t.json(&["verify", EXPORT, "--version", "4"], 1);
+    let j = t.json(&["verify", EXPORT, "--version", "5"], 1);
     let ps = problems(&j);
     assert!(
         ps.iter().any(|p| p.0 == ck.key && p.2 == "checkpoint"),
         "{ps:?}"
     );
     assert_eq!(j["index_checked"], false);
-    let j = t.json(&["manifest", EXPORT, "--version", "4"], 0);
+    let j = t.json(&["manifest", EXPORT, "--version", "5"], 0);
     assert!(j["checkpoint"]["error"].is_string(), "{j}");
 }
 

@@ -3,7 +3,10 @@
 //! reader sees: exactly the last acknowledged state, or — only when the failed commit's
 //! manifest landed — that state with the whole batch applied. Never a mix, never a lost
 //! acknowledged block. Reopens with short and corrupted reads must fail, never return
-//! wrong data.
+//! wrong data. Checkpoints are written by a background task (started after a commit
+//! lands, run while the next flush builds its segments) and installed by a later commit,
+//! so crash points also fall on the checkpoint's GET of its base and its PUT, and on
+//! manifest PUTs that install one.
 //!
 //! `NBDS3_CRASH_RUNS` overrides the number of runs (default 1000), `NBDS3_CRASH_SEED` the
 //! first seed (default 0); a failure message names the seed to replay.
@@ -23,7 +26,8 @@ const BS: usize = 512;
 const BLOCKS: u64 = 48;
 const FLUSHES_PER_RUN: usize = 8;
 /// Crash points are drawn from the first this-many operations of a flush; a commit of
-/// these small batches performs 3..=12 (segments, maybe a checkpoint, manifest, LIST).
+/// these small batches performs 3..=12 (the background checkpoint's GET and PUT when one
+/// was started by the previous commit, segments, manifest, LIST).
 const CRASH_OP_RANGE: u64 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +196,10 @@ struct Tally {
     /// (position in the flush k, applied) pairs seen
     positions: BTreeMap<(u64, bool), u64>,
     crashes_landed: u64,
+    /// Crashed flushes whose manifest landed and installed a background checkpoint.
+    crashes_landed_installing: u64,
+    /// Background checkpoints installed, over all writers.
+    checkpoints_installed: u64,
     crashes_not_landed: u64,
     no_crash: u64,
     continued_after_crash: u64,
@@ -273,6 +281,13 @@ async fn run(seed: u64, t: &mut Tally) {
         with_batch.apply(&batch);
         let expected = if landed {
             t.crashes_landed += 1;
+            let m0 = nbds3::log::read_manifest(&inner, &keys, v_before).await;
+            let m1 = nbds3::log::read_manifest(&inner, &keys, v_before + 1).await;
+            if let (Ok(m0), Ok(m1)) = (m0, m1) {
+                if m1.checkpoint.is_some() && m1.checkpoint != m0.checkpoint {
+                    t.crashes_landed_installing += 1;
+                }
+            }
             with_batch
         } else {
             t.crashes_not_landed += 1;
@@ -314,6 +329,10 @@ async fn run(seed: u64, t: &mut Tally) {
         if rng.below(3) == 0 {
             t.continued_after_crash += 1;
         } else {
+            t.checkpoints_installed += log
+                .stats
+                .checkpoints_installed
+                .load(std::sync::atomic::Ordering::Relaxed);
             drop(log);
             log = Log::open(store.clone(), "crash", None, cfg.clone(), OpenMode::Writer)
                 .await
@@ -329,6 +348,10 @@ async fn run(seed: u64, t: &mut Tally) {
         .await
         .unwrap_or_else(|e| panic!("seed {seed}: final commit: {e}"));
     acked.apply(&last);
+    t.checkpoints_installed += log
+        .stats
+        .checkpoints_installed
+        .load(std::sync::atomic::Ordering::Relaxed);
     let (data, kinds) = observe(&log).await.expect("final read");
     assert!(
         data == acked.bytes() && kinds == kinds_of(&acked),
@@ -421,10 +444,21 @@ async fn crash_at_every_step_of_a_flush_loses_nothing_and_tears_nothing() {
         "reopens with short/corrupt reads: {} errors, {} correct reads",
         t.faulty_reads_err, t.faulty_reads_ok
     );
+    println!(
+        "background checkpoints installed: {}; crashed flushes whose landed manifest installed one: {}",
+        t.checkpoints_installed, t.crashes_landed_installing
+    );
     assert_eq!(t.runs, runs);
     if runs >= 1000 {
         // Coverage: the test must really have crashed at every kind of step.
-        for class in ["Put segment", "Put checkpoint", "Put manifest"] {
+        // "Put checkpoint" and "Get checkpoint" are the background checkpoint's upload and
+        // its read of the base checkpoint: no flush writes one itself.
+        for class in [
+            "Put segment",
+            "Put checkpoint",
+            "Get checkpoint",
+            "Put manifest",
+        ] {
             for applied in [false, true] {
                 let n = t
                     .crash_points
@@ -442,6 +476,12 @@ async fn crash_at_every_step_of_a_flush_loses_nothing_and_tears_nothing() {
             .sum();
         assert!(lists >= 20, "only {lists} crashes at the post-commit LIST");
         assert!(t.crashes_landed >= 100 && t.crashes_not_landed >= 100);
+        assert!(
+            t.checkpoints_installed >= 500 && t.crashes_landed_installing >= 20,
+            "installed {}, crashed while installing {}",
+            t.checkpoints_installed,
+            t.crashes_landed_installing
+        );
         assert!(t.faulty_reads_err >= 100 && t.faulty_reads_ok >= 100);
     }
 }

@@ -724,6 +724,8 @@ async fn corruptible_export() -> (Arc<MemoryStore>, Vec<u64>, Vec<u64>, Model) {
     for b in &batches {
         log.commit(b).await.expect("commit");
         model.apply(b);
+        // The third commit starts a background checkpoint; the fourth installs it.
+        log.wait_checkpoint().await;
     }
     let m = log.manifest().await;
     let cref = m.checkpoint.expect("a checkpoint");

@@ -479,7 +479,8 @@ pub async fn compact_pass(
             report.version = Some(v);
             report.blocks_moved = moved;
             report.blocks_skipped = skipped;
-            release_ids(log, &ids).await;
+            // Named by version v now; GC keeps them until a pass has listed v.
+            log.named_by(&ids, v).await;
             tracing::info!(
                 export = log.name(),
                 version = v,

@@ -27,6 +27,11 @@
 //!   longer land as the latest: its objects (ids below the floor) are garbage if no kept
 //!   manifest names them. Ids at or above the floor belong to commits that may be in
 //!   flight now and are kept. This is what makes GC safe to run beside the flusher.
+//! - Ids below the floor that are not written by a flush hold-and-land under one lock — a
+//!   compaction's segments, a background checkpoint (`Log` module doc) — stay pending from
+//!   allocation until a landed manifest names them, and then stay protected until a pass
+//!   whose manifest LIST reached that manifest's version (`recently_named`): a pass that
+//!   listed manifests just before it landed and objects just after sees them unnamed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -464,8 +469,10 @@ pub async fn gc_pass(
         plan = make_plan(&log.store, &log.keys, cfg, state, viewer, now(), None).await?;
     }
     // Decide under the commit lock: still the writer, nothing pending deleted. Ids pending
-    // at the first snapshot or now are both excluded (an id allocated in between is at or
-    // above the floor, which the plan already keeps).
+    // at the first snapshot or now are both excluded, and so are ids whose pending mark was
+    // dropped because a manifest the plan did not list names them: an id allocated after
+    // the first snapshot and before the floor, whose commit landed between the plan's
+    // manifest LIST and its object LIST, would otherwise look like settled garbage.
     {
         let mut st = log.commit.lock().await;
         log.check_fenced(&st)?;
@@ -474,6 +481,18 @@ pub async fn gc_pass(
         }
         exclude_pending(&mut plan, &log.keys, &pending0);
         exclude_pending(&mut plan, &log.keys, &st.pending_ids);
+        // Ids a manifest the plan did not list names (it landed after the LIST; their
+        // pending mark is gone): keep. Those whose manifest the plan listed are ordinary
+        // objects now.
+        let latest = plan.latest;
+        let unseen: BTreeSet<u64> = st
+            .recently_named
+            .iter()
+            .filter(|(_, &v)| v > latest)
+            .map(|(&id, _)| id)
+            .collect();
+        exclude_pending(&mut plan, &log.keys, &unseen);
+        st.recently_named.retain(|_, v| *v > latest);
         // Pending ids a kept manifest names have been committed (by a commit whose caller
         // saw an error): they are ordinary objects now.
         let reachable = &plan.reachable;

@@ -7,6 +7,8 @@
 //!   (`corrupt_read_prob`) as `Ok` — the layer above must catch these with lengths and
 //!   checksums, which is the point;
 //! - sleep up to `latency_max` before each operation;
+//! - confine the random faults and the latency above to operations whose key contains a
+//!   given string (`key_contains`, e.g. `"/checkpoint/"`);
 //! - simulate a crash: `crash_at(i, applied)` makes operation number `i` fail (after applying
 //!   it first if `applied` and it mutates), and every operation after it fail too, as if the
 //!   process had died, until `heal()`. Operations already in flight when the crash happens
@@ -38,6 +40,10 @@ pub struct FaultConfig {
     pub short_read_prob: f64,
     pub corrupt_read_prob: f64,
     pub latency_max: Duration,
+    /// Random faults and latency hit only operations whose key (a list's prefix, a
+    /// `delete_many`'s first key) contains this; `None`: every operation. Crash points
+    /// (`crash_at`) are by operation number and ignore it.
+    pub key_contains: Option<String>,
 }
 
 /// Which store operation an op-log entry records.
@@ -181,15 +187,20 @@ impl FaultyStore {
         let r_corrupt: f64 = st.rng.random();
         let pick: u64 = st.rng.random();
         let latency_frac: f64 = st.rng.random();
+        let hit = cfg.key_contains.as_deref().is_none_or(|k| key.contains(k));
         let mut plan = Plan {
             index,
-            fail_before: r_before < cfg.fail_before_prob,
-            fail_after: r_after < cfg.fail_after_prob,
+            fail_before: hit && r_before < cfg.fail_before_prob,
+            fail_after: hit && r_after < cfg.fail_after_prob,
             crash_here: false,
-            short_read: r_short < cfg.short_read_prob,
-            corrupt_read: r_corrupt < cfg.corrupt_read_prob,
+            short_read: hit && r_short < cfg.short_read_prob,
+            corrupt_read: hit && r_corrupt < cfg.corrupt_read_prob,
             pick,
-            latency: cfg.latency_max.mul_f64(latency_frac),
+            latency: if hit {
+                cfg.latency_max.mul_f64(latency_frac)
+            } else {
+                Duration::ZERO
+            },
         };
         if st.crashed {
             plan.fail_before = true;
@@ -411,6 +422,7 @@ mod tests {
             short_read_prob: 0.2,
             corrupt_read_prob: 0.2,
             latency_max: Duration::ZERO,
+            key_contains: None,
         };
         let mut outcomes = Vec::new();
         for _ in 0..2 {
@@ -489,6 +501,23 @@ mod tests {
         });
         assert!(s.put("a", b("1"), PutMode::Overwrite).await.is_err());
         assert!(mem.snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn faults_can_be_confined_to_some_keys() {
+        let (mem, s) = faulty(FaultConfig {
+            fail_before_prob: 1.0,
+            key_contains: Some("/checkpoint/".into()),
+            ..FaultConfig::default()
+        });
+        s.put("x/segment/1", b("1"), PutMode::IfAbsent)
+            .await
+            .expect("other keys pass");
+        assert!(s
+            .put("x/checkpoint/1", b("1"), PutMode::IfAbsent)
+            .await
+            .is_err());
+        assert_eq!(mem.snapshot(), vec![("x/segment/1".to_string(), 1)]);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Flush-cost benchmark: PUTs and bytes one 4 KiB flush writes at 1K / 100K / 1M mapped
-# blocks, and checkpoint bytes amortized over 1,000 flushes (examples/flush_cost.rs).
+# Flush-cost benchmark: PUTs and bytes each 4 KiB flush writes at 1K / 100K / 1M mapped
+# blocks (worst and average over 1,000 flushes), flush latency, and the background
+# checkpoints written meanwhile (examples/flush_cost.rs).
 #
 #   tools/bench/flush-cost.sh            # full run (about a minute on 2 cores)
 #   tools/bench/flush-cost.sh --quick    # 1K and 100K only
