@@ -274,10 +274,17 @@ impl SegmentBuilder {
         hdr[8..16].copy_from_slice(&first_lba.to_le_bytes());
         hdr[16..20].copy_from_slice(&blocks.to_le_bytes());
         hdr[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        hdr[24..28].copy_from_slice(&crc32fast::hash(raw).to_le_bytes());
+        let mut raw_h = crc32fast::Hasher::new();
+        raw_h.update(raw);
+        hdr[24..28].copy_from_slice(&raw_h.clone().finalize().to_le_bytes());
         let mut h = crc32fast::Hasher::new();
         h.update(&hdr[0..28]);
-        h.update(payload);
+        if flags == 0 {
+            // The stored payload is the raw data: extend by its crc instead of a 2nd pass.
+            h.combine(&raw_h);
+        } else {
+            h.update(payload);
+        }
         hdr[28..32].copy_from_slice(&h.finalize().to_le_bytes());
         self.buf.extend_from_slice(&hdr);
         self.buf.extend_from_slice(payload);

@@ -13,6 +13,9 @@ use nbds3::nbd::server::{self, Listener, ServerLimits};
 use nbds3::util::{parse_duration, parse_size};
 use nbds3::volume::{Exports, ExportsConfig, VolumeConfig};
 
+/// Temp files of interrupted puts older than this are removed at start (file store).
+const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nbds3d",
@@ -117,6 +120,18 @@ async fn main() -> anyhow::Result<()> {
     let store = cli.store.open().await.context("opening the store")?;
     if !cli.read_only {
         check_conditional_put(&store, cli.allow_unsafe_no_conditional_put).await?;
+        if let Some(dir) = cli.store.store.strip_prefix("file://") {
+            // Leftovers of puts a crash interrupted; in the background, it walks the tree.
+            if let Ok(fs) = nbds3::store::file::FileStore::open(dir) {
+                tokio::task::spawn_blocking(move || {
+                    match fs.sweep_stale_temp_files(STALE_TEMP_AGE) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "removed stale temp files"),
+                        Err(e) => tracing::warn!(error = %e, "sweeping stale temp files failed"),
+                    }
+                });
+            }
+        }
     }
 
     let mut listeners = Vec::new();

@@ -11,7 +11,8 @@
 //!   racing puts (threads or processes sharing `DIR`) exactly one wins.
 //! - Temp files are named `.nbds3-tmp-*`; `list` never shows them, and keys with a component
 //!   starting with that prefix are rejected. A crash mid-put can leave one behind: it is
-//!   invisible and harmless (only disk space); nothing sweeps them yet.
+//!   invisible and harmless (only disk space); the daemon sweeps hour-old ones at start
+//!   ([`FileStore::sweep_stale_temp_files`]).
 //! - Each key component is at most [`COMPONENT_BYTES_MAX`] bytes (the filesystem's
 //!   NAME_MAX); longer ones are `InvalidKey` (the log layer splits long names itself).
 //! - A key cannot be both an object and a "directory" of other keys (`a` and `a/b`), unlike
@@ -94,6 +95,47 @@ impl FileStore {
             root,
             direct_io: Arc::new(AtomicU8::new(DIRECT_ON)),
         })
+    }
+
+    /// Remove temp files (`.nbds3-tmp-*`) last modified more than `older_than` ago: leftovers
+    /// of puts that crashed half-way. A put in progress touches its temp file continuously
+    /// and finishes in seconds, so an hour-old one is garbage. Walks the whole tree without
+    /// following symlinks; blocking (run it off the reactor). Returns files removed.
+    pub fn sweep_stale_temp_files(&self, older_than: std::time::Duration) -> io::Result<u64> {
+        let mut removed = 0;
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                // Pruned by a concurrent delete.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let ft = entry.file_type()?;
+                if ft.is_dir() {
+                    dirs.push(entry.path());
+                    continue;
+                }
+                let stale_temp = ft.is_file()
+                    && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+                    && entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > older_than);
+                if stale_temp {
+                    match fs::remove_file(entry.path()) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// The store's root directory.
@@ -708,6 +750,35 @@ mod tests {
             .store(DIRECT_REFUSED_FOR_TEST, Ordering::Relaxed);
         large_objects_round_trip(&s).await;
         assert_eq!(s.direct_io.load(Ordering::Relaxed), DIRECT_OFF);
+    }
+
+    #[test]
+    fn stale_temp_files_are_swept_and_fresh_ones_and_objects_kept() {
+        let (d, s) = store();
+        let sub = d.path().join("exports/a/segment");
+        fs::create_dir_all(&sub).unwrap();
+        let old = sub.join(format!("{TEMP_PREFIX}1-00"));
+        let fresh = sub.join(format!("{TEMP_PREFIX}1-01"));
+        let object = sub.join("00000000000000000001");
+        let old_named_object = sub.join("00000000000000000002");
+        for p in [&old, &fresh, &object, &old_named_object] {
+            fs::write(p, b"x").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for p in [&old, &old_named_object] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+        }
+        let n = s
+            .sweep_stale_temp_files(std::time::Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(n, 1);
+        assert!(!old.exists());
+        assert!(fresh.exists() && object.exists() && old_named_object.exists());
     }
 
     #[tokio::test]
