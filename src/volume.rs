@@ -263,6 +263,8 @@ pub struct Volume {
     stripes: Vec<tokio::sync::Mutex<()>>,
     last_read_end: AtomicU64,
     readahead_running: AtomicBool,
+    /// The last readahead fetched something (or none ran yet).
+    readahead_useful: AtomicBool,
     /// Blocks `[.0, .1)` were last scheduled for readahead.
     readahead_window: Mutex<(u64, u64)>,
     closed: AtomicBool,
@@ -305,6 +307,7 @@ impl Volume {
                 .collect(),
             last_read_end: AtomicU64::new(u64::MAX),
             readahead_running: AtomicBool::new(false),
+            readahead_useful: AtomicBool::new(true),
             readahead_window: Mutex::new((0, 0)),
             closed: AtomicBool::new(false),
             stop: Notify::new(),
@@ -582,7 +585,7 @@ impl Volume {
 
     /// Current content of one block (dirty, flushing, cache, store), for read-modify-write.
     async fn read_block(&self, lba: u64) -> Result<Bytes, VolumeError> {
-        let chunks = self.read_blocks(lba, 1).await?;
+        let (chunks, _) = self.read_blocks(lba, 1).await?;
         let bs = self.bs() as usize;
         Ok(match chunks.into_iter().next() {
             Some(Some(b)) => b,
@@ -672,7 +675,12 @@ impl Volume {
     }
 
     /// Per-block view of `lba..lba+n`: `Some(bytes)` for data, `None` for zeros.
-    async fn read_blocks(&self, lba: u64, n: u64) -> Result<Vec<Option<Bytes>>, VolumeError> {
+    /// Also says whether any block had to come from the store (a cache miss).
+    async fn read_blocks(
+        &self,
+        lba: u64,
+        n: u64,
+    ) -> Result<(Vec<Option<Bytes>>, bool), VolumeError> {
         let bs = self.bs() as usize;
         let mut out: Vec<Option<Option<Bytes>>> = vec![None; n as usize];
         {
@@ -716,6 +724,7 @@ impl Volume {
         // window is shorter than a read): then the index no longer points there and a fresh
         // lookup finds the blocks' new home.
         let mut relookups = 0;
+        let mut missed = false;
         while out.iter().any(|s| s.is_none()) {
             let mut frames: Vec<FrameNeed> = Vec::new();
             let mut by_frame: HashMap<FrameKey, usize> = HashMap::new();
@@ -754,6 +763,7 @@ impl Volume {
                     }
                 }
             }
+            missed |= !frames.is_empty();
             let fetched = self
                 .fetch_frames(
                     frames
@@ -804,7 +814,7 @@ impl Volume {
                 relookups += 1;
             }
         }
-        Ok(out.into_iter().map(|s| s.flatten()).collect())
+        Ok((out.into_iter().map(|s| s.flatten()).collect(), missed))
     }
 
     /// Put every block of a fetched frame that the index still maps to it into the cache
@@ -895,10 +905,15 @@ impl Volume {
     /// background. The window warmed last is remembered: while a sequential reader is still
     /// more than half a window away from its end nothing is done (probing 4 MiB of cache
     /// on every 1 MiB read cost 5% of the CPU of cached sequential reads); past that, only
-    /// the part beyond the old window is fetched.
-    fn maybe_readahead(self: &Arc<Self>, start_lba: u64, end_lba: u64) {
+    /// the part beyond the old window is fetched. And while the reader only hits the cache
+    /// and the last readahead found everything cached too, readahead stays off (like
+    /// Linux, which re-arms it only on a miss or a page it read ahead itself).
+    fn maybe_readahead(self: &Arc<Self>, start_lba: u64, end_lba: u64, missed: bool) {
         let prev = self.last_read_end.swap(end_lba, Ordering::AcqRel);
         if prev != start_lba || self.cfg.readahead_bytes_max == 0 {
+            return;
+        }
+        if !missed && !self.readahead_useful.load(Ordering::Acquire) {
             return;
         }
         let blocks = (self.cfg.readahead_bytes_max / self.bs()).max(1);
@@ -923,14 +938,17 @@ impl Volume {
         let v = Arc::clone(self);
         tokio::spawn(async move {
             if end > from {
-                let _ = v.warm(from, end - from).await;
+                let fetched = v.warm(from, end - from).await;
+                v.readahead_useful
+                    .store(!matches!(fetched, Ok(0)), Ordering::Release);
             }
             v.readahead_running.store(false, Ordering::Release);
         });
     }
 
     /// Load blocks into the cache without returning them (CACHE command, readahead).
-    async fn warm(&self, lba: u64, n: u64) -> Result<(), VolumeError> {
+    /// Returns how many frames had to be fetched.
+    async fn warm(&self, lba: u64, n: u64) -> Result<usize, VolumeError> {
         let mut need: Vec<(u64, u64, u32)> = Vec::new();
         {
             let cache = self.cache.lock();
@@ -960,7 +978,7 @@ impl Volume {
                 }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(Ok(need.len()), Err)
     }
 }
 
@@ -983,8 +1001,8 @@ impl BlockExport for Arc<Volume> {
         let bs = self.bs();
         let first = offset / bs;
         let last = (offset + len as u64 - 1) / bs;
-        let blocks = self.read_blocks(first, last - first + 1).await?;
-        self.maybe_readahead(first, last + 1);
+        let (blocks, missed) = self.read_blocks(first, last - first + 1).await?;
+        self.maybe_readahead(first, last + 1, missed);
         // Assemble: consecutive data blocks into one chunk of pieces (slices of the cached
         // or fetched blocks, never copied here), consecutive zeros into one hole.
         let mut chunks: Vec<ReadChunk> = Vec::new();

@@ -347,3 +347,37 @@ async fn cold_read_fetches_each_frame_once_and_concurrently() {
         256
     );
 }
+
+#[tokio::test]
+async fn sequential_cold_reads_trigger_readahead() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    {
+        let v = open(&store, VolumeConfig::default()).await;
+        v.write(0, pattern(5, 16 << 20), false).await.unwrap();
+        v.close().await.unwrap();
+    }
+    let v = open(&store, VolumeConfig::default()).await;
+    let frames = |v: &Arc<Volume>| {
+        v.log()
+            .stats
+            .frames_read
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Two sequential 1 MiB reads: 16 frames of 128 KiB; the second arms readahead of the
+    // next 4 MiB (32 more frames) in the background.
+    for i in 0..2u64 {
+        assert_eq!(
+            flat(v.read(i << 20, 1 << 20).await.unwrap()),
+            pattern(5, 16 << 20)[(i as usize) << 20..((i as usize) + 1) << 20].to_vec()
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while frames(&v) < 16 + 32 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        frames(&v),
+        16 + 32,
+        "readahead did not fetch the next 4 MiB"
+    );
+}
