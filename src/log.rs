@@ -414,6 +414,28 @@ async fn get_range_exact(
     Ok(b)
 }
 
+/// PUT an encoded checkpoint (IfAbsent: ids are never reused) and count it.
+async fn put_checkpoint(
+    store: &DynStore,
+    keys: &ExportKeys,
+    stats: &LogStats,
+    id: u64,
+    body: Vec<u8>,
+) -> LogResult<CheckpointRef> {
+    let size = body.len() as u64;
+    store
+        .put(&keys.checkpoint(id), Bytes::from(body), PutMode::IfAbsent)
+        .await?;
+    stats.checkpoints_written.fetch_add(1, Ordering::Relaxed);
+    stats
+        .checkpoint_bytes_written
+        .fetch_add(size, Ordering::Relaxed);
+    Ok(CheckpointRef {
+        id,
+        size_bytes: size,
+    })
+}
+
 /// Rebuild the index a manifest describes: its checkpoint, then its tail in order.
 /// Returns the index and the number of tail directory entries (replay cost).
 pub async fn load_index(
@@ -564,24 +586,7 @@ impl CheckpointJob {
         self.stats
             .checkpoint_build_us_max
             .fetch_max(build_us, Ordering::Relaxed);
-        let size = body.len() as u64;
-        self.store
-            .put(
-                &self.keys.checkpoint(self.id),
-                Bytes::from(body),
-                PutMode::IfAbsent,
-            )
-            .await?;
-        self.stats
-            .checkpoints_written
-            .fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .checkpoint_bytes_written
-            .fetch_add(size, Ordering::Relaxed);
-        Ok(CheckpointRef {
-            id: self.id,
-            size_bytes: size,
-        })
+        put_checkpoint(&self.store, &self.keys, &self.stats, self.id, body).await
     }
 }
 
@@ -1375,24 +1380,7 @@ impl Log {
         let body = tokio::task::spawn_blocking(move || format::encode_checkpoint(&c))
             .await
             .map_err(|e| LogError::Internal(e.to_string()))?;
-        let size = body.len() as u64;
-        self.store
-            .put(
-                &self.keys.checkpoint(id),
-                Bytes::from(body),
-                PutMode::IfAbsent,
-            )
-            .await?;
-        self.stats
-            .checkpoints_written
-            .fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .checkpoint_bytes_written
-            .fetch_add(size, Ordering::Relaxed);
-        Ok(CheckpointRef {
-            id,
-            size_bytes: size,
-        })
+        put_checkpoint(&self.store, &self.keys, &self.stats, id, body).await
     }
 
     /// The manifest this log last committed or loaded.
