@@ -285,8 +285,8 @@ fn create_temp(root: &Path, dir: &Path) -> io::Result<(PathBuf, File)> {
 /// written once and read back through the daemon's own cache, and on the machines we
 /// measured a buffered write spent 2.8 s of kernel CPU per GiB filling the page cache
 /// (against 0.2 s direct) — 42% of the daemon's CPU under random 4 KiB writes. The caller
-/// still fsyncs the file (size and metadata) before publishing it. `EINVAL` means the
-/// filesystem does not support it (the caller falls back to a buffered write).
+/// still fsyncs the file (size and metadata) before publishing it. On any error the caller
+/// falls back to a buffered write (`EINVAL`: the filesystem does not support it).
 fn write_direct(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = OpenOptions::new()
@@ -339,15 +339,21 @@ fn put_blocking(
             && mode_now != DIRECT_OFF
             && match direct_attempt(mode_now, &temp, data) {
                 Ok(()) => true,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(dir = %dir.display(), "filesystem refuses O_DIRECT; using buffered writes");
-                    direct_io.store(DIRECT_OFF, Ordering::Relaxed);
+                Err(e) => {
+                    // Refused (EINVAL, EOPNOTSUPP: tmpfs of old kernels, some FUSE and
+                    // network filesystems): buffered from now on. Any other error: this
+                    // put retries buffered, which reports the error if it persists.
+                    if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) {
+                        tracing::info!(dir = %dir.display(), error = %e, "filesystem refuses O_DIRECT; using buffered writes");
+                        direct_io.store(DIRECT_OFF, Ordering::Relaxed);
+                    } else {
+                        tracing::warn!(%key, error = %e, "O_DIRECT write failed; retrying buffered");
+                    }
                     // Start the buffered write from an empty file.
                     file.set_len(0)
                         .map_err(|e| io_err(key, "truncate temp file", e))?;
                     false
                 }
-                Err(e) => return Err(io_err(key, "write temp file (direct)", e)),
             };
         if !wrote_direct {
             file.write_all(data)
