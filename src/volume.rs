@@ -257,6 +257,31 @@ impl CacheInner {
         (c.present & (1 << i) != 0).then(|| c.data.slice(i * bs..(i + 1) * bs))
     }
 
+    /// Fill the empty slots of blocks `lba..lba + slots.len()` of volume `vol` from the
+    /// cache: one LRU lookup per chunk, not per block.
+    fn fill_slots(&mut self, vol: u64, lba: u64, slots: &mut [Option<Option<Bytes>>], bs: usize) {
+        let cb = chunk_blocks(bs);
+        let end = lba + slots.len() as u64;
+        let mut at = lba;
+        while at < end {
+            let chunk_end = (at / cb + 1) * cb;
+            let run = at..chunk_end.min(end);
+            let wanted = run.clone().any(|b| slots[(b - lba) as usize].is_none());
+            if wanted {
+                if let Some(c) = self.lru.get(&(vol, at / cb)) {
+                    for b in run.clone() {
+                        let i = (b % cb) as usize;
+                        let slot = &mut slots[(b - lba) as usize];
+                        if slot.is_none() && c.present & (1 << i) != 0 {
+                            *slot = Some(Some(c.data.slice(i * bs..(i + 1) * bs)));
+                        }
+                    }
+                }
+            }
+            at = run.end;
+        }
+    }
+
     /// Whether block `key` is cached (does not change recency).
     pub fn contains(&self, key: (u64, u64), bs: usize) -> bool {
         let (ck, i) = Self::locate(key, bs);
@@ -816,14 +841,7 @@ impl Volume {
         }
         // Cache.
         if out.iter().any(|s| s.is_none()) {
-            let mut cache = self.cache.lock();
-            for (i, slot) in out.iter_mut().enumerate() {
-                if slot.is_none() {
-                    if let Some(b) = cache.get((self.id, lba + i as u64), bs) {
-                        *slot = Some(Some(b.clone()));
-                    }
-                }
-            }
+            self.cache.lock().fill_slots(self.id, lba, &mut out, bs);
         }
         // Store: the distinct frames still needed, fetched concurrently (after random 4 KiB
         // writes a 1 MiB read spans up to 256 single-block frames; one at a time that was
@@ -1476,6 +1494,34 @@ mod tests {
         g.pop((1, 6), BS);
         // The chunk is gone once empty: only volume 2's chunk is left.
         assert_eq!(g.bytes, CACHE_CHUNK_BYTES);
+    }
+
+    #[test]
+    fn fill_slots_takes_cached_blocks_across_chunks_and_keeps_filled_slots() {
+        let c = PageCache::new(1 << 20, 4096);
+        let mut g = c.lock();
+        let per_chunk = (CACHE_CHUNK_BYTES / BS) as u64;
+        for b in [per_chunk - 1, per_chunk, per_chunk + 2] {
+            g.put((1, b), &block(b as u8), BS);
+        }
+        let first = per_chunk - 2;
+        let mut slots: Vec<Option<Option<Bytes>>> = vec![None; 6];
+        slots[1] = Some(None); // already known (e.g. from the dirty set): left alone
+        g.fill_slots(1, first, &mut slots, BS);
+        let got: Vec<Option<u8>> = slots
+            .iter()
+            .map(|s| s.as_ref().and_then(|b| b.as_ref().map(|b| b[0])))
+            .collect();
+        let want = [
+            None,
+            None,
+            Some(per_chunk as u8),
+            None,
+            Some(per_chunk as u8 + 2),
+            None,
+        ];
+        assert_eq!(got, want);
+        assert!(slots[0].is_none() && slots[1] == Some(None));
     }
 
     #[test]
