@@ -234,7 +234,7 @@ struct Chunk {
 
 /// The cache under its lock. Methods take the volume's block size: a volume always uses the
 /// same one, so a chunk's layout never changes.
-pub struct CacheInner {
+struct CacheInner {
     lru: lru::LruCache<(u64, u64), Chunk>,
     bytes: usize,
     bytes_max: usize,
@@ -248,13 +248,6 @@ impl CacheInner {
     fn locate(key: (u64, u64), bs: usize) -> ((u64, u64), usize) {
         let cb = chunk_blocks(bs);
         ((key.0, key.1 / cb), (key.1 % cb) as usize)
-    }
-
-    /// Block `key` = (volume id, lba), if cached (marks the chunk recently used).
-    pub fn get(&mut self, key: (u64, u64), bs: usize) -> Option<Bytes> {
-        let (ck, i) = Self::locate(key, bs);
-        let c = self.lru.get(&ck)?;
-        (c.present & (1 << i) != 0).then(|| c.data.slice(i * bs..(i + 1) * bs))
     }
 
     /// Fill the empty slots of blocks `lba..lba + slots.len()` of volume `vol` from the
@@ -283,7 +276,7 @@ impl CacheInner {
     }
 
     /// Whether block `key` is cached (does not change recency).
-    pub fn contains(&self, key: (u64, u64), bs: usize) -> bool {
+    fn contains(&self, key: (u64, u64), bs: usize) -> bool {
         let (ck, i) = Self::locate(key, bs);
         self.lru
             .peek(&ck)
@@ -291,7 +284,7 @@ impl CacheInner {
     }
 
     /// Cache `block` (exactly `bs` bytes) as the content of `key`.
-    pub fn put(&mut self, key: (u64, u64), block: &[u8], bs: usize) {
+    fn put(&mut self, key: (u64, u64), block: &[u8], bs: usize) {
         let (ck, i) = Self::locate(key, bs);
         let len = chunk_blocks(bs) as usize * bs;
         let range = i * bs..(i + 1) * bs;
@@ -325,7 +318,7 @@ impl CacheInner {
     }
 
     /// Forget block `key`.
-    pub fn pop(&mut self, key: (u64, u64), bs: usize) {
+    fn pop(&mut self, key: (u64, u64), bs: usize) {
         let (ck, i) = Self::locate(key, bs);
         let empty = match self.lru.peek_mut(&ck) {
             Some(c) => {
@@ -344,7 +337,7 @@ impl CacheInner {
 
 impl PageCache {
     /// A cache of at most `bytes_max` bytes of chunk buffers (at least one chunk).
-    pub fn new(bytes_max: u64, _block_size: u32) -> Arc<Self> {
+    pub fn new(bytes_max: u64) -> Arc<Self> {
         let bytes_max = usize::try_from(bytes_max)
             .unwrap_or(usize::MAX)
             .max(CACHE_CHUNK_BYTES);
@@ -358,10 +351,6 @@ impl PageCache {
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    /// Bytes of chunk buffers held now.
-    pub fn bytes(&self) -> usize {
-        self.lock().bytes
     }
 }
 
@@ -1067,6 +1056,7 @@ impl Volume {
     /// Load blocks into the cache without returning them (CACHE command, readahead).
     /// Returns how many frames had to be fetched.
     async fn warm(&self, lba: u64, n: u64) -> Result<usize, VolumeError> {
+        let bs = self.bs() as usize;
         let mut need: Vec<(u64, u64, u32)> = Vec::new();
         {
             let cache = self.cache.lock();
@@ -1078,9 +1068,7 @@ impl Volume {
                     ..
                 }) = v
                 {
-                    let cached =
-                        (s..s + l).all(|b| cache.contains((self.id, b), self.bs() as usize));
-                    if !cached && need.last() != Some(&(seg, frame_offset, frame_len)) {
+                    if !(s..s + l).all(|b| cache.contains((self.id, b), bs)) {
                         need.push((seg, frame_offset, frame_len));
                     }
                 }
@@ -1088,8 +1076,10 @@ impl Volume {
         }
         need.sort_unstable();
         need.dedup();
+        let fetched = need.len();
+        let keys: Vec<(u64, u64)> = need.iter().map(|&(seg, off, _)| (seg, off)).collect();
         let mut first_err = None;
-        for (&(seg, off, _), r) in need.iter().zip(self.fetch_frames(need.clone()).await) {
+        for ((seg, off), r) in keys.into_iter().zip(self.fetch_frames(need).await) {
             match r {
                 Ok(frame) => self.fill_cache_from_frame(seg, off, &frame),
                 Err(e) => {
@@ -1097,7 +1087,7 @@ impl Volume {
                 }
             }
         }
-        first_err.map_or(Ok(need.len()), Err)
+        first_err.map_or(Ok(fetched), Err)
     }
 }
 
@@ -1326,10 +1316,7 @@ impl Exports {
             cfg.volume.dirty_bytes_max,
             cfg.volume.dirty_high_water_ratio,
         );
-        let cache = PageCache::new(
-            cfg.volume.cache_bytes_max,
-            cfg.default_geometry.block_size.min(4096),
-        );
+        let cache = PageCache::new(cfg.volume.cache_bytes_max);
         Arc::new(Self {
             store,
             cfg,
@@ -1471,13 +1458,22 @@ mod tests {
 
     const BS: usize = 4096;
 
+    /// One block through the read path's lookup.
+    impl CacheInner {
+        fn get(&mut self, key: (u64, u64), bs: usize) -> Option<Bytes> {
+            let mut slot = [None];
+            self.fill_slots(key.0, key.1, &mut slot, bs);
+            slot[0].take().flatten()
+        }
+    }
+
     fn block(v: u8) -> Vec<u8> {
         vec![v; BS]
     }
 
     #[test]
     fn cache_chunks_hold_blocks_independently() {
-        let c = PageCache::new(1 << 20, 4096);
+        let c = PageCache::new(1 << 20);
         let mut g = c.lock();
         assert!(g.get((1, 5), BS).is_none());
         g.put((1, 5), &block(5), BS);
@@ -1498,7 +1494,7 @@ mod tests {
 
     #[test]
     fn fill_slots_takes_cached_blocks_across_chunks_and_keeps_filled_slots() {
-        let c = PageCache::new(1 << 20, 4096);
+        let c = PageCache::new(1 << 20);
         let mut g = c.lock();
         let per_chunk = (CACHE_CHUNK_BYTES / BS) as u64;
         for b in [per_chunk - 1, per_chunk, per_chunk + 2] {
@@ -1526,7 +1522,7 @@ mod tests {
 
     #[test]
     fn bytes_handed_out_never_change() {
-        let c = PageCache::new(1 << 20, 4096);
+        let c = PageCache::new(1 << 20);
         let mut g = c.lock();
         g.put((1, 0), &block(1), BS);
         let held = g.get((1, 0), BS).unwrap();
@@ -1549,7 +1545,7 @@ mod tests {
     #[test]
     fn cache_is_bounded_in_bytes_lru_first() {
         let chunks = 4;
-        let c = PageCache::new((chunks * CACHE_CHUNK_BYTES) as u64, 4096);
+        let c = PageCache::new((chunks * CACHE_CHUNK_BYTES) as u64);
         let per_chunk = (CACHE_CHUNK_BYTES / BS) as u64;
         let mut g = c.lock();
         for k in 0..chunks as u64 {

@@ -31,7 +31,7 @@ async fn open(store: &DynStore, cfg: VolumeConfig) -> Arc<Volume> {
         Arc::new(log),
         cfg.clone(),
         DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
-        PageCache::new(cfg.cache_bytes_max, BS),
+        PageCache::new(cfg.cache_bytes_max),
         false,
     )
 }

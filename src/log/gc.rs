@@ -40,7 +40,7 @@ use std::time::Duration;
 use super::compact::CompactError;
 use super::{Log, LogError, OpenMode};
 use crate::format::{self, ExportKeys};
-use crate::store::{list_all, DynStore, ObjectMeta, StoreError};
+use crate::store::{list_all, DynStore, ObjectMeta};
 
 /// Objects per `delete_many` call (S3's DeleteObjects limit).
 const DELETE_BATCH_MAX: usize = 1000;
@@ -197,10 +197,7 @@ impl GcState {
             return Ok(Arc::clone(c));
         }
         let key = keys.checkpoint(id);
-        let body = store.get(&key).await.map_err(|e| match e {
-            StoreError::NotFound { key } => LogError::MissingObject { key },
-            other => LogError::Store(other),
-        })?;
+        let body = super::get_checkpoint_body(store, &key).await?;
         let k2 = key.clone();
         let c = tokio::task::spawn_blocking(move || format::decode_checkpoint(&body))
             .await

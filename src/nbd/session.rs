@@ -73,10 +73,6 @@ impl ServerBytes {
             max,
         }
     }
-    /// Bytes currently held by in-flight requests of all sessions.
-    pub fn in_use(&self) -> usize {
-        self.max - self.sem.available_permits()
-    }
 }
 
 impl Default for SessionConfig {
@@ -1165,6 +1161,7 @@ fn clip_extents(
 struct OutQueue {
     small: BytesMut,
     parts: Vec<Bytes>,
+    /// Bytes in `parts`.
     queued_bytes: usize,
 }
 
@@ -1184,6 +1181,7 @@ impl OutQueue {
 
     fn seal(&mut self) {
         if !self.small.is_empty() {
+            self.queued_bytes += self.small.len();
             self.parts.push(self.small.split().freeze());
         }
     }
