@@ -460,15 +460,20 @@ async fn run_model(opts: RunOpts) -> Result<RunStats, String> {
         .map_err(|e| format!("final gc: {e}"))?;
     // GC's own commit may have started a background checkpoint (the tail is long after
     // the crashes): in flight it is pending, not garbage. Install it and collect again so
-    // the store holds exactly what the latest manifests name.
-    if log
-        .finish_checkpoint()
-        .await
-        .map_err(|e| format!("final checkpoint: {e}"))?
-    {
+    // the store holds exactly what the latest manifests name. Collect again even when it
+    // was not installed (written, then found stale): its object is an orphan only from
+    // now on, which the first pass could not yet delete. A pass's own commit may start
+    // another checkpoint, hence the (bounded) loop until none is in flight.
+    for round in 0..4 {
+        log.finish_checkpoint()
+            .await
+            .map_err(|e| format!("final checkpoint: {e}"))?;
         gc::gc_pass(&log, &gcfg, &mut st)
             .await
-            .map_err(|e| format!("final gc after the checkpoint: {e}"))?;
+            .map_err(|e| format!("final gc after the checkpoint (round {round}): {e}"))?;
+        if log.wait_checkpoint().await.is_none() {
+            break;
+        }
     }
     assert_fully_collected(&inner).await;
     let (data, kinds) = observe(&inner, bs, blocks).await;
