@@ -52,30 +52,36 @@ impl<V: RangeValue> RangeMap<V> {
     /// Remove `start..start+len`; returns the removed pieces (clipped) in order.
     pub fn remove(&mut self, start: u64, len: u64) -> Vec<(u64, u64, V)> {
         let mut removed = Vec::new();
+        self.remove_with(start, len, |s, l, v| removed.push((s, l, v)));
+        removed
+    }
+
+    /// Remove `start..start+len`, handing each removed piece (clipped) to `f` in order.
+    /// Allocates nothing beyond the map's own nodes: this runs for every write and every
+    /// committed extent.
+    pub fn remove_with(&mut self, start: u64, len: u64, mut f: impl FnMut(u64, u64, V)) {
         if len == 0 {
-            return removed;
+            return;
         }
         let end = start.saturating_add(len);
-        // The run starting at or before `start` may stick into the range.
-        let mut keys: Vec<u64> = Vec::new();
-        if let Some((&k, &(l, _))) = self.map.range(..=start).next_back() {
-            if k + l > start {
-                keys.push(k);
-            }
-        }
-        keys.extend(
-            self.map
-                .range((
-                    std::ops::Bound::Excluded(start),
-                    std::ops::Bound::Excluded(end),
-                ))
-                .map(|(&k, _)| k),
-        );
-        for k in keys {
+        // The run starting before `start` may stick into the range.
+        let head = match self.map.range(..start).next_back() {
+            Some((&k, &(l, _))) if k + l > start => Some(k),
+            _ => None,
+        };
+        // Then every run starting inside the range, looked up afresh each time: taking one
+        // out only re-inserts pieces outside `start..end`, so this terminates.
+        let mut next = head;
+        while let Some(k) = next.or_else(|| self.map.range(start..end).next().map(|(&k, _)| k)) {
+            next = None;
             let Some((l, v)) = self.map.remove(&k) else {
-                continue;
+                break;
             };
             let run_end = k + l;
+            if k >= start && run_end <= end {
+                f(k, l, v); // wholly inside: handed over as it is
+                continue;
+            }
             if k < start {
                 self.map.insert(k, (start - k, v.clip(start - k)));
             }
@@ -84,18 +90,33 @@ impl<V: RangeValue> RangeMap<V> {
             }
             let s = k.max(start);
             let e = run_end.min(end);
-            removed.push((s, e - s, v.advance(s - k).clip(e - s)));
+            f(s, e - s, v.advance(s - k).clip(e - s));
         }
-        removed
     }
 
     /// Map `start..start+len` to `v`, replacing what was there; returns the replaced pieces.
     pub fn insert(&mut self, start: u64, len: u64, v: V) -> Vec<(u64, u64, V)> {
-        let removed = self.remove(start, len);
-        if len > 0 {
-            self.map.insert(start, (len, v));
-        }
+        let mut removed = Vec::new();
+        self.insert_with(start, len, v, |s, l, old| removed.push((s, l, old)));
         removed
+    }
+
+    /// Map `start..start+len` to `v`, handing each replaced piece to `f` in order.
+    pub fn insert_with(&mut self, start: u64, len: u64, v: V, mut f: impl FnMut(u64, u64, V)) {
+        if len == 0 {
+            return;
+        }
+        // Overwriting exactly one existing run (a block rewritten, the common case under
+        // random writes) swaps the value in place: no node changes at all.
+        if let Some((l, old)) = self.map.get_mut(&start) {
+            if *l == len {
+                let old = std::mem::replace(old, v);
+                f(start, len, old);
+                return;
+            }
+        }
+        self.remove_with(start, len, &mut f);
+        self.map.insert(start, (len, v));
     }
 
     /// Runs overlapping `start..start+len`, clipped to it, in order (holes are skipped).
@@ -189,18 +210,30 @@ mod tests {
     proptest::proptest! {
         /// The range map agrees with a per-block model under any sequence of operations.
         #[test]
-        fn range_map_matches_model(ops in proptest::collection::vec((0u64..64, 1u64..20, proptest::bool::ANY), 1..60)) {
+        fn range_map_matches_model(ops in proptest::collection::vec((0u64..64, proptest::prop_oneof![proptest::strategy::Just(1u64), proptest::strategy::Just(4), 1u64..24], proptest::bool::ANY), 1..80)) {
             let mut m = RangeMap::new();
             let mut model: Vec<Option<u64>> = vec![None; 100];
             for (i, (s, l, ins)) in ops.into_iter().enumerate() {
                 let tag = (i as u64 + 1) * 1000;
-                if ins {
-                    m.insert(s, l, Off(tag));
+                // What the range held before, as the replaced pieces must report it.
+                let before: Vec<Option<u64>> = (s..s + l).map(|b| model[b as usize]).collect();
+                let replaced = if ins {
+                    let r = m.insert(s, l, Off(tag));
                     for b in s..s + l { model[b as usize] = Some(tag + (b - s)); }
+                    r
                 } else {
-                    m.remove(s, l);
+                    let r = m.remove(s, l);
                     for b in s..s + l { model[b as usize] = None; }
+                    r
+                };
+                let mut reported: Vec<Option<u64>> = vec![None; l as usize];
+                let mut prev_end = s;
+                for (k, n, v) in replaced {
+                    proptest::prop_assert!(k >= prev_end && n > 0 && k + n <= s + l);
+                    prev_end = k + n;
+                    for b in k..k + n { reported[(b - s) as usize] = Some(v.0 + (b - k)); }
                 }
+                proptest::prop_assert_eq!(reported, before);
                 let mut got: Vec<Option<u64>> = vec![None; 100];
                 for (k, l, v) in m.overlapping(0, 100) {
                     for b in k..k + l { got[b as usize] = Some(v.0 + (b - k)); }

@@ -86,12 +86,11 @@ impl Index {
         Self::default()
     }
 
-    fn account_removed(&mut self, removed: Vec<(u64, u64, Val)>) {
-        for (_, len, v) in removed {
-            if let Val::Frame { seg, .. } = v {
-                if let Some(s) = self.segs.get_mut(&seg) {
-                    s.blocks_live = s.blocks_live.saturating_sub(len);
-                }
+    /// Take `len` blocks of `v` out of its segment's live count.
+    fn account_removed(segs: &mut HashMap<u64, SegStat>, len: u64, v: Val) {
+        if let Val::Frame { seg, .. } = v {
+            if let Some(s) = segs.get_mut(&seg) {
+                s.blocks_live = s.blocks_live.saturating_sub(len);
             }
         }
     }
@@ -103,14 +102,18 @@ impl Index {
                 s.blocks_live += blocks;
             }
         }
-        let removed = self.map.insert(lba, blocks, v);
-        self.account_removed(removed);
+        let segs = &mut self.segs;
+        self.map.insert_with(lba, blocks, v, |_, len, old| {
+            Self::account_removed(segs, len, old)
+        });
     }
 
     /// Unmap a run.
     pub fn unmap(&mut self, lba: u64, blocks: u64) {
-        let removed = self.map.remove(lba, blocks);
-        self.account_removed(removed);
+        let segs = &mut self.segs;
+        self.map.remove_with(lba, blocks, |_, len, old| {
+            Self::account_removed(segs, len, old)
+        });
     }
 
     /// Apply one segment's directory, in order, as a commit of that segment does.
