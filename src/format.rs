@@ -183,10 +183,18 @@ pub struct SegmentBuilder {
     /// `None` when zstd could not allocate one: frames are then stored raw.
     cctx: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
-    /// Early abort for incompressible data: frames in a row that failed to compress well,
-    /// and how many upcoming frames skip the attempt (see [`SegmentBuilder::add_frame`]).
+    /// Early abort for incompressible data (see [`CompressState`]).
+    compress: CompressState,
+}
+
+/// The writer's memory of how compressible recent data was, carried from one segment to
+/// the next (a fresh state per segment paid the learning attempts again every segment).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CompressState {
+    /// Frames in a row that failed to compress well.
     misses: u32,
-    skip: u32,
+    /// Raw bytes still to store without trying.
+    skip_bytes: u64,
 }
 
 /// A frame is stored compressed only if zstd saves at least 1/this of it (12.5%, ZFS's
@@ -194,8 +202,13 @@ pub struct SegmentBuilder {
 const COMPRESS_MIN_SAVING_DIVISOR: usize = 8;
 /// Failed attempts in a row before frames start skipping compression.
 const COMPRESS_MISSES_BEFORE_SKIP: u32 = 4;
-/// Most frames skipped between two attempts (the skip doubles per further miss).
-const COMPRESS_SKIP_MAX: u32 = 63;
+/// Raw bytes skipped after the first miss past [`COMPRESS_MISSES_BEFORE_SKIP`]; doubles per
+/// further miss.
+const COMPRESS_SKIP_FIRST_BYTES: u64 = 64 << 10;
+/// Most raw bytes skipped between two attempts: how late data that turned compressible is
+/// noticed. In bytes, not frames: an attempt has a fixed cost (context and table setup)
+/// that dominates for 4 KiB frames.
+const COMPRESS_SKIP_MAX_BYTES: u64 = 4 << 20;
 
 impl SegmentBuilder {
     pub fn new(segment_id: u64, epoch: u64, block_size: u32, zstd_level: i32) -> Self {
@@ -212,21 +225,33 @@ impl SegmentBuilder {
             block_size,
             cctx: zstd::bulk::Compressor::new(zstd_level).ok(),
             scratch: Vec::new(),
-            misses: 0,
-            skip: 0,
+            compress: CompressState::default(),
         }
+    }
+
+    /// Start from what an earlier segment learnt about the data's compressibility.
+    pub fn with_compress_state(mut self, state: CompressState) -> Self {
+        self.compress = state;
+        self
+    }
+
+    /// What this segment learnt, for the next one.
+    pub fn compress_state(&self) -> CompressState {
+        self.compress
     }
 
     /// Compress `raw` into `self.scratch` if that is worth it; false means store it raw.
     ///
     /// Early abort: after [`COMPRESS_MISSES_BEFORE_SKIP`] frames in a row that did not meet
-    /// the saving bar, the next frames are stored raw without trying, doubling the skip per
-    /// further miss up to [`COMPRESS_SKIP_MAX`]; one success resets it. Random or already
-    /// compressed data then costs ~1/64 of a compression per frame; compressible data is
-    /// unaffected. A choice of the writer only: readers accept raw and zstd frames alike.
+    /// the saving bar, the next [`COMPRESS_SKIP_FIRST_BYTES`] of raw data are stored without
+    /// trying, doubling per further miss up to [`COMPRESS_SKIP_MAX_BYTES`]; one success
+    /// resets it. Random or already compressed data then costs one attempt per 4 MiB;
+    /// compressible data is unaffected. A choice of the writer only: readers accept raw
+    /// and zstd frames alike.
     fn try_compress(&mut self, raw: &[u8]) -> bool {
-        if self.skip > 0 {
-            self.skip -= 1;
+        let st = &mut self.compress;
+        if st.skip_bytes > 0 {
+            st.skip_bytes = st.skip_bytes.saturating_sub(raw.len() as u64);
             return false;
         }
         let Some(cctx) = self.cctx.as_mut() else {
@@ -238,12 +263,13 @@ impl SegmentBuilder {
             .reserve(zstd::zstd_safe::compress_bound(raw.len()));
         let ok = matches!(cctx.compress_to_buffer(raw, &mut self.scratch), Ok(n) if n <= limit);
         if ok {
-            self.misses = 0;
+            st.misses = 0;
         } else {
-            self.misses += 1;
-            if self.misses >= COMPRESS_MISSES_BEFORE_SKIP {
-                let shift = (self.misses - COMPRESS_MISSES_BEFORE_SKIP + 1).min(6);
-                self.skip = ((1u32 << shift) - 1).min(COMPRESS_SKIP_MAX);
+            st.misses = st.misses.saturating_add(1);
+            if st.misses >= COMPRESS_MISSES_BEFORE_SKIP {
+                let doublings = (st.misses - COMPRESS_MISSES_BEFORE_SKIP).min(16);
+                st.skip_bytes =
+                    (COMPRESS_SKIP_FIRST_BYTES << doublings).min(COMPRESS_SKIP_MAX_BYTES);
             }
         }
         ok
@@ -252,6 +278,12 @@ impl SegmentBuilder {
     /// Bytes so far (frames only; the directory and footer come on `finish`).
     pub fn len_bytes(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Make room for `bytes` more of object, so a large segment is built without the
+    /// buffer being reallocated and copied as it grows.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.buf.reserve(bytes);
     }
 
     /// Append `raw` (a whole number of blocks starting at `first_lba`) as one frame.
@@ -909,24 +941,32 @@ mod tests {
             .collect();
         let mut entries = Vec::new();
         let mut attempts_on_random = 0;
-        for i in 0..200u64 {
-            let skipping = b.skip > 0;
+        // 2,000 random frames (8 MiB) cost only a handful of compression attempts.
+        for i in 0..2000u64 {
+            let skipping = b.compress.skip_bytes > 0;
             entries.push((b.add_frame(i, &random_block(&mut seed)), true));
             if !skipping {
                 attempts_on_random += 1;
             }
         }
-        // 200 random frames cost only a handful of compression attempts.
         assert!(
             (4..=16).contains(&attempts_on_random),
             "{attempts_on_random} attempts"
         );
+        // What was learnt carries into the next segment: it starts out skipping.
+        let carried = b.compress_state();
+        assert!(carried.skip_bytes > 0 && carried.misses > COMPRESS_MISSES_BEFORE_SKIP);
+        let mut next =
+            SegmentBuilder::new(object_id(1, 2), 1, 4096, 1).with_compress_state(carried);
+        next.add_frame(0, &text);
+        assert_eq!(next.entry_count(), 1);
+        assert!(next.compress.misses > 0, "the next segment tried at once");
         // Compressible data is compressed again within the longest skip.
         let mut first_zstd = None;
-        for i in 0..(COMPRESS_SKIP_MAX as u64 + 2) {
-            let e = b.add_frame(1000 + i, &text);
+        for i in 0..(COMPRESS_SKIP_MAX_BYTES / 4096 + 2) {
+            let e = b.add_frame(10_000 + i, &text);
             entries.push((e, false));
-            if first_zstd.is_none() && b.misses == 0 {
+            if first_zstd.is_none() && b.compress.misses == 0 {
                 first_zstd = Some(i);
             }
         }

@@ -61,8 +61,8 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::format::{
-    self, CheckpointRef, DirEntry, EntryKind, ExportKeys, FormatError, Manifest, SegmentBuilder,
-    SegmentRef, FRAME_RAW_BYTES_MAX, SEGMENT_FOOTER_BYTES,
+    self, CheckpointRef, CompressState, DirEntry, EntryKind, ExportKeys, FormatError, Manifest,
+    SegmentBuilder, SegmentRef, FRAME_HEADER_BYTES, FRAME_RAW_BYTES_MAX, SEGMENT_FOOTER_BYTES,
 };
 use crate::store::{list_all, DynStore, PutMode, StoreError};
 use index::{Index, Val};
@@ -305,6 +305,14 @@ pub struct Log {
     version: AtomicU64,
     /// Shared with the background checkpoint task.
     pub stats: Arc<LogStats>,
+    /// How compressible recent writes were, carried between segments (a hint only).
+    compress: std::sync::Mutex<CompressState>,
+}
+
+impl Log {
+    fn compress_state(&self) -> CompressState {
+        *self.compress.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Drop for Log {
@@ -751,6 +759,7 @@ impl Log {
                 fenced: AtomicBool::new(false),
                 version: AtomicU64::new(version),
                 stats: Arc::new(LogStats::default()),
+                compress: Default::default(),
             });
         }
         Err(LogError::Internal(
@@ -1337,11 +1346,13 @@ impl Log {
             .map(|(id, job)| {
                 let cfg = cfg.clone();
                 async move {
-                    let (bytes, dir) = tokio::task::spawn_blocking(move || {
-                        build_segment(id, epoch, block_size, &cfg, &job)
+                    let compress = self.compress_state();
+                    let (bytes, dir, compress) = tokio::task::spawn_blocking(move || {
+                        build_segment(id, epoch, block_size, &cfg, compress, &job)
                     })
                     .await
                     .map_err(|e| LogError::Internal(e.to_string()))?;
+                    *self.compress.lock().unwrap_or_else(|e| e.into_inner()) = compress;
                     let size = bytes.len() as u64;
                     self.store
                         .put(
@@ -1530,11 +1541,26 @@ fn build_segment(
     epoch: u64,
     block_size: u32,
     cfg: &LogConfig,
+    compress: CompressState,
     job: &[BatchEntry],
-) -> (Vec<u8>, Vec<DirEntry>) {
+) -> (Vec<u8>, Vec<DirEntry>, CompressState) {
     let bs = block_size as usize;
     let frame_blocks = (cfg.frame_bytes_max / bs).max(1);
-    let mut b = SegmentBuilder::new(id, epoch, block_size, cfg.zstd_level);
+    let mut b =
+        SegmentBuilder::new(id, epoch, block_size, cfg.zstd_level).with_compress_state(compress);
+    // Upper bound of the object when every frame stays raw: data, a header per frame and
+    // a directory entry (under 40 bytes) per frame or range.
+    let estimate: usize = job
+        .iter()
+        .map(|e| match &e.update {
+            Update::Data(d) => {
+                let frames = d.len().div_ceil(frame_blocks * bs);
+                d.len() + frames * (FRAME_HEADER_BYTES + 40)
+            }
+            _ => 40,
+        })
+        .sum();
+    b.reserve(estimate + SEGMENT_FOOTER_BYTES);
     for e in job {
         match &e.update {
             Update::Unmap => {
@@ -1568,7 +1594,9 @@ fn build_segment(
             }
         }
     }
-    b.finish()
+    let learnt = b.compress_state();
+    let (bytes, dir) = b.finish();
+    (bytes, dir, learnt)
 }
 
 pub fn is_zero(b: &[u8]) -> bool {
