@@ -227,15 +227,59 @@ pub struct PageCache {
 pub const CACHE_CHUNK_BYTES: usize = 32 * 1024;
 
 struct Chunk {
+    /// The chunk's buffer, `chunk_blocks * bs` long; empty while every valid block is
+    /// still in `pending`.
     data: Bytes,
-    /// Bit i: block i of the chunk is valid.
+    /// Bit i: block i of the chunk is valid (in `data`, or in `pending` if listed there).
     present: u64,
+    /// Committed blocks held by reference to the buffers they were written in (block
+    /// index, the block, bytes charged for its allocation). Copied into `data` on the
+    /// chunk's first read: a commit after random writes then costs a refcount per block
+    /// instead of a cold 4 KiB copy, and data never read back is never copied.
+    pending: Vec<(u8, Bytes, usize)>,
+}
+
+impl Chunk {
+    /// Bytes charged to the cache for this chunk.
+    fn charge(&self) -> usize {
+        self.data.len() + self.pending.iter().map(|p| p.2).sum::<usize>()
+    }
+
+    /// Drop block `i` from `pending`, if there.
+    fn unpend(&mut self, i: usize) {
+        self.pending.retain(|p| p.0 as usize != i);
+    }
+
+    /// `data` as a writable buffer of `len` bytes: allocated if empty, copied if a slice
+    /// handed out still references it (bytes handed out never change).
+    fn data_mut(&mut self, len: usize) -> BytesMut {
+        let data = std::mem::take(&mut self.data);
+        if data.is_empty() {
+            return BytesMut::zeroed(len);
+        }
+        data.try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+    }
+
+    /// Copy every pending block into `data`.
+    fn materialize(&mut self, bs: usize) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut m = self.data_mut(chunk_blocks(bs) as usize * bs);
+        for (i, b, _) in self.pending.drain(..) {
+            let i = i as usize;
+            m[i * bs..(i + 1) * bs].copy_from_slice(&b);
+        }
+        self.data = m.freeze();
+    }
 }
 
 /// The cache under its lock. Methods take the volume's block size: a volume always uses the
 /// same one, so a chunk's layout never changes.
 struct CacheInner {
     lru: lru::LruCache<(u64, u64), Chunk>,
+    /// Sum of the chunks' `charge()`.
     bytes: usize,
     bytes_max: usize,
 }
@@ -261,7 +305,13 @@ impl CacheInner {
             let run = at..chunk_end.min(end);
             let wanted = run.clone().any(|b| slots[(b - lba) as usize].is_none());
             if wanted {
-                if let Some(c) = self.lru.get(&(vol, at / cb)) {
+                if let Some(c) = self.lru.get_mut(&(vol, at / cb)) {
+                    if !c.pending.is_empty() {
+                        let before = c.charge();
+                        c.materialize(bs);
+                        let after = c.charge();
+                        self.bytes = self.bytes + after - before;
+                    }
                     for b in run.clone() {
                         let i = (b % cb) as usize;
                         let slot = &mut slots[(b - lba) as usize];
@@ -273,6 +323,7 @@ impl CacheInner {
             }
             at = run.end;
         }
+        self.evict();
     }
 
     /// Whether block `key` is cached (does not change recency).
@@ -283,35 +334,55 @@ impl CacheInner {
             .is_some_and(|c| c.present & (1 << i) != 0)
     }
 
-    /// Cache `block` (exactly `bs` bytes) as the content of `key`.
+    /// Cache a copy of `block` (exactly `bs` bytes) as the content of `key`.
     fn put(&mut self, key: (u64, u64), block: &[u8], bs: usize) {
         let (ck, i) = Self::locate(key, bs);
         let len = chunk_blocks(bs) as usize * bs;
         let range = i * bs..(i + 1) * bs;
-        if let Some(c) = self.lru.get_mut(&ck) {
-            let data = std::mem::take(&mut c.data);
-            let mut m = data
-                .try_into_mut()
-                // Someone still holds a slice of it: copy, never change what they see.
-                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            m[range].copy_from_slice(block);
-            c.data = m.freeze();
-            c.present |= 1 << i;
-            return;
-        }
-        let mut m = BytesMut::zeroed(len);
+        let c = self.lru.get_or_insert_mut(ck, || Chunk {
+            data: Bytes::new(),
+            present: 0,
+            pending: Vec::new(),
+        });
+        let before = c.charge();
+        c.unpend(i);
+        let mut m = c.data_mut(len);
         m[range].copy_from_slice(block);
-        self.lru.put(
-            ck,
-            Chunk {
-                data: m.freeze(),
-                present: 1 << i,
-            },
-        );
-        self.bytes += len;
+        c.data = m.freeze();
+        c.present |= 1 << i;
+        self.bytes = self.bytes + c.charge() - before;
+        self.evict();
+    }
+
+    /// Cache `block` (exactly `bs` bytes, in an allocation of `charge` bytes) as the
+    /// content of `key`: by reference while its chunk has no buffer (copied in when the
+    /// chunk is next read), else copied into the buffer.
+    fn put_shared(&mut self, key: (u64, u64), block: Bytes, charge: usize, bs: usize) {
+        let (ck, i) = Self::locate(key, bs);
+        let c = self.lru.get_or_insert_mut(ck, || Chunk {
+            data: Bytes::new(),
+            present: 0,
+            pending: Vec::new(),
+        });
+        if !c.data.is_empty() {
+            // The chunk has its buffer already: a copy costs no more memory than the
+            // block, where holding the block too would charge it twice.
+            return self.put(key, &block, bs);
+        }
+        let before = c.charge();
+        c.unpend(i);
+        // Block indices fit in u8: a chunk has at most 64 blocks.
+        c.pending.push((i as u8, block, charge));
+        c.present |= 1 << i;
+        self.bytes = self.bytes + c.charge() - before;
+        self.evict();
+    }
+
+    /// Evict least recently used chunks until within the byte bound.
+    fn evict(&mut self) {
         while self.bytes > self.bytes_max {
             match self.lru.pop_lru() {
-                Some((_, c)) => self.bytes -= c.data.len(),
+                Some((_, c)) => self.bytes -= c.charge(),
                 None => break,
             }
         }
@@ -320,16 +391,17 @@ impl CacheInner {
     /// Forget block `key`.
     fn pop(&mut self, key: (u64, u64), bs: usize) {
         let (ck, i) = Self::locate(key, bs);
-        let empty = match self.lru.peek_mut(&ck) {
-            Some(c) => {
-                c.present &= !(1 << i);
-                c.present == 0
-            }
-            None => false,
+        let Some(c) = self.lru.peek_mut(&ck) else {
+            return;
         };
+        let before = c.charge();
+        c.unpend(i);
+        c.present &= !(1 << i);
+        let (empty, after) = (c.present == 0, c.charge());
+        self.bytes = self.bytes + after - before;
         if empty {
             if let Some(c) = self.lru.pop(&ck) {
-                self.bytes -= c.data.len();
+                self.bytes -= c.charge();
             }
         }
     }
@@ -630,6 +702,11 @@ impl Volume {
             for i in 0..blocks {
                 let key = (self.id, lba + i);
                 match v {
+                    // A block written on its own (random small writes) is cached by
+                    // reference: its buffer is exactly what the cache is charged.
+                    Dirty::Data(b, _, backing) if blocks == 1 && *backing <= 2 * bs => {
+                        cache.put_shared(key, b.clone(), *backing, bs);
+                    }
                     Dirty::Data(b, ..) => {
                         let s = i as usize * bs;
                         cache.put(key, &b[s..s + bs], bs);
@@ -680,15 +757,17 @@ impl Volume {
         self.budget.acquire(bound).await;
         let mut st = self.st();
         let before = st.dirty_bytes;
+        let s = &mut *st;
         for (lba, blocks, v) in runs {
             if let Dirty::Data(..) = v {
-                st.dirty_data_bytes += blocks as usize * bs;
+                s.dirty_data_bytes += blocks as usize * bs;
             }
-            for (_, l, old) in st.dirty.insert(lba, blocks, v) {
+            let data_bytes = &mut s.dirty_data_bytes;
+            s.dirty.insert_with(lba, blocks, v, |_, l, old| {
                 if let Dirty::Data(..) = old {
-                    st.dirty_data_bytes -= l as usize * bs;
+                    *data_bytes -= l as usize * bs;
                 }
-            }
+            });
         }
         st.dirty_bytes = st.dirty_data_bytes + DIRTY_RUN_OVERHEAD_BYTES * st.dirty.len();
         let after = st.dirty_bytes;
@@ -1540,6 +1619,55 @@ mod tests {
         // Unshared again: updated in place, still correct.
         g.put((1, 0), &block(7), BS);
         assert_eq!(g.get((1, 0), BS).unwrap(), block(7));
+    }
+
+    #[test]
+    fn blocks_cached_by_reference_read_back_and_are_charged() {
+        let c = PageCache::new(1 << 20);
+        let mut g = c.lock();
+        let shared = |v: u8| Bytes::from(block(v));
+        // A chunk without a buffer holds committed blocks by reference, charged as given.
+        g.put_shared((1, 0), shared(1), BS, BS);
+        g.put_shared((1, 2), shared(2), BS, BS);
+        g.put_shared((1, 2), shared(3), BS, BS); // replaces, not adds
+        assert_eq!(g.bytes, 2 * BS);
+        assert!(g.contains((1, 0), BS) && g.contains((1, 2), BS) && !g.contains((1, 1), BS));
+        // A copied block into the same chunk gives it its buffer; pending ones stay valid.
+        g.put((1, 1), &block(4), BS);
+        assert_eq!(g.bytes, CACHE_CHUNK_BYTES + 2 * BS);
+        // The first read copies them into the chunk's buffer and drops their charge.
+        assert_eq!(g.get((1, 0), BS).unwrap(), block(1));
+        assert_eq!(g.bytes, CACHE_CHUNK_BYTES);
+        assert_eq!(g.get((1, 1), BS).unwrap(), block(4));
+        assert_eq!(g.get((1, 2), BS).unwrap(), block(3));
+        assert!(g.get((1, 3), BS).is_none());
+        // Once the chunk has a buffer, later blocks are copied into it (charged once).
+        let held = g.get((1, 2), BS).unwrap();
+        g.put_shared((1, 2), shared(5), BS, BS);
+        assert_eq!(g.bytes, CACHE_CHUNK_BYTES);
+        assert_eq!(held, block(3), "bytes handed out changed");
+        assert_eq!(g.get((1, 2), BS).unwrap(), block(5));
+        // Forgetting a pending block drops its charge; the chunk goes when empty.
+        g.put_shared((2, 9), shared(6), BS, BS);
+        assert_eq!(g.bytes, CACHE_CHUNK_BYTES + BS);
+        g.pop((2, 9), BS);
+        assert_eq!(g.bytes, CACHE_CHUNK_BYTES);
+        assert!(g.get((2, 9), BS).is_none());
+    }
+
+    #[test]
+    fn blocks_cached_by_reference_count_towards_the_bound() {
+        let c = PageCache::new((2 * CACHE_CHUNK_BYTES) as u64);
+        let mut g = c.lock();
+        let per_chunk = (CACHE_CHUNK_BYTES / BS) as u64;
+        // 20 lone blocks in 20 chunks, 4 KiB each: only 16 fit in 64 KiB.
+        for k in 0..20u64 {
+            g.put_shared((1, k * per_chunk), Bytes::from(block(k as u8)), BS, BS);
+            assert!(g.bytes <= 2 * CACHE_CHUNK_BYTES);
+        }
+        assert!(!g.contains((1, 0), BS), "oldest not evicted");
+        assert_eq!(g.get((1, 19 * per_chunk), BS).unwrap(), block(19));
+        assert!(g.bytes <= 2 * CACHE_CHUNK_BYTES);
     }
 
     #[test]
