@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use std::task::Poll;
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -676,6 +677,17 @@ impl From<ExportError> for Body {
     }
 }
 
+/// What the reader hands the writer: one reply (from a request that ran as its own task) or
+/// the replies of requests the reader finished inline from input that was already buffered.
+enum ToWriter {
+    One(Outgoing),
+    Batch(Vec<Outgoing>),
+}
+
+/// Inline-finished replies the reader holds back at most, so one writer wakeup and one
+/// vectored write carry many replies; bounded also by the request permits they hold.
+const INLINE_BATCH_MAX: usize = 64;
+
 /// A reply plus the permits that bound it; the permits drop once it is written.
 struct Outgoing {
     cookie: u64,
@@ -806,21 +818,52 @@ where
         .request_bytes_in_flight_max
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let bytes = Arc::new(Semaphore::new(bytes_max));
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (tx, rx) = mpsc::unbounded_channel::<ToWriter>();
     let writer_task = tokio::spawn(write_replies(writer, rx, structured));
     let mut tasks = JoinSet::new();
+    // Replies of requests finished inline, not yet handed to the writer. Invariant: the
+    // batch is handed over before the reader awaits anything that may not be ready at once
+    // (socket input, a permit), because those replies' permits may be what it waits for and
+    // the client may be waiting for those replies before it sends more.
+    let mut batch: Vec<Outgoing> = Vec::new();
+    let hand_over = |batch: &mut Vec<Outgoing>| {
+        if !batch.is_empty() {
+            let _ = tx.send(ToWriter::Batch(std::mem::take(batch)));
+        }
+    };
 
     let outcome: Result<SessionEnd, SessionError> = loop {
         while tasks.try_join_next().is_some() {}
+        if !batch.is_empty() && reader.buffer().is_empty() && batch.len() < INLINE_BATCH_MAX {
+            // Input may have arrived while this batch ran: take it (one read, never a wait)
+            // so its replies join the batch, and one write answers more requests.
+            let fill = std::future::poll_fn(|cx| {
+                std::pin::Pin::new(&mut reader)
+                    .poll_fill_buf(cx)
+                    .map(|r| r.map(|_| ()))
+            });
+            if let Poll::Ready(Err(e)) = futures::poll!(fill) {
+                break Err(e.into());
+            }
+        }
+        if batch.len() >= INLINE_BATCH_MAX || reader.buffer().len() < REQUEST_HEADER_BYTES {
+            hand_over(&mut batch);
+        }
         // Take the request slot before reading, so a full queue pushes back on the socket.
-        let request_permit = tokio::select! {
-            biased;
-            _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
-            _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
-            p = Arc::clone(&requests).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break Ok(SessionEnd::Shutdown),
-            },
+        let request_permit = match Arc::clone(&requests).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                hand_over(&mut batch);
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+                    _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
+                    p = Arc::clone(&requests).acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break Ok(SessionEnd::Shutdown),
+                    },
+                }
+            }
         };
         let mut raw = [0u8; REQUEST_HEADER_BYTES];
         let read = tokio::select! {
@@ -839,8 +882,8 @@ where
             // Without a valid magic the stream cannot be resynchronised.
             Err(e) => break Err(e.into()),
         };
-        let reply_now = |body: Body, permit: OwnedSemaphorePermit| {
-            let _ = tx.send(Outgoing {
+        let reply_now = |batch: &mut Vec<Outgoing>, body: Body, permit: OwnedSemaphorePermit| {
+            batch.push(Outgoing {
                 cookie: header.cookie,
                 body,
                 _request_permit: permit,
@@ -850,7 +893,11 @@ where
         };
         let Some(command) = Command::from_u16(header.command) else {
             tracing::debug!(command = header.command, "unknown command");
-            reply_now(Body::error(Errno::Inval, "unknown command"), request_permit);
+            reply_now(
+                &mut batch,
+                Body::error(Errno::Inval, "unknown command"),
+                request_permit,
+            );
             continue;
         };
         if command == Command::Disc {
@@ -868,11 +915,12 @@ where
             if command == Command::Write {
                 // The payload follows regardless; consume it to stay in sync. Up to 4 GiB
                 // may be skipped this way, streamed through a small buffer.
+                hand_over(&mut batch);
                 if let Err(e) = discard(&mut reader, header.length.into()).await {
                     break Err(e.into());
                 }
             }
-            reply_now(Body::error(r.errno, r.message), request_permit);
+            reply_now(&mut batch, Body::error(r.errno, r.message), request_permit);
             continue;
         }
 
@@ -888,17 +936,29 @@ where
         } else {
             // A request larger than the whole budget takes all of it rather than waiting forever.
             let cost = held.min(bytes_max) as u32;
-            match Arc::clone(&bytes).acquire_many_owned(cost).await {
+            match Arc::clone(&bytes).try_acquire_many_owned(cost) {
                 Ok(p) => Some(p),
-                Err(_) => break Ok(SessionEnd::Shutdown),
+                Err(_) => {
+                    hand_over(&mut batch);
+                    match Arc::clone(&bytes).acquire_many_owned(cost).await {
+                        Ok(p) => Some(p),
+                        Err(_) => break Ok(SessionEnd::Shutdown),
+                    }
+                }
             }
         };
         let server_permit = match (&config.server_bytes, held) {
             (Some(budget), 1..) => {
                 let cost = held.min(budget.max) as u32;
-                match Arc::clone(&budget.sem).acquire_many_owned(cost).await {
+                match Arc::clone(&budget.sem).try_acquire_many_owned(cost) {
                     Ok(p) => Some(p),
-                    Err(_) => break Ok(SessionEnd::Shutdown),
+                    Err(_) => {
+                        hand_over(&mut batch);
+                        match Arc::clone(&budget.sem).acquire_many_owned(cost).await {
+                            Ok(p) => Some(p),
+                            Err(_) => break Ok(SessionEnd::Shutdown),
+                        }
+                    }
                 }
             }
             _ => None,
@@ -915,6 +975,9 @@ where
                 df: flags & CMD_FLAG_DF != 0,
             },
             Command::Write => {
+                if reader.buffer().len() < len as usize {
+                    hand_over(&mut batch);
+                }
                 let mut buf = BytesMut::with_capacity(len as usize);
                 if let Err(e) = read_payload(&mut reader, &mut buf, len as usize).await {
                     break Err(e.into());
@@ -951,7 +1014,6 @@ where
             Command::Disc => break Ok(SessionEnd::Disconnected),
         };
         let export = Arc::clone(&export);
-        let tx = tx.clone();
         let cookie = header.cookie;
         let op_name = op.name();
         let mut request = Box::pin(async move {
@@ -970,24 +1032,32 @@ where
                 // Storage failures reach the client as EIO; the operator sees them here.
                 tracing::warn!(cookie, request = op_name, error = %message, "request failed with EIO");
             }
-            let _ = tx.send(Outgoing {
+            Outgoing {
                 cookie,
                 body,
                 _request_permit: request_permit,
                 _bytes_permit: bytes_permit,
                 _server_permit: server_permit,
-            });
+            }
         });
         // Fast path: most requests (a write into a dirty set, a cached read) finish without
-        // waiting; running them here saves a task spawn and a cross-thread wakeup each. One
-        // that has to wait continues as its own task (a future may move between tasks: the
-        // spawned task re-polls it at once and so registers the right waker).
-        if futures::poll!(request.as_mut()).is_pending() {
-            tasks.spawn(request);
+        // waiting; running them here saves a task spawn and a cross-thread wakeup each, and
+        // their replies go out together. One that has to wait continues as its own task (a
+        // future may move between tasks: the spawned task re-polls it at once and so
+        // registers the right waker).
+        match futures::poll!(request.as_mut()) {
+            Poll::Ready(reply) => batch.push(reply),
+            Poll::Pending => {
+                let tx = tx.clone();
+                tasks.spawn(async move {
+                    let _ = tx.send(ToWriter::One(request.await));
+                });
+            }
         }
     };
 
     // Stop reading; let in-flight requests finish and their replies drain, then close.
+    hand_over(&mut batch);
     drop(tx);
     while tasks.join_next().await.is_some() {}
     match writer_task.await {
@@ -1259,26 +1329,32 @@ impl OutQueue {
 /// stays within the session's budget.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<ToWriter>,
     structured: bool,
 ) -> io::Result<()> {
     let mut q = OutQueue::new();
     let mut written: Vec<Permits> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(reply) = next {
-            let Outgoing {
-                cookie,
-                body,
-                _request_permit,
-                _bytes_permit,
-                _server_permit,
-            } = reply;
-            encode_reply(&mut q, cookie, body, structured);
-            written.push((_request_permit, _bytes_permit, _server_permit));
-            if q.is_full() {
-                q.write_to(&mut writer).await?;
-                written.clear();
+        while let Some(msg) = next {
+            let (one, many) = match msg {
+                ToWriter::One(r) => (Some(r), Vec::new()),
+                ToWriter::Batch(rs) => (None, rs),
+            };
+            for reply in one.into_iter().chain(many) {
+                let Outgoing {
+                    cookie,
+                    body,
+                    _request_permit,
+                    _bytes_permit,
+                    _server_permit,
+                } = reply;
+                encode_reply(&mut q, cookie, body, structured);
+                written.push((_request_permit, _bytes_permit, _server_permit));
+                if q.is_full() {
+                    q.write_to(&mut writer).await?;
+                    written.clear();
+                }
             }
             next = rx.try_recv().ok();
         }
