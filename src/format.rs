@@ -212,7 +212,26 @@ const COMPRESS_SKIP_MAX_BYTES: u64 = 4 << 20;
 
 impl SegmentBuilder {
     pub fn new(segment_id: u64, epoch: u64, block_size: u32, zstd_level: i32) -> Self {
-        let mut buf = Vec::with_capacity(64 * 1024);
+        Self::new_in(
+            Vec::with_capacity(64 * 1024),
+            segment_id,
+            epoch,
+            block_size,
+            zstd_level,
+        )
+    }
+
+    /// Like [`SegmentBuilder::new`], building into `buf` (cleared first): a buffer reused
+    /// from an earlier segment has its pages mapped already, where a fresh multi-MiB one
+    /// page-faults and zeroes every page as the segment is written into it.
+    pub fn new_in(
+        mut buf: Vec<u8>,
+        segment_id: u64,
+        epoch: u64,
+        block_size: u32,
+        zstd_level: i32,
+    ) -> Self {
+        buf.clear();
         buf.extend_from_slice(&SEGMENT_MAGIC);
         buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         buf.extend_from_slice(&0u16.to_le_bytes());

@@ -307,6 +307,54 @@ pub struct Log {
     pub stats: Arc<LogStats>,
     /// How compressible recent writes were, carried between segments (a hint only).
     compress: std::sync::Mutex<CompressState>,
+    /// Segment buffers kept for the next flush.
+    seg_bufs: BufPool,
+}
+
+/// Segment buffers kept for reuse, at most one per concurrent upload. Why: a fresh 8 MiB
+/// buffer page-faults and the kernel zeroes each of its 2,048 pages as the segment is
+/// built — 7% of the daemon's CPU under random 4 KiB writes. Costs at most
+/// `uploads_in_flight_max` x (segment size) of resident memory, the same as one full round
+/// of uploads already holds.
+struct BufPool {
+    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
+    max: usize,
+    /// Larger buffers (an oversized batch entry) are not kept.
+    cap_max: usize,
+}
+
+impl BufPool {
+    fn new(max: usize, cap_max: usize) -> Self {
+        Self {
+            bufs: std::sync::Mutex::new(Vec::new()),
+            max,
+            cap_max,
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.bufs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Keep the buffer behind `b` if nobody else holds it any more (a store may still).
+    fn give_back(&self, b: Bytes) {
+        let Ok(m) = b.try_into_mut() else {
+            return;
+        };
+        let mut v = Vec::from(m);
+        if v.capacity() > self.cap_max {
+            return;
+        }
+        v.clear();
+        let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        if bufs.len() < self.max {
+            bufs.push(v);
+        }
+    }
 }
 
 impl Log {
@@ -630,6 +678,10 @@ impl Log {
         }
         let nonce: u64 = rand::random();
         // Loop: racing openers and writers may take the version we aim for.
+        let (pool_max, pool_cap_max) = (
+            cfg.uploads_in_flight_max.max(1),
+            cfg.segment_bytes_max.saturating_mul(2) + (1 << 20),
+        );
         for _attempt in 0..64 {
             let latest = latest_version(&store, &keys).await?;
             let base = match latest {
@@ -760,6 +812,7 @@ impl Log {
                 version: AtomicU64::new(version),
                 stats: Arc::new(LogStats::default()),
                 compress: Default::default(),
+                seg_bufs: BufPool::new(pool_max, pool_cap_max),
             });
         }
         Err(LogError::Internal(
@@ -1347,20 +1400,19 @@ impl Log {
                 let cfg = cfg.clone();
                 async move {
                     let compress = self.compress_state();
+                    let buf = self.seg_bufs.take();
                     let (bytes, dir, compress) = tokio::task::spawn_blocking(move || {
-                        build_segment(id, epoch, block_size, &cfg, compress, &job)
+                        build_segment(buf, id, epoch, block_size, &cfg, compress, &job)
                     })
                     .await
                     .map_err(|e| LogError::Internal(e.to_string()))?;
                     *self.compress.lock().unwrap_or_else(|e| e.into_inner()) = compress;
                     let size = bytes.len() as u64;
+                    let bytes = Bytes::from(bytes);
                     self.store
-                        .put(
-                            &self.keys.segment(id),
-                            Bytes::from(bytes),
-                            PutMode::IfAbsent,
-                        )
+                        .put(&self.keys.segment(id), bytes.clone(), PutMode::IfAbsent)
                         .await?;
+                    self.seg_bufs.give_back(bytes);
                     self.stats.segments_written.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .segment_bytes_written
@@ -1537,6 +1589,7 @@ pub fn check_frame_covers(
 /// `frame_bytes_max`; all-zero blocks inside data become unmapped runs (they cost nothing
 /// to store and read back as zeros).
 fn build_segment(
+    buf: Vec<u8>,
     id: u64,
     epoch: u64,
     block_size: u32,
@@ -1546,8 +1599,8 @@ fn build_segment(
 ) -> (Vec<u8>, Vec<DirEntry>, CompressState) {
     let bs = block_size as usize;
     let frame_blocks = (cfg.frame_bytes_max / bs).max(1);
-    let mut b =
-        SegmentBuilder::new(id, epoch, block_size, cfg.zstd_level).with_compress_state(compress);
+    let mut b = SegmentBuilder::new_in(buf, id, epoch, block_size, cfg.zstd_level)
+        .with_compress_state(compress);
     // Upper bound of the object when every frame stays raw: data, a header per frame and
     // a directory entry (under 40 bytes) per frame or range.
     let estimate: usize = job
@@ -1609,3 +1662,34 @@ pub fn is_zero(b: &[u8]) -> bool {
 
 /// Shared handle.
 pub type LogHandle = Arc<Log>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_pool_keeps_only_unshared_bounded_buffers() {
+        let pool = BufPool::new(2, 1 << 20);
+        assert_eq!(
+            pool.take().capacity(),
+            0,
+            "an empty pool hands out a new buffer"
+        );
+        // A buffer a store still holds a reference to is not taken back.
+        let shared = Bytes::from(vec![1u8; 1000]);
+        let held = shared.clone();
+        pool.give_back(shared);
+        assert_eq!(pool.bufs.lock().unwrap().len(), 0);
+        drop(held);
+        // Oversized buffers are dropped; at most `max` are kept, cleared.
+        pool.give_back(Bytes::from(vec![0u8; 2 << 20]));
+        for _ in 0..3 {
+            let mut v = Vec::with_capacity(4096);
+            v.extend_from_slice(&[7u8; 100]);
+            pool.give_back(Bytes::from(v));
+        }
+        assert_eq!(pool.bufs.lock().unwrap().len(), 2);
+        let b = pool.take();
+        assert!(b.is_empty() && b.capacity() >= 4096);
+    }
+}

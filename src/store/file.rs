@@ -293,19 +293,38 @@ fn write_direct(path: &Path, data: &[u8]) -> io::Result<()> {
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)?;
-    let mut backing = vec![0u8; DIRECT_IO_CHUNK_BYTES + DIRECT_IO_ALIGN];
+    let mut backing = DIRECT_BUFS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+        .unwrap_or_else(|| vec![0u8; DIRECT_IO_CHUNK_BYTES + DIRECT_IO_ALIGN]);
     let off = backing.as_ptr().align_offset(DIRECT_IO_ALIGN);
     let buf = &mut backing[off..off + DIRECT_IO_CHUNK_BYTES];
+    let mut result = Ok(());
     for chunk in data.chunks(DIRECT_IO_CHUNK_BYTES) {
         buf[..chunk.len()].copy_from_slice(chunk);
         let padded = chunk.len().next_multiple_of(DIRECT_IO_ALIGN);
         buf[chunk.len()..padded].fill(0);
         // A short write would leave the offset unaligned: write_all then fails with
         // EINVAL and the caller falls back, so a partial direct write is never kept.
-        f.write_all(&buf[..padded])?;
+        result = f.write_all(&buf[..padded]);
+        if result.is_err() {
+            break;
+        }
     }
+    let mut pool = DIRECT_BUFS.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < DIRECT_BUFS_KEPT {
+        pool.push(backing);
+    }
+    drop(pool);
+    result?;
     f.set_len(data.len() as u64)
 }
+
+/// Aligned bounce buffers kept between direct writes (a fresh 1 MiB one page-faults on
+/// every page it is copied into); at most [`DIRECT_BUFS_KEPT`], so at most that many MiB.
+static DIRECT_BUFS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+const DIRECT_BUFS_KEPT: usize = 8;
 
 fn direct_attempt(mode: u8, path: &Path, data: &[u8]) -> io::Result<()> {
     #[cfg(test)]
