@@ -185,8 +185,11 @@ for srv in $SERVERS; do
             timed "$OUT/$srv-nbdcopy-out.json" nbdcopy "$URI" null:
         fi
         log "$srv: fio $job (${RUNTIME}s)"
+        t0=$(awk '{print $14 + $15}' "/proc/$SRV_PID/stat")
         URI=$URI RUNTIME=$RUNTIME SIZE=$SIZE_BYTES fio --section="$job" --output-format=json \
             --output="$OUT/$srv-$job.json" "$REPO/tools/bench/nbd.fio" >/dev/null
+        t1=$(awk '{print $14 + $15}' "/proc/$SRV_PID/stat")
+        echo "{\"cpu_s\": $($PY -c "print(($t1 - $t0) / $(getconf CLK_TCK))")}" >"$OUT/$srv-$job-cpu.json"
     done
     stop_server "$srv"
 done
@@ -223,6 +226,20 @@ def fio(srv, job, what):
     return side["iops"] if what == "iops" else side["bw_bytes"] / (1 << 20)
 
 
+def cpu_per_op(srv, job):
+    """Server CPU (user + system) per I/O over the job, ramp included: the server's own
+    cost per request, which does not swing with scheduling the way throughput does."""
+    d, c = load(f"{srv}-{job}.json"), load(f"{srv}-{job}-cpu.json")
+    if not d or not c:
+        return None
+    j = d["jobs"][0]
+    side = j["write"] if "write" in job else j["read"]
+    ramp = float(d.get("global options", {}).get("ramp_time", "1"))
+    seconds = j["job_runtime"] / 1000 + ramp
+    ios = side["iops"] * seconds
+    return 1e6 * c["cpu_s"] / ios if ios else None
+
+
 def copy(srv, way):
     d = load(f"{srv}-nbdcopy-{way}.json")
     return size / (1 << 20) / d["seconds"] if d else None
@@ -242,6 +259,8 @@ rows = [
     ("seqread 1M qd8 (MiB/s)", lambda s: fio(s, "seqread", "bw"), True),
     ("nbdcopy in --flush (MiB/s)", lambda s: copy(s, "in"), True),
     ("nbdcopy out, 1st read after writes (MiB/s)", lambda s: copy(s, "out"), True),
+    ("server CPU per randwrite 4k (µs)", lambda s: cpu_per_op(s, "randwrite"), False),
+    ("server CPU per seqread 1M (µs)", lambda s: cpu_per_op(s, "seqread"), False),
     ("peak RSS (MiB)", lambda s: proc(s, "rss"), False),
     ("server CPU (s)", lambda s: proc(s, "cpu"), False),
 ]
