@@ -1092,6 +1092,11 @@ impl Log {
             || st.tail_entries() > self.tail_entries_trigger()
     }
 
+    /// Runs in the in-memory page index (what its memory grows with).
+    pub fn index_extents(&self) -> usize {
+        self.index_read().map.len()
+    }
+
     fn tail_entries_trigger(&self) -> usize {
         let extents = self.index_read().map.len();
         self.cfg.tail_entries_min.max(extents / 2)

@@ -381,3 +381,61 @@ async fn sequential_cold_reads_trigger_readahead() {
         "readahead did not fetch the next 4 MiB"
     );
 }
+
+#[tokio::test]
+async fn page_index_is_charged_to_the_cache_budget() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let cfg = VolumeConfig {
+        cache_bytes_max: 1 << 20,
+        ..VolumeConfig::default()
+    };
+    let log = Log::open(
+        Arc::clone(&store),
+        "vol",
+        Some(Geometry {
+            size_bytes: SIZE,
+            block_size: BS,
+        }),
+        LogConfig::default(),
+        OpenMode::Writer,
+    )
+    .await
+    .expect("open log");
+    let cache = PageCache::new(cfg.cache_bytes_max);
+    let v = Volume::new(
+        Arc::new(log),
+        cfg.clone(),
+        DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
+        Arc::clone(&cache),
+        false,
+    );
+    // 4,000 single blocks two apart: 4,000 index runs.
+    let n = 4000u64;
+    for i in 0..n {
+        v.write(i * 2 * BS as u64, pattern(i as u8, BS as usize), false)
+            .await
+            .unwrap();
+    }
+    Volume::flush(&v).await.unwrap();
+    let extents = v.log().index_extents();
+    assert!(extents >= n as usize);
+    let u = cache.usage();
+    assert_eq!(u.index_bytes, extents * 96);
+    assert!(
+        u.chunk_bytes + u.index_bytes <= 1 << 20,
+        "cache and index exceed the cache size: {u:?}"
+    );
+    // Everything still reads back (from the store where the cache gave way).
+    for i in (0..n).step_by(97) {
+        assert_eq!(
+            flat(v.read(i * 2 * BS as u64, BS).await.unwrap()),
+            pattern(i as u8, BS as usize).to_vec()
+        );
+    }
+    v.close().await.unwrap();
+    assert_eq!(
+        cache.usage().index_bytes,
+        0,
+        "a closed volume still charges its index"
+    );
+}

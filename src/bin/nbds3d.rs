@@ -37,7 +37,7 @@ struct Cli {
     /// Block size of exports created on first use.
     #[arg(long, default_value_t = 4096)]
     block_size: u32,
-    /// Page cache size, shared by all exports.
+    /// Page cache size, shared by all exports; the open exports' page indexes count toward it.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     cache_size: u64,
     /// Dirty (unflushed) data limit, shared by all exports; writers wait above it.
