@@ -15,6 +15,15 @@ const BS: u32 = 4096;
 const SIZE: u64 = 64 << 20;
 
 async fn open(store: &DynStore, cfg: VolumeConfig) -> Arc<Volume> {
+    let cache = PageCache::new(cfg.cache_bytes_max);
+    open_with_cache(store, cfg, cache).await
+}
+
+async fn open_with_cache(
+    store: &DynStore,
+    cfg: VolumeConfig,
+    cache: Arc<PageCache>,
+) -> Arc<Volume> {
     let log = Log::open(
         Arc::clone(store),
         "vol",
@@ -31,7 +40,7 @@ async fn open(store: &DynStore, cfg: VolumeConfig) -> Arc<Volume> {
         Arc::new(log),
         cfg.clone(),
         DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
-        PageCache::new(cfg.cache_bytes_max),
+        cache,
         false,
     )
 }
@@ -389,26 +398,8 @@ async fn page_index_is_charged_to_the_cache_budget() {
         cache_bytes_max: 1 << 20,
         ..VolumeConfig::default()
     };
-    let log = Log::open(
-        Arc::clone(&store),
-        "vol",
-        Some(Geometry {
-            size_bytes: SIZE,
-            block_size: BS,
-        }),
-        LogConfig::default(),
-        OpenMode::Writer,
-    )
-    .await
-    .expect("open log");
     let cache = PageCache::new(cfg.cache_bytes_max);
-    let v = Volume::new(
-        Arc::new(log),
-        cfg.clone(),
-        DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
-        Arc::clone(&cache),
-        false,
-    );
+    let v = open_with_cache(&store, cfg, Arc::clone(&cache)).await;
     // 4,000 single blocks two apart: 4,000 index runs.
     let n = 4000u64;
     for i in 0..n {
