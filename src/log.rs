@@ -361,6 +361,10 @@ impl Log {
     fn compress_state(&self) -> CompressState {
         *self.compress.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn set_compress_state(&self, state: CompressState) {
+        *self.compress.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
 }
 
 impl Drop for Log {
@@ -1411,7 +1415,7 @@ impl Log {
                     })
                     .await
                     .map_err(|e| LogError::Internal(e.to_string()))?;
-                    *self.compress.lock().unwrap_or_else(|e| e.into_inner()) = compress;
+                    self.set_compress_state(compress);
                     let size = bytes.len() as u64;
                     let bytes = Bytes::from(bytes);
                     self.store

@@ -242,6 +242,7 @@ pub struct CacheUsage {
 /// Bytes per cache chunk (block sizes above this get one-block chunks).
 pub const CACHE_CHUNK_BYTES: usize = 32 * 1024;
 
+#[derive(Default)]
 struct Chunk {
     /// The chunk's buffer, `chunk_blocks * bs` long; empty while every valid block is
     /// still in `pending`.
@@ -355,43 +356,40 @@ impl CacheInner {
 
     /// Cache a copy of `block` (exactly `bs` bytes) as the content of `key`.
     fn put(&mut self, key: (u64, u64), block: &[u8], bs: usize) {
-        let (ck, i) = Self::locate(key, bs);
-        let len = chunk_blocks(bs) as usize * bs;
-        let range = i * bs..(i + 1) * bs;
-        let c = self.lru.get_or_insert_mut(ck, || Chunk {
-            data: Bytes::new(),
-            present: 0,
-            pending: Vec::new(),
-        });
-        let before = c.charge();
-        c.unpend(i);
-        let mut m = c.data_mut(len);
-        m[range].copy_from_slice(block);
-        c.data = m.freeze();
-        c.present |= 1 << i;
-        self.bytes = self.bytes + c.charge() - before;
-        self.evict();
+        self.put_block(key, block, None, bs);
     }
 
     /// Cache `block` (exactly `bs` bytes, in an allocation of `charge` bytes) as the
     /// content of `key`: by reference while its chunk has no buffer (copied in when the
     /// chunk is next read), else copied into the buffer.
-    fn put_shared(&mut self, key: (u64, u64), block: Bytes, charge: usize, bs: usize) {
+    fn put_shared(&mut self, key: (u64, u64), block: &Bytes, charge: usize, bs: usize) {
+        self.put_block(key, block, Some((block, charge)), bs);
+    }
+
+    /// One lookup per block for both kinds of put.
+    fn put_block(
+        &mut self,
+        key: (u64, u64),
+        block: &[u8],
+        by_ref: Option<(&Bytes, usize)>,
+        bs: usize,
+    ) {
         let (ck, i) = Self::locate(key, bs);
-        let c = self.lru.get_or_insert_mut(ck, || Chunk {
-            data: Bytes::new(),
-            present: 0,
-            pending: Vec::new(),
-        });
-        if !c.data.is_empty() {
-            // The chunk has its buffer already: a copy costs no more memory than the
-            // block, where holding the block too would charge it twice.
-            return self.put(key, &block, bs);
-        }
+        let len = chunk_blocks(bs) as usize * bs;
+        let c = self.lru.get_or_insert_mut(ck, Chunk::default);
         let before = c.charge();
         c.unpend(i);
-        // Block indices fit in u8: a chunk has at most 64 blocks.
-        c.pending.push((i as u8, block, charge));
+        match by_ref {
+            // Only while the chunk has no buffer: with one, a copy costs no more memory
+            // than the block, where holding the block too would charge it twice. Block
+            // indices fit in u8: a chunk has at most 64 blocks.
+            Some((b, charge)) if c.data.is_empty() => c.pending.push((i as u8, b.clone(), charge)),
+            _ => {
+                let mut m = c.data_mut(len);
+                m[i * bs..(i + 1) * bs].copy_from_slice(block);
+                c.data = m.freeze();
+            }
+        }
         c.present |= 1 << i;
         self.bytes = self.bytes + c.charge() - before;
         self.evict();
@@ -769,7 +767,7 @@ impl Volume {
                     // A block written on its own (random small writes) is cached by
                     // reference: its buffer is exactly what the cache is charged.
                     Dirty::Data(b, _, backing) if blocks == 1 && *backing <= 2 * bs => {
-                        cache.put_shared(key, b.clone(), *backing, bs);
+                        cache.put_shared(key, b, *backing, bs);
                     }
                     Dirty::Data(b, ..) => {
                         let s = i as usize * bs;
@@ -1691,9 +1689,9 @@ mod tests {
         let mut g = c.lock();
         let shared = |v: u8| Bytes::from(block(v));
         // A chunk without a buffer holds committed blocks by reference, charged as given.
-        g.put_shared((1, 0), shared(1), BS, BS);
-        g.put_shared((1, 2), shared(2), BS, BS);
-        g.put_shared((1, 2), shared(3), BS, BS); // replaces, not adds
+        g.put_shared((1, 0), &shared(1), BS, BS);
+        g.put_shared((1, 2), &shared(2), BS, BS);
+        g.put_shared((1, 2), &shared(3), BS, BS); // replaces, not adds
         assert_eq!(g.bytes, 2 * BS);
         assert!(g.contains((1, 0), BS) && g.contains((1, 2), BS) && !g.contains((1, 1), BS));
         // A copied block into the same chunk gives it its buffer; pending ones stay valid.
@@ -1707,12 +1705,12 @@ mod tests {
         assert!(g.get((1, 3), BS).is_none());
         // Once the chunk has a buffer, later blocks are copied into it (charged once).
         let held = g.get((1, 2), BS).unwrap();
-        g.put_shared((1, 2), shared(5), BS, BS);
+        g.put_shared((1, 2), &shared(5), BS, BS);
         assert_eq!(g.bytes, CACHE_CHUNK_BYTES);
         assert_eq!(held, block(3), "bytes handed out changed");
         assert_eq!(g.get((1, 2), BS).unwrap(), block(5));
         // Forgetting a pending block drops its charge; the chunk goes when empty.
-        g.put_shared((2, 9), shared(6), BS, BS);
+        g.put_shared((2, 9), &shared(6), BS, BS);
         assert_eq!(g.bytes, CACHE_CHUNK_BYTES + BS);
         g.pop((2, 9), BS);
         assert_eq!(g.bytes, CACHE_CHUNK_BYTES);
@@ -1726,7 +1724,7 @@ mod tests {
         let per_chunk = (CACHE_CHUNK_BYTES / BS) as u64;
         // 20 lone blocks in 20 chunks, 4 KiB each: only 16 fit in 64 KiB.
         for k in 0..20u64 {
-            g.put_shared((1, k * per_chunk), Bytes::from(block(k as u8)), BS, BS);
+            g.put_shared((1, k * per_chunk), &Bytes::from(block(k as u8)), BS, BS);
             assert!(g.bytes <= 2 * CACHE_CHUNK_BYTES);
         }
         assert!(!g.contains((1, 0), BS), "oldest not evicted");
