@@ -185,7 +185,15 @@ pub struct SegmentBuilder {
     scratch: Vec<u8>,
     /// Early abort for incompressible data (see [`CompressState`]).
     compress: CompressState,
+    /// Where the segment starts in `buf`: 0, or the padding that puts it on a
+    /// [`SEGMENT_BUF_ALIGN`] boundary (see [`SegmentBuilder::new_aligned_in`]). Offsets in
+    /// the directory count from here.
+    start: usize,
 }
+
+/// Address alignment [`SegmentBuilder::new_aligned_in`] gives a segment in memory: what
+/// `O_DIRECT` needs, so the file store writes the buffer itself instead of a copy.
+pub const SEGMENT_BUF_ALIGN: usize = 4096;
 
 /// The writer's memory of how compressible recent data was, carried from one segment to
 /// the next (a fresh state per segment paid the learning attempts again every segment).
@@ -225,13 +233,46 @@ impl SegmentBuilder {
     /// from an earlier segment has its pages mapped already, where a fresh multi-MiB one
     /// page-faults and zeroes every page as the segment is written into it.
     pub fn new_in(
+        buf: Vec<u8>,
+        segment_id: u64,
+        epoch: u64,
+        block_size: u32,
+        zstd_level: i32,
+    ) -> Self {
+        Self::start_in(buf, 0, segment_id, epoch, block_size, zstd_level)
+    }
+
+    /// Like [`SegmentBuilder::new_in`], with room for `capacity` bytes of segment reserved
+    /// up front (an 8 MiB segment would otherwise be copied ~8 times as the buffer grows)
+    /// and the segment placed at a [`SEGMENT_BUF_ALIGN`]-aligned address inside `buf`:
+    /// finish with [`SegmentBuilder::finish_in_place`]. If the segment outgrows `capacity`
+    /// the buffer moves and the alignment may be lost; that costs a copy in the file store,
+    /// never correctness.
+    pub fn new_aligned_in(
         mut buf: Vec<u8>,
+        capacity: usize,
         segment_id: u64,
         epoch: u64,
         block_size: u32,
         zstd_level: i32,
     ) -> Self {
         buf.clear();
+        buf.reserve(capacity.saturating_add(SEGMENT_BUF_ALIGN));
+        let start = buf.as_ptr().align_offset(SEGMENT_BUF_ALIGN);
+        let start = if start < SEGMENT_BUF_ALIGN { start } else { 0 };
+        Self::start_in(buf, start, segment_id, epoch, block_size, zstd_level)
+    }
+
+    fn start_in(
+        mut buf: Vec<u8>,
+        start: usize,
+        segment_id: u64,
+        epoch: u64,
+        block_size: u32,
+        zstd_level: i32,
+    ) -> Self {
+        buf.clear();
+        buf.resize(start, 0);
         buf.extend_from_slice(&SEGMENT_MAGIC);
         buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         buf.extend_from_slice(&0u16.to_le_bytes());
@@ -245,6 +286,7 @@ impl SegmentBuilder {
             cctx: zstd::bulk::Compressor::new(zstd_level).ok(),
             scratch: Vec::new(),
             compress: CompressState::default(),
+            start,
         }
     }
 
@@ -296,7 +338,7 @@ impl SegmentBuilder {
 
     /// Bytes so far (frames only; the directory and footer come on `finish`).
     pub fn len_bytes(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// Make room for `bytes` more of object, so a large segment is built without the
@@ -318,7 +360,7 @@ impl SegmentBuilder {
             // Raw when zstd does not help enough (already-compressed or random data).
             (0, raw)
         };
-        let offset = self.buf.len() as u64;
+        let offset = self.len_bytes() as u64;
         let mut hdr = [0u8; FRAME_HEADER_BYTES];
         hdr[0..4].copy_from_slice(&FRAME_MAGIC);
         hdr[4..6].copy_from_slice(&flags.to_le_bytes());
@@ -369,8 +411,15 @@ impl SegmentBuilder {
     }
 
     /// Append directory and footer; returns the whole object and its directory.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<DirEntry>) {
-        let dir_offset = self.buf.len() as u64;
+    pub fn finish(self) -> (Vec<u8>, Vec<DirEntry>) {
+        let (mut buf, start, entries) = self.finish_in_place();
+        buf.drain(..start);
+        (buf, entries)
+    }
+
+    /// Finish: the segment is `buf[start..]` (see [`SegmentBuilder::new_aligned_in`]).
+    pub fn finish_in_place(mut self) -> (Vec<u8>, usize, Vec<DirEntry>) {
+        let dir_offset = self.len_bytes() as u64;
         let dir = encode_bincode(&self.entries);
         self.buf.extend_from_slice(&dir);
         let mut f = [0u8; SEGMENT_FOOTER_BYTES];
@@ -384,7 +433,7 @@ impl SegmentBuilder {
         let crc = crc32fast::hash(&f[0..44]);
         f[44..48].copy_from_slice(&crc.to_le_bytes());
         self.buf.extend_from_slice(&f);
-        (self.buf, self.entries)
+        (self.buf, self.start, self.entries)
     }
 }
 
@@ -1041,6 +1090,35 @@ mod tests {
         b.add_frame(100, &rnd);
         b.add_range(20, 5, EntryKind::Unmap);
         b.finish().0
+    }
+
+    #[test]
+    fn aligned_builder_writes_the_same_bytes_at_an_aligned_address() {
+        let build = |mut b: SegmentBuilder| {
+            let mut raw = vec![0u8; 8192];
+            raw[0] = 1;
+            b.add_frame(10, &raw);
+            b.add_range(20, 5, EntryKind::Unmap);
+            b
+        };
+        let (plain, _) = build(SegmentBuilder::new(object_id(3, 7), 3, 4096, 1)).finish();
+        // A reused buffer with stale contents and an arbitrary address.
+        let (buf, start, entries) = build(SegmentBuilder::new_aligned_in(
+            vec![0xAAu8; 5000],
+            64 << 10,
+            object_id(3, 7),
+            3,
+            4096,
+            1,
+        ))
+        .finish_in_place();
+        assert_eq!(buf[start..].as_ptr() as usize % SEGMENT_BUF_ALIGN, 0);
+        assert_eq!(
+            &buf[start..],
+            &plain[..],
+            "same object bytes, offsets from its start"
+        );
+        assert_eq!(parse_segment(&buf[start..], true).unwrap().1, entries);
     }
 
     #[test]

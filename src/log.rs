@@ -342,14 +342,16 @@ impl BufPool {
 
     /// Keep the buffer behind `b` if nobody else holds it any more (a store may still).
     fn give_back(&self, b: Bytes) {
-        let Ok(m) = b.try_into_mut() else {
+        let Ok(mut m) = b.try_into_mut() else {
             return;
         };
-        let mut v = Vec::from(m);
+        // Emptied first: `Vec::from` moves the contents to the front, a copy of the whole
+        // segment for nothing.
+        m.clear();
+        let v = Vec::from(m);
         if v.capacity() > self.cap_max {
             return;
         }
-        v.clear();
         let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
         if bufs.len() < self.max {
             bufs.push(v);
@@ -1410,18 +1412,19 @@ impl Log {
                 async move {
                     let compress = self.compress_state();
                     let buf = self.seg_bufs.take();
-                    let (bytes, dir, compress) = tokio::task::spawn_blocking(move || {
+                    let (buf, start, dir, compress) = tokio::task::spawn_blocking(move || {
                         build_segment(buf, id, epoch, block_size, &cfg, compress, &job)
                     })
                     .await
                     .map_err(|e| LogError::Internal(e.to_string()))?;
                     self.set_compress_state(compress);
-                    let size = bytes.len() as u64;
-                    let bytes = Bytes::from(bytes);
+                    let buf = Bytes::from(buf);
+                    let segment = buf.slice(start..);
+                    let size = segment.len() as u64;
                     self.store
-                        .put(&self.keys.segment(id), bytes.clone(), PutMode::IfAbsent)
+                        .put(&self.keys.segment(id), segment, PutMode::IfAbsent)
                         .await?;
-                    self.seg_bufs.give_back(bytes);
+                    self.seg_bufs.give_back(buf);
                     self.stats.segments_written.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .segment_bytes_written
@@ -1605,11 +1608,9 @@ fn build_segment(
     cfg: &LogConfig,
     compress: CompressState,
     job: &[BatchEntry],
-) -> (Vec<u8>, Vec<DirEntry>, CompressState) {
+) -> (Vec<u8>, usize, Vec<DirEntry>, CompressState) {
     let bs = block_size as usize;
     let frame_blocks = (cfg.frame_bytes_max / bs).max(1);
-    let mut b = SegmentBuilder::new_in(buf, id, epoch, block_size, cfg.zstd_level)
-        .with_compress_state(compress);
     // Upper bound of the object when every frame stays raw: data, a header per frame and
     // a directory entry (under 40 bytes) per frame or range.
     let estimate: usize = job
@@ -1622,7 +1623,16 @@ fn build_segment(
             _ => 40,
         })
         .sum();
-    b.reserve(estimate + SEGMENT_FOOTER_BYTES);
+    // Aligned, so the file store writes this very buffer with O_DIRECT (no bounce copy).
+    let mut b = SegmentBuilder::new_aligned_in(
+        buf,
+        estimate + SEGMENT_FOOTER_BYTES,
+        id,
+        epoch,
+        block_size,
+        cfg.zstd_level,
+    )
+    .with_compress_state(compress);
     for e in job {
         match &e.update {
             Update::Unmap => {
@@ -1657,8 +1667,8 @@ fn build_segment(
         }
     }
     let learnt = b.compress_state();
-    let (bytes, dir) = b.finish();
-    (bytes, dir, learnt)
+    let (buf, start, dir) = b.finish_in_place();
+    (buf, start, dir, learnt)
 }
 
 pub fn is_zero(b: &[u8]) -> bool {
@@ -1690,6 +1700,12 @@ mod tests {
         pool.give_back(shared);
         assert_eq!(pool.bufs.lock().unwrap().len(), 0);
         drop(held);
+        // Nor one a store holds a slice of (the aligned segment inside the buffer).
+        let whole = Bytes::from(vec![2u8; 1000]);
+        let segment = whole.slice(100..);
+        pool.give_back(whole);
+        assert_eq!(pool.bufs.lock().unwrap().len(), 0);
+        drop(segment);
         // Oversized buffers are dropped; at most `max` are kept, cleared.
         pool.give_back(Bytes::from(vec![0u8; 2 << 20]));
         for _ in 0..3 {
