@@ -828,7 +828,13 @@ where
     let mut batch: Vec<Outgoing> = Vec::new();
     let hand_over = |batch: &mut Vec<Outgoing>| {
         if !batch.is_empty() {
-            let _ = tx.send(ToWriter::Batch(std::mem::take(batch)));
+            // The next batch starts with room for as many replies as this one had, so it
+            // does not regrow from empty (a realloc per doubling was 1% of the CPU).
+            let room = batch.len();
+            let _ = tx.send(ToWriter::Batch(std::mem::replace(
+                batch,
+                Vec::with_capacity(room),
+            )));
         }
     };
 
