@@ -53,6 +53,13 @@ const INDEX_BYTES_PER_EXTENT: usize = 96;
 const CACHE_UPDATE_BLOCKS_PER_LOCK: usize = 256;
 /// Frames one read (or readahead) fetches from the store at once.
 const FRAME_FETCHES_PER_READ_MAX: usize = 16;
+/// A frame as a read's fetch returns it.
+type FetchedFrame = Result<Arc<crate::format::Frame>, VolumeError>;
+
+/// Frames of one segment at most this far apart are fetched by a read with one GET …
+const READ_SPAN_GAP_BYTES_MAX: u64 = 64 * 1024;
+/// … of at most this many bytes (so a read holds at most 16 x 1 MiB of GET buffers).
+const READ_SPAN_BYTES_MAX: u64 = 1 << 20;
 /// Blocks a single BLOCK_STATUS answer looks at (a prefix answer is allowed by the spec).
 const BLOCK_STATUS_BLOCKS_MAX: u64 = 1 << 20;
 
@@ -1102,24 +1109,64 @@ impl Volume {
     }
 
     /// Fetch frames `(segment, offset, length)` concurrently (bounded), results in order.
-    async fn fetch_frames(
-        &self,
-        frames: Vec<(u64, u64, u32)>,
-    ) -> Vec<Result<Arc<crate::format::Frame>, VolumeError>> {
-        futures::stream::iter(frames)
-            .map(|(seg, off, len)| self.fetch_frame(seg, off, len))
+    /// Neighbouring frames of one segment come with one GET (a flush stores its blocks in
+    /// LBA order, so a read after random writes finds many of its frames side by side);
+    /// a frame alone goes through [`Volume::fetch_frame`], which merges concurrent misses.
+    async fn fetch_frames(&self, frames: Vec<(u64, u64, u32)>) -> Vec<FetchedFrame> {
+        let spans =
+            crate::log::plan_frame_spans(&frames, READ_SPAN_GAP_BYTES_MAX, READ_SPAN_BYTES_MAX);
+        let frames = &frames;
+        let fetched: Vec<Vec<(usize, FetchedFrame)>> = futures::stream::iter(spans)
+            .map(|span| async move {
+                if let [i] = span[..] {
+                    let (seg, off, len) = frames[i];
+                    return vec![(i, self.fetch_frame(seg, off, len).await)];
+                }
+                let seg = frames[span[0]].0;
+                let wanted: Vec<(u64, u32)> =
+                    span.iter().map(|&i| (frames[i].1, frames[i].2)).collect();
+                match self.log.read_frame_span(seg, &wanted).await {
+                    Ok(decoded) => span
+                        .iter()
+                        .zip(decoded)
+                        .map(|(&i, r)| (i, r.map(Arc::new).map_err(VolumeError::from)))
+                        .collect(),
+                    Err(e) => {
+                        let reason = e.to_string();
+                        span.iter()
+                            .map(|&i| {
+                                (
+                                    i,
+                                    Err(VolumeError::Log(LogError::Corrupt {
+                                        key: self.log.keys().segment(seg),
+                                        reason: reason.clone(),
+                                    })),
+                                )
+                            })
+                            .collect()
+                    }
+                }
+            })
             .buffered(FRAME_FETCHES_PER_READ_MAX)
             .collect()
-            .await
+            .await;
+        let mut out: Vec<Option<FetchedFrame>> = (0..frames.len()).map(|_| None).collect();
+        for (i, r) in fetched.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(VolumeError::Log(LogError::Internal(
+                        "frame not fetched".into(),
+                    )))
+                })
+            })
+            .collect()
     }
 
     /// Fetch a frame, coalescing concurrent misses on the same frame into one GET.
-    async fn fetch_frame(
-        &self,
-        seg: u64,
-        frame_offset: u64,
-        frame_len: u32,
-    ) -> Result<Arc<crate::format::Frame>, VolumeError> {
+    async fn fetch_frame(&self, seg: u64, frame_offset: u64, frame_len: u32) -> FetchedFrame {
         let key = (seg, frame_offset);
         let cell = {
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());

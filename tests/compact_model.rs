@@ -748,6 +748,8 @@ async fn space_after_random_overwrites_64mib() {
         }
     }
     let before = compact::space_report(&log, true).await.unwrap();
+    let stat = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let (frames0, gets0) = (stat(&log.stats.frames_read), stat(&log.stats.frame_gets));
     let ccfg = CompactConfig {
         dead_fraction_min: 0.25,
         pass_bytes_max: 16 << 20,
@@ -777,6 +779,14 @@ async fn space_after_random_overwrites_64mib() {
         g.objects_deleted()
     );
     assert!(ratio <= 1.1, "stored/live = {ratio:.3}");
+    // The victims' live single-block frames were read with few GETs, not one each.
+    let frames = stat(&log.stats.frames_read) - frames0;
+    let gets = stat(&log.stats.frame_gets) - gets0;
+    eprintln!("compaction read {frames} frames with {gets} GETs");
+    assert!(
+        frames > 1000 && gets * 20 < frames,
+        "{frames} frames, {gets} GETs"
+    );
     assert!(before.bytes_stored as f64 > 1.5 * after.bytes_stored as f64);
     log.check_accounting().unwrap();
     // Content intact (spot-check 2,000 random blocks and both ends).

@@ -3,7 +3,8 @@
 //! background compactor ([`spawn_compactor`]) and the offline `nbds3-compact`.
 //!
 //! A pass: pick victims from the index's per-segment live-block counters (no LIST); read
-//! the frames that still hold live blocks (one ranged GET each, verified); re-frame those
+//! the frames that still hold live blocks (verified; neighbours in a segment with one
+//! ranged GET, see [`super::plan_frame_spans`]); re-frame those
 //! blocks in block order into new segments built with [`SegmentBuilder`] under ids from
 //! [`Log::allocate_id`]; upload them with IfAbsent; then [`Log::commit_rewrite`] publishes a
 //! checkpoint + manifest that repoints only the runs that still point where the copy was
@@ -22,7 +23,8 @@
 //! - New ids stay pending (GC keeps them) until a manifest names them or the pass knows no
 //!   manifest ever will.
 //! - Bounded: one pass copies at most `pass_bytes_max` raw bytes (memory and I/O), with at
-//!   most `reads_in_flight_max` frame reads and the log's upload limit in flight.
+//!   most `reads_in_flight_max` reads of at most [`SPAN_BYTES_MAX`] each and the log's
+//!   upload limit in flight.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -290,8 +292,17 @@ struct Piece {
 /// A stored frame: (segment id, frame offset, frame length).
 type FrameKey = (u64, u64, u32);
 
+/// `(lba, blocks, location)`: a live run of a victim frame.
+type LiveRun = (u64, u64, Val);
+
 /// `(lba, blocks, old location, new location)`: what the commit repoints if still current.
 type Move = (u64, u64, Val, Val);
+
+/// Frames of one segment at most this far apart are fetched with one GET (the victims are
+/// mostly dead, so their live frames are sparse; reading a gap is cheaper than a request).
+const SPAN_GAP_BYTES_MAX: u64 = 1 << 20;
+/// Longest such GET: with `reads_in_flight_max` of them, the pass's read buffers.
+const SPAN_BYTES_MAX: u64 = 8 << 20;
 
 /// Called with raw bytes copied as a pass reads them (for progress bars).
 pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
@@ -327,7 +338,7 @@ pub async fn compact_pass(
     let victims: HashSet<u64> = plan.victims.iter().map(|v| v.id).collect();
 
     // 1. The live runs of the victims, grouped by the frame that holds them.
-    let mut frames: BTreeMap<FrameKey, Vec<(u64, u64, Val)>> = BTreeMap::new();
+    let mut frames: BTreeMap<FrameKey, Vec<LiveRun>> = BTreeMap::new();
     log.with_index(|idx| {
         for (lba, blocks, v) in idx.map.iter() {
             if let Val::Frame {
@@ -352,36 +363,55 @@ pub async fn compact_pass(
         .collect::<HashSet<_>>()
         .len() as u64;
 
-    // 2. Read and verify each frame once; keep only the live blocks.
+    // 2. Read and verify each frame once, neighbours in a segment with one GET; keep only
+    //    the live blocks.
     let bs = log.geometry().block_size as usize;
-    let read: Vec<(u32, Vec<Piece>)> = futures::stream::iter(frames)
-        .map(|((seg, off, len), runs)| async move {
-            let f = log.read_frame(seg, off, len).await?;
+    let frames: Vec<(FrameKey, Vec<LiveRun>)> = frames.into_iter().collect();
+    let keys: Vec<FrameKey> = frames.iter().map(|(k, _)| *k).collect();
+    let spans = super::plan_frame_spans(&keys, SPAN_GAP_BYTES_MAX, SPAN_BYTES_MAX);
+    let frames = &frames;
+    let read: Vec<Vec<(u32, Vec<Piece>)>> = futures::stream::iter(spans)
+        .map(|span| async move {
+            let seg = frames[span[0]].0 .0;
+            let wanted: Vec<(u64, u32)> = span
+                .iter()
+                .map(|&i| (frames[i].0 .1, frames[i].0 .2))
+                .collect();
+            let decoded = log.read_frame_span(seg, &wanted).await?;
             let key = log.keys().segment(seg);
-            let mut out = Vec::with_capacity(runs.len());
-            for (lba, blocks, v) in runs {
-                let Val::Frame { block_in_frame, .. } = v else {
-                    continue;
-                };
-                let first = block_in_frame as u64;
-                check_frame_covers(&key, &f, lba, first, blocks)?;
-                let s = first as usize * bs;
-                let e = s + blocks as usize * bs;
-                out.push(Piece {
-                    lba,
-                    blocks,
-                    old: v,
-                    data: Bytes::copy_from_slice(&f.data[s..e]),
-                });
+            let mut per_frame = Vec::with_capacity(span.len());
+            for (&i, f) in span.iter().zip(decoded) {
+                let f = f?;
+                let ((_, _, len), runs) = &frames[i];
+                let mut out = Vec::with_capacity(runs.len());
+                for &(lba, blocks, v) in runs {
+                    let Val::Frame { block_in_frame, .. } = v else {
+                        continue;
+                    };
+                    let first = block_in_frame as u64;
+                    check_frame_covers(&key, &f, lba, first, blocks)?;
+                    let s = first as usize * bs;
+                    let e = s + blocks as usize * bs;
+                    out.push(Piece {
+                        lba,
+                        blocks,
+                        old: v,
+                        // A copy: a slice would keep the whole frame alive, beyond
+                        // what `pass_bytes_max` bounds.
+                        data: Bytes::copy_from_slice(&f.data[s..e]),
+                    });
+                }
+                if let Some(p) = progress {
+                    p(out.iter().map(|x| x.data.len() as u64).sum());
+                }
+                per_frame.push((*len, out));
             }
-            if let Some(p) = progress {
-                p(out.iter().map(|x| x.data.len() as u64).sum());
-            }
-            Ok::<_, LogError>((len, out))
+            Ok::<_, LogError>(per_frame)
         })
         .buffer_unordered(cfg.reads_in_flight_max.max(1))
         .try_collect()
         .await?;
+    let read: Vec<(u32, Vec<Piece>)> = read.into_iter().flatten().collect();
     report.frames_read = read.len() as u64;
     report.frame_bytes_read = read.iter().map(|(len, _)| *len as u64).sum();
     let pieces = read.into_iter().flat_map(|(_, p)| p);
