@@ -3,8 +3,10 @@
 //!
 //! Layers, each seeing only the one below it (see `../shared/DESIGN.md` and `format/`):
 //! `nbd` (wire protocol) → `volume` (dirty set, page cache) → `log` (segments, manifests,
-//! index, fencing, compaction) → `store` (object-store backends).
+//! index, fencing, compaction) → `store` (object-store backends). `background` runs the
+//! log's maintenance CPU work at the lowest priority.
 
+pub mod background;
 pub mod cli;
 pub mod format;
 pub mod inspect;

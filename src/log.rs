@@ -684,7 +684,9 @@ impl CheckpointJob {
         let body = if inline {
             build()?
         } else {
-            tokio::task::spawn_blocking(build)
+            // At the lowest priority: nothing waits for a checkpoint but a commit at the
+            // tail's hard limit, and while that waits the CPU is free for it anyway.
+            crate::background::run(build)
                 .await
                 .map_err(|e| LogError::Internal(e.to_string()))??
         };

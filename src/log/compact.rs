@@ -443,11 +443,11 @@ pub async fn compact_pass(
     let zstd_level = log.config().zstd_level;
     let built = futures::stream::iter(ids.iter().copied().zip(jobs))
         .map(|(id, job)| async move {
-            let (bytes, dir, moves) = tokio::task::spawn_blocking(move || {
-                build_job(id, epoch, block_size, zstd_level, job)
-            })
-            .await
-            .map_err(|e| LogError::Internal(e.to_string()))?;
+            // At the lowest priority: compaction must not take CPU from requests.
+            let (bytes, dir, moves) =
+                crate::background::run(move || build_job(id, epoch, block_size, zstd_level, job))
+                    .await
+                    .map_err(|e| LogError::Internal(e.to_string()))?;
             let size = bytes.len() as u64;
             log.store()
                 .put(

@@ -199,7 +199,7 @@ impl GcState {
         let key = keys.checkpoint(id);
         let body = super::get_checkpoint_body(store, &key).await?;
         let k2 = key.clone();
-        let c = tokio::task::spawn_blocking(move || format::decode_checkpoint(&body))
+        let c = crate::background::run(move || format::decode_checkpoint(&body))
             .await
             .map_err(|e| CompactError::Internal(e.to_string()))?
             .map_err(|source| LogError::Format { key: k2, source })?;
