@@ -123,6 +123,13 @@ pub trait ObjectStore: Send + Sync + Debug + 'static {
     }
     /// Short description for logs, never containing credentials (e.g. `s3://bucket/prefix`).
     fn describe(&self) -> String;
+    /// A ranged GET's fixed cost, in bytes of transfer: readers fetch parts of one object
+    /// that are at most this far apart with one GET, reading the gap in vain (see
+    /// `log::plan_frame_spans`). Default: a local file system, where a request is a
+    /// thread hop and a few syscalls, about the CPU of copying 64 KiB.
+    fn request_cost_bytes(&self) -> u64 {
+        64 * 1024
+    }
 }
 
 pub type DynStore = Arc<dyn ObjectStore>;

@@ -56,9 +56,8 @@ const FRAME_FETCHES_PER_READ_MAX: usize = 16;
 /// A frame as a read's fetch returns it.
 type FetchedFrame = Result<Arc<crate::format::Frame>, VolumeError>;
 
-/// Frames of one segment at most this far apart are fetched by a read with one GET …
-const READ_SPAN_GAP_BYTES_MAX: u64 = 64 * 1024;
-/// … of at most this many bytes (so a read holds at most 16 x 1 MiB of GET buffers).
+/// Longest GET of neighbouring frames (those at most the store's `request_cost_bytes`
+/// apart) a read makes: a read holds at most 16 x 1 MiB of GET buffers.
 const READ_SPAN_BYTES_MAX: u64 = 1 << 20;
 /// Blocks a single BLOCK_STATUS answer looks at (a prefix answer is allowed by the spec).
 const BLOCK_STATUS_BLOCKS_MAX: u64 = 1 << 20;
@@ -1113,8 +1112,8 @@ impl Volume {
     /// LBA order, so a read after random writes finds many of its frames side by side);
     /// a frame alone goes through [`Volume::fetch_frame`], which merges concurrent misses.
     async fn fetch_frames(&self, frames: Vec<(u64, u64, u32)>) -> Vec<FetchedFrame> {
-        let spans =
-            crate::log::plan_frame_spans(&frames, READ_SPAN_GAP_BYTES_MAX, READ_SPAN_BYTES_MAX);
+        let gap = self.log.store().request_cost_bytes();
+        let spans = crate::log::plan_frame_spans(&frames, gap, READ_SPAN_BYTES_MAX);
         let frames = &frames;
         let fetched: Vec<Vec<(usize, FetchedFrame)>> = futures::stream::iter(spans)
             .map(|span| async move {

@@ -298,10 +298,8 @@ type LiveRun = (u64, u64, Val);
 /// `(lba, blocks, old location, new location)`: what the commit repoints if still current.
 type Move = (u64, u64, Val, Val);
 
-/// Frames of one segment at most this far apart are fetched with one GET (the victims are
-/// mostly dead, so their live frames are sparse; reading a gap is cheaper than a request).
-const SPAN_GAP_BYTES_MAX: u64 = 1 << 20;
-/// Longest such GET: with `reads_in_flight_max` of them, the pass's read buffers.
+/// Longest GET of neighbouring frames (those at most the store's `request_cost_bytes`
+/// apart): with `reads_in_flight_max` of them, the pass's read buffers.
 const SPAN_BYTES_MAX: u64 = 8 << 20;
 
 /// Called with raw bytes copied as a pass reads them (for progress bars).
@@ -368,7 +366,8 @@ pub async fn compact_pass(
     let bs = log.geometry().block_size as usize;
     let frames: Vec<(FrameKey, Vec<LiveRun>)> = frames.into_iter().collect();
     let keys: Vec<FrameKey> = frames.iter().map(|(k, _)| *k).collect();
-    let spans = super::plan_frame_spans(&keys, SPAN_GAP_BYTES_MAX, SPAN_BYTES_MAX);
+    let gap = log.store().request_cost_bytes();
+    let spans = super::plan_frame_spans(&keys, gap, SPAN_BYTES_MAX);
     let frames = &frames;
     let read: Vec<Vec<(u32, Vec<Piece>)>> = futures::stream::iter(spans)
         .map(|span| async move {

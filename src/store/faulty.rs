@@ -343,6 +343,9 @@ impl ObjectStore for FaultyStore {
     fn describe(&self) -> String {
         format!("faulty({})", self.inner.describe())
     }
+    fn request_cost_bytes(&self) -> u64 {
+        self.inner.request_cost_bytes()
+    }
 }
 
 #[cfg(test)]
