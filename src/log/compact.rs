@@ -161,12 +161,15 @@ impl PassPlan {
 /// taken whatever its size, so progress is always possible); `None` plans everything.
 pub fn plan_pass(log: &Log, cfg: &CompactConfig, budget_bytes: Option<u64>) -> PassPlan {
     let bs = log.geometry().block_size as u64;
-    log.with_index(|idx| plan_from_index(idx, bs, cfg, budget_bytes))
+    let seg_raw_max = log.config().segment_bytes_max as u64;
+    log.with_index(|idx| plan_from_index(idx, bs, seg_raw_max, cfg, budget_bytes))
 }
 
+/// `seg_raw_max`: raw bytes after which a pass starts a new output segment ([`cut_jobs`]).
 fn plan_from_index(
     idx: &Index,
     bs: u64,
+    seg_raw_max: u64,
     cfg: &CompactConfig,
     budget_bytes: Option<u64>,
 ) -> PassPlan {
@@ -197,12 +200,18 @@ fn plan_from_index(
             .total_cmp(&a.1.dead_fraction())
             .then(a.0.cmp(&b.0))
     });
+    // Small in stored bytes, and also in raw live bytes: output segments are cut by raw
+    // size, so merging segments that each hold half a segment's raw data or more cannot
+    // make fewer of them. (Well-compressing data makes segments small in stored bytes
+    // only; without this the same segments were "merged" into as many again on every
+    // pass, forever.)
     let small: Vec<(u64, SegStat)> = segs
         .iter()
         .filter(|(_, s)| {
             s.blocks_live > 0
                 && s.dead_fraction() < cfg.dead_fraction_min
                 && s.size_bytes < cfg.small_segment_bytes
+                && s.blocks_live * bs < seg_raw_max / 2
         })
         .copied()
         .collect();
@@ -1162,13 +1171,40 @@ mod tests {
             small_segments_min: 2,
             ..CompactConfig::default()
         };
-        let p = plan_from_index(&idx, 4096, &cfg, None);
+        let p = plan_from_index(&idx, 4096, 8 << 20, &cfg, None);
         let ids: Vec<u64> = p.victims.iter().map(|v| v.id).collect();
         assert_eq!(ids, vec![1, 4, 5, 3]);
         assert_eq!(p.live_raw_bytes, 30 * 4096);
         // A budget of one block still takes the first victim, and nothing after it.
-        let p = plan_from_index(&idx, 4096, &cfg, Some(1));
+        let p = plan_from_index(&idx, 4096, 8 << 20, &cfg, Some(1));
         let ids: Vec<u64> = p.victims.iter().map(|v| v.id).collect();
         assert_eq!(ids, vec![1, 3]);
+    }
+
+    #[test]
+    fn small_but_raw_full_segments_are_not_merged() {
+        // Well-compressing data: each segment holds a full segment's raw data (2,048 blocks
+        // of 4 KiB = 8 MiB) in 100 KB. Merging them would cut as many segments again.
+        let mut idx = Index::new();
+        for id in 1..=20 {
+            idx.segs.insert(
+                id,
+                SegStat {
+                    size_bytes: 100_000,
+                    blocks_total: 2048,
+                    blocks_live: 2048,
+                },
+            );
+        }
+        let cfg = CompactConfig::default();
+        assert!(plan_from_index(&idx, 4096, 8 << 20, &cfg, None).is_empty());
+        // Half full in raw terms: two fit in one output segment, so they are merged.
+        for s in idx.segs.values_mut() {
+            s.blocks_live = 1000;
+            s.blocks_total = 1000;
+        }
+        let p = plan_from_index(&idx, 4096, 8 << 20, &cfg, None);
+        assert_eq!(p.victims.len(), 20);
+        assert!(p.victims.iter().all(|v| v.reason == VictimReason::Small));
     }
 }
