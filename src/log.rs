@@ -162,7 +162,7 @@ impl Default for LogConfig {
             tail_segments_max: 256,
             tail_segments_hard_max: 1024,
             tail_entries_min: 64 * 1024,
-            zstd_level: 1,
+            zstd_level: -1,
         }
     }
 }
