@@ -307,34 +307,36 @@ async fn written_blocks_are_cached_by_the_commit() {
     );
 }
 
-#[tokio::test]
-async fn cold_read_fetches_neighbouring_frames_with_one_get() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
+/// A memory store behind a GET counter.
+fn counted_store() -> (Arc<GetCounter>, DynStore) {
     let counter = Arc::new(GetCounter {
-        inner: Arc::clone(&mem),
+        inner: Arc::new(MemoryStore::new()),
         now: 0.into(),
         max: 0.into(),
         total: 0.into(),
     });
     let store: DynStore = counter.clone();
-    // 256 single-block frames side by side in one segment: every other block of a 2 MiB
-    // range, one commit (as random writes leave them: a flush stores blocks in LBA order).
-    {
-        let v = open(&store, VolumeConfig::default()).await;
-        for i in 0..256u64 {
-            v.write(i * 8192, pattern(i as u8, 4096), false)
-                .await
-                .unwrap();
+    (counter, store)
+}
+
+/// Write `pattern(i)` to every other block (block `2 i`) for `i < n`, each block a segment
+/// of its own if `flush_each`, else all in one commit; then close.
+async fn write_every_other_block(store: &DynStore, n: u64, flush_each: bool) {
+    let v = open(store, VolumeConfig::default()).await;
+    for i in 0..n {
+        v.write(i * 8192, pattern(i as u8, 4096), false)
+            .await
+            .unwrap();
+        if flush_each {
+            v.flush().await.unwrap();
         }
-        v.close().await.unwrap();
     }
-    let v = open(&store, VolumeConfig::default()).await;
-    let before = counter.total.load(std::sync::atomic::Ordering::SeqCst);
-    let chunks = v.read(0, 2 << 20).await.unwrap();
-    // Data and holes alternate: 256 data chunks and 256 holes.
-    assert_eq!(chunks.len(), 512);
-    let got = flat(chunks);
-    for i in 0..256usize {
+    v.close().await.unwrap();
+}
+
+/// `got` (read from offset 0) holds what [`write_every_other_block`] wrote, holes between.
+fn check_every_other_block(got: &[u8], n: usize) {
+    for i in 0..n {
         assert_eq!(
             &got[i * 8192..i * 8192 + 4096],
             &pattern(i as u8, 4096)[..],
@@ -343,6 +345,20 @@ async fn cold_read_fetches_neighbouring_frames_with_one_get() {
         );
         assert!(got[i * 8192 + 4096..(i + 1) * 8192].iter().all(|&b| b == 0));
     }
+}
+
+#[tokio::test]
+async fn cold_read_fetches_neighbouring_frames_with_one_get() {
+    let (counter, store) = counted_store();
+    // 256 single-block frames side by side in one segment: every other block of a 2 MiB
+    // range, one commit (as random writes leave them: a flush stores blocks in LBA order).
+    write_every_other_block(&store, 256, false).await;
+    let v = open(&store, VolumeConfig::default()).await;
+    let before = counter.total.load(std::sync::atomic::Ordering::SeqCst);
+    let chunks = v.read(0, 2 << 20).await.unwrap();
+    // Data and holes alternate: 256 data chunks and 256 holes.
+    assert_eq!(chunks.len(), 512);
+    check_every_other_block(&flat(chunks), 256);
     let gets = counter.total.load(std::sync::atomic::Ordering::SeqCst) - before;
     let stats = &v.log().stats;
     assert_eq!(
@@ -364,36 +380,12 @@ async fn cold_read_fetches_neighbouring_frames_with_one_get() {
 
 #[tokio::test]
 async fn cold_read_fetches_each_frame_once_and_concurrently() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    let counter = Arc::new(GetCounter {
-        inner: Arc::clone(&mem),
-        now: 0.into(),
-        max: 0.into(),
-        total: 0.into(),
-    });
-    let store: DynStore = counter.clone();
+    let (counter, store) = counted_store();
     // 64 single-block frames, each in a segment of its own (a flush per block).
-    {
-        let v = open(&store, VolumeConfig::default()).await;
-        for i in 0..64u64 {
-            v.write(i * 8192, pattern(i as u8, 4096), false)
-                .await
-                .unwrap();
-            v.flush().await.unwrap();
-        }
-        v.close().await.unwrap();
-    }
+    write_every_other_block(&store, 64, true).await;
     let v = open(&store, VolumeConfig::default()).await;
     let before = counter.total.load(std::sync::atomic::Ordering::SeqCst);
-    let got = flat(v.read(0, 512 << 10).await.unwrap());
-    for i in 0..64usize {
-        assert_eq!(
-            &got[i * 8192..i * 8192 + 4096],
-            &pattern(i as u8, 4096)[..],
-            "block {}",
-            i * 2
-        );
-    }
+    check_every_other_block(&flat(v.read(0, 512 << 10).await.unwrap()), 64);
     let gets = counter.total.load(std::sync::atomic::Ordering::SeqCst) - before;
     assert_eq!(gets, 64, "each frame fetched exactly once");
     let max = counter.max.load(std::sync::atomic::Ordering::SeqCst);
