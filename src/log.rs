@@ -232,6 +232,9 @@ pub struct LogStats {
     pub frame_gets: AtomicU64,
     /// Bytes those GETs fetched, gaps between the wanted frames included.
     pub frame_get_bytes: AtomicU64,
+    /// Requests the volume above has served (it counts them here): the background
+    /// compactor waits for a quiet moment by watching this.
+    pub foreground_requests: AtomicU64,
 }
 
 struct CommitState {

@@ -790,6 +790,14 @@ impl Volume {
         }
     }
 
+    /// Count a request for the background compactor, which waits for quiet moments.
+    fn note_request(&self) {
+        self.log
+            .stats
+            .foreground_requests
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     fn check_writable(&self) -> Result<(), VolumeError> {
         if self.read_only {
             return Err(VolumeError::ReadOnly);
@@ -1291,6 +1299,7 @@ impl BlockExport for Arc<Volume> {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        self.note_request();
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -1340,6 +1349,7 @@ impl BlockExport for Arc<Volume> {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+        self.note_request();
         self.check_writable()?;
         self.write_bytes(offset, data).await?;
         if fua {
@@ -1349,6 +1359,7 @@ impl BlockExport for Arc<Volume> {
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
+        self.note_request();
         if self.read_only {
             return Ok(());
         }
@@ -1356,6 +1367,7 @@ impl BlockExport for Arc<Volume> {
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+        self.note_request();
         self.check_writable()?;
         // Partial blocks at the edges are left as they are (the spec lets TRIM be
         // advisory); whole blocks become holes.
@@ -1373,6 +1385,7 @@ impl BlockExport for Arc<Volume> {
         fua: bool,
         no_hole: bool,
     ) -> Result<(), ExportError> {
+        self.note_request();
         self.check_writable()?;
         let whole = if no_hole {
             Dirty::ZeroAlloc
@@ -1387,6 +1400,7 @@ impl BlockExport for Arc<Volume> {
     }
 
     async fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.note_request();
         if len == 0 {
             return Ok(());
         }
@@ -1398,6 +1412,7 @@ impl BlockExport for Arc<Volume> {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u32, u32)>, ExportError> {
+        self.note_request();
         let bs = self.bs();
         if len == 0 {
             return Err(ExportError::new(Errno::Inval, "zero-length block status"));

@@ -220,6 +220,8 @@ fn aggressive_compact_cfg(rng: &mut StdRng, deterministic: bool) -> CompactConfi
             delete_objects_max: rng.random_range(1..50),
         },
         gc_interval: Duration::from_millis(1),
+        pass_idle: Duration::ZERO,
+        pass_idle_wait_max: Duration::ZERO,
     }
 }
 
@@ -852,6 +854,9 @@ async fn daemon_serves_while_compacting() {
                     delete_objects_max: 10_000,
                 },
                 gc_interval: Duration::from_millis(20),
+                // Passes race the writers: that is the point of this test.
+                pass_idle: Duration::ZERO,
+                pass_idle_wait_max: Duration::ZERO,
             }),
         },
     );
@@ -1121,4 +1126,60 @@ async fn gc_keeps_pending_ids_until_released() {
     let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
     assert!(!r.committed && r.objects_deleted() == 0, "{r:?}");
     assert_eq!(log.version(), v);
+}
+
+// ---------------------------------------------------------------------------------------
+// Scheduling of the background compactor.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_passes_wait_for_an_idle_export_but_not_forever() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let log = Arc::new(
+        Log::open(
+            store,
+            NAME,
+            Some(Geometry {
+                size_bytes: 1 << 20,
+                block_size: 4096,
+            }),
+            LogConfig::default(),
+            OpenMode::Writer,
+        )
+        .await
+        .unwrap(),
+    );
+    let cfg = CompactConfig {
+        pass_interval: Duration::from_millis(10),
+        pass_idle: Duration::from_millis(500),
+        pass_idle_wait_max: Duration::from_secs(4),
+        ..CompactConfig::default()
+    };
+    let handle = compact::spawn_compactor(Arc::clone(&log), cfg);
+    let passes = || handle.stats().passes.load(Ordering::Relaxed);
+    let busy = |d: Duration| {
+        let log = Arc::clone(&log);
+        async move {
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                log.stats
+                    .foreground_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Requests every 20 ms: no pass (the first may come only 4 s after start).
+    busy(Duration::from_millis(2000)).await;
+    assert_eq!(passes(), 0, "a pass ran while the export was busy");
+    // Quiet: a pass follows within about the idle time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while passes() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(passes() >= 1, "no pass after the export went quiet");
+    // Busy without a break: passes still come, at most 4 s apart.
+    let before = passes();
+    busy(Duration::from_millis(6000)).await;
+    assert!(passes() > before, "a busy export was never compacted");
+    handle.close().await;
 }

@@ -22,6 +22,8 @@ const AGGRESSIVE: &[&str] = &[
     "2M",
     "--compact-interval",
     "100ms",
+    "--compact-idle",
+    "0s",
     "--compact-threshold",
     "0.05",
     "--gc-interval",

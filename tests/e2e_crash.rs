@@ -206,6 +206,8 @@ fn kill9_with_compaction_and_gc_running(backend: Backend) {
         "4M",
         "--compact-interval",
         "100ms",
+        "--compact-idle",
+        "0s",
         "--compact-threshold",
         "0.05",
         "--gc-interval",

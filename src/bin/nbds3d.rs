@@ -68,6 +68,10 @@ struct Cli {
     /// Live bytes one compaction pass copies at most.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     compact_pass_bytes: u64,
+    /// A compaction pass waits until the export has served no request for this long, but
+    /// at most 6 compaction intervals (0s: passes do not wait).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    compact_idle: Duration,
     /// Time between garbage-collection passes.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     gc_interval: Duration,
@@ -104,6 +108,8 @@ async fn main() -> anyhow::Result<()> {
         dead_fraction_min: cli.compact_threshold,
         pass_interval: cli.compact_interval,
         pass_bytes_max: cli.compact_pass_bytes,
+        pass_idle: cli.compact_idle,
+        pass_idle_wait_max: cli.compact_interval.saturating_mul(6),
         gc_interval: cli.gc_interval,
         gc: nbds3::log::gc::GcConfig {
             keep_versions_min: cli.gc_keep_versions,
