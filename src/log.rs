@@ -235,6 +235,33 @@ pub struct LogStats {
     /// Requests the volume above has served (it counts them here): the background
     /// compactor waits for a quiet moment by watching this.
     pub foreground_requests: AtomicU64,
+    /// Index extents of the background checkpoint being built right now (0 when none):
+    /// the build decodes a copy of the index, which the volume charges to the cache.
+    pub checkpoint_build_extents: AtomicU64,
+}
+
+/// Adds a background checkpoint job's extents to `LogStats::checkpoint_build_extents`
+/// for as long as the job exists, and takes them off when it ends, fails or is aborted
+/// (its future dropped). Added and subtracted, not set: an aborted job's future may be
+/// dropped after its replacement has started.
+struct BuildCharge(Arc<LogStats>, u64);
+
+impl BuildCharge {
+    fn new(stats: &Arc<LogStats>, extents: usize) -> Self {
+        let extents = extents as u64;
+        stats
+            .checkpoint_build_extents
+            .fetch_add(extents, Ordering::AcqRel);
+        Self(Arc::clone(stats), extents)
+    }
+}
+
+impl Drop for BuildCharge {
+    fn drop(&mut self) {
+        self.0
+            .checkpoint_build_extents
+            .fetch_sub(self.1, Ordering::AcqRel);
+    }
 }
 
 struct CommitState {
@@ -643,6 +670,8 @@ struct CheckpointJob {
     base: Option<CheckpointRef>,
     tail: Vec<(SegmentRef, Arc<Vec<DirEntry>>)>,
     stats: Arc<LogStats>,
+    /// Dropped with the job (done, failed or aborted).
+    _charge: BuildCharge,
 }
 
 impl CheckpointJob {
@@ -1242,6 +1271,8 @@ impl Log {
                 .zip(st.tail_dirs.iter().cloned())
                 .collect(),
             stats: Arc::clone(&self.stats),
+            // The build's copy is about as large as the live index it replays.
+            _charge: BuildCharge::new(&self.stats, self.index_extents()),
         };
         let span = tracing::debug_span!("checkpoint", export = %self.name, id, version = m.version);
         let task = tokio::spawn(tracing::Instrument::instrument(job.run(), span));

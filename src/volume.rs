@@ -49,6 +49,9 @@ const READ_RELOOKUPS_MAX: u32 = 3;
 /// Memory charged per page-index run: a B-tree entry is 48 bytes, and nodes are half to
 /// two-thirds full (measured: 76 bytes per run inserted at random, 96 in ascending order).
 const INDEX_BYTES_PER_EXTENT: usize = 96;
+/// Estimated bytes per index extent while a background checkpoint is built: the decoded
+/// `Index` (as above) plus the checkpoint's entry list and encoded body made from it.
+const CHECKPOINT_BUILD_BYTES_PER_EXTENT: usize = 2 * INDEX_BYTES_PER_EXTENT;
 /// Blocks a commit's cache update handles per hold of the cache lock.
 const CACHE_UPDATE_BLOCKS_PER_LOCK: usize = 256;
 /// Frames one read (or readahead) fetches from the store at once.
@@ -573,9 +576,17 @@ impl Volume {
         let now = if self.closed.load(Ordering::Acquire) {
             0
         } else {
+            // A background checkpoint build holds a decoded copy of the index (an Index
+            // and the entry list it encodes from) until its upload ends.
+            let building = self
+                .log
+                .stats
+                .checkpoint_build_extents
+                .load(Ordering::Acquire) as usize;
             self.log
                 .index_extents()
                 .saturating_mul(INDEX_BYTES_PER_EXTENT)
+                .saturating_add(building.saturating_mul(CHECKPOINT_BUILD_BYTES_PER_EXTENT))
         };
         let before = self.index_charged.swap(now, Ordering::AcqRel);
         if before != now {

@@ -460,6 +460,13 @@ async fn commits_proceed_past_a_hanging_checkpoint_until_the_hard_limit() {
     ts.wait_until_held(1).await;
     assert_eq!(stat(&log.stats.checkpoints_written), 0, "upload is hanging");
     assert_eq!(stat(&log.stats.commits_waited_for_checkpoint), 0);
+    // The job's decoded copy of the index is reported (for the volume to charge) while
+    // it lives …
+    let building = stat(&log.stats.checkpoint_build_extents);
+    assert!(
+        building > 0 && building <= log.index_extents() as u64,
+        "{building} extents being built"
+    );
     // The next commit would pass the hard limit: it waits for the hanging upload.
     let (b, after) = commit_one(&model);
     let l2 = Arc::clone(&log);
@@ -476,6 +483,10 @@ async fn commits_proceed_past_a_hanging_checkpoint_until_the_hard_limit() {
     let m = log.manifest().await;
     assert!(m.checkpoint.is_some() && m.tail.len() <= hard, "{m:?}");
     assert_eq!(stat(&log.stats.commits_waited_for_checkpoint), 1);
+    // … and no longer once it has ended (a checkpoint started by the last commit may
+    // still be running: wait for it).
+    log.wait_checkpoint().await;
+    assert_eq!(stat(&log.stats.checkpoint_build_extents), 0);
     assert!(stored_manifests(&store)
         .await
         .iter()
