@@ -211,11 +211,6 @@ const COMPRESS_MIN_SAVING_DIVISOR: usize = 8;
 /// Frames at least twice this long are probed by compressing their first this many bytes
 /// before the whole frame is tried.
 const COMPRESS_PROBE_BYTES: usize = 16 * 1024;
-/// The probe must save at least 1/this: the whole frame's bar (a prefix compresses a
-/// little worse than the frame, having less history; frames just over the bar whose
-/// prefix is just under it are stored raw, the price of not paying a full attempt on
-/// every frame of data that saves 4-8%, like fio's default buffers).
-const COMPRESS_PROBE_MIN_SAVING_DIVISOR: usize = COMPRESS_MIN_SAVING_DIVISOR;
 /// Failed attempts in a row before frames start skipping compression.
 const COMPRESS_MISSES_BEFORE_SKIP: u32 = 4;
 /// Raw bytes skipped after the first miss past [`COMPRESS_MISSES_BEFORE_SKIP`]; doubles per
@@ -228,8 +223,9 @@ const COMPRESS_SKIP_MAX_BYTES: u64 = 4 << 20;
 
 impl SegmentBuilder {
     pub fn new(segment_id: u64, epoch: u64, block_size: u32, zstd_level: i32) -> Self {
-        Self::new_in(
+        Self::start_in(
             Vec::with_capacity(64 * 1024),
+            0,
             segment_id,
             epoch,
             block_size,
@@ -237,22 +233,11 @@ impl SegmentBuilder {
         )
     }
 
-    /// Like [`SegmentBuilder::new`], building into `buf` (cleared first): a buffer reused
+    /// Like [`SegmentBuilder::new`], building into `buf` (cleared first: a buffer reused
     /// from an earlier segment has its pages mapped already, where a fresh multi-MiB one
-    /// page-faults and zeroes every page as the segment is written into it.
-    pub fn new_in(
-        buf: Vec<u8>,
-        segment_id: u64,
-        epoch: u64,
-        block_size: u32,
-        zstd_level: i32,
-    ) -> Self {
-        Self::start_in(buf, 0, segment_id, epoch, block_size, zstd_level)
-    }
-
-    /// Like [`SegmentBuilder::new_in`], with room for `capacity` bytes of segment reserved
-    /// up front (an 8 MiB segment would otherwise be copied ~8 times as the buffer grows)
-    /// and the segment placed at a [`SEGMENT_BUF_ALIGN`]-aligned address inside `buf`:
+    /// page-faults and zeroes every page as the segment is written into it), with room for
+    /// `capacity` bytes of segment reserved up front (an 8 MiB segment would otherwise be
+    /// copied ~8 times as the buffer grows) and the segment placed at a [`SEGMENT_BUF_ALIGN`]-aligned address inside `buf`:
     /// finish with [`SegmentBuilder::finish_in_place`]. If the segment outgrows `capacity`
     /// the buffer moves and the alignment may be lost; that costs a copy in the file store,
     /// never correctness.
@@ -326,21 +311,24 @@ impl SegmentBuilder {
         let Some(cctx) = self.cctx.as_mut() else {
             return false;
         };
-        let limit = raw.len() - raw.len() / COMPRESS_MIN_SAVING_DIVISOR;
+        let bar = |n: usize| n - n / COMPRESS_MIN_SAVING_DIVISOR;
         self.scratch.clear();
         self.scratch
             .reserve(zstd::zstd_safe::compress_bound(raw.len()));
-        // A large frame is probed first: its first COMPRESS_PROBE_BYTES must save at least
-        // 1/COMPRESS_PROBE_MIN_SAVING_DIVISOR, or the whole attempt is a miss. A failed
-        // full attempt on 128 KiB costs ~0.3 ms; the probe an eighth of that.
-        let probe_failed = raw.len() >= 2 * COMPRESS_PROBE_BYTES && {
-            let probe = &raw[..COMPRESS_PROBE_BYTES];
-            let probe_limit = probe.len() - probe.len() / COMPRESS_PROBE_MIN_SAVING_DIVISOR;
-            !matches!(cctx.compress_to_buffer(probe, &mut self.scratch), Ok(n) if n <= probe_limit)
-        };
+        // A large frame is probed first: its first COMPRESS_PROBE_BYTES must meet the same
+        // bar, or the whole attempt is a miss. A failed full attempt on 128 KiB costs ~0.3
+        // ms; the probe an eighth of that. (A prefix compresses a little worse than the
+        // frame, having less history: frames just over the bar whose prefix is just under
+        // it are stored raw, the price of not paying a full attempt on every frame of
+        // data that saves 4-8%, like fio's default buffers.)
+        let probe_failed = raw.len() >= 2 * COMPRESS_PROBE_BYTES
+            && {
+                let probe = &raw[..COMPRESS_PROBE_BYTES];
+                !matches!(cctx.compress_to_buffer(probe, &mut self.scratch), Ok(n) if n <= bar(probe.len()))
+            };
         self.scratch.clear();
         let ok = !probe_failed
-            && matches!(cctx.compress_to_buffer(raw, &mut self.scratch), Ok(n) if n <= limit);
+            && matches!(cctx.compress_to_buffer(raw, &mut self.scratch), Ok(n) if n <= bar(raw.len()));
         if ok {
             st.misses = 0;
         } else {
@@ -357,12 +345,6 @@ impl SegmentBuilder {
     /// Bytes so far (frames only; the directory and footer come on `finish`).
     pub fn len_bytes(&self) -> usize {
         self.buf.len() - self.start
-    }
-
-    /// Make room for `bytes` more of object, so a large segment is built without the
-    /// buffer being reallocated and copied as it grows.
-    pub fn reserve(&mut self, bytes: usize) {
-        self.buf.reserve(bytes);
     }
 
     /// Append `raw` (a whole number of blocks starting at `first_lba`) as one frame.

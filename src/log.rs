@@ -959,29 +959,10 @@ impl Log {
         frame_offset: u64,
         frame_len: u32,
     ) -> LogResult<format::Frame> {
-        let key = self.keys.segment(seg);
-        let end = frame_offset
-            .checked_add(frame_len as u64)
-            .ok_or_else(|| LogError::Internal("frame range overflows".into()))?;
-        let b = get_range_exact(&self.store, &key, frame_offset..end).await?;
-        self.stats.frame_gets.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .frame_get_bytes
-            .fetch_add(frame_len as u64, Ordering::Relaxed);
-        self.stats.frames_read.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .frame_bytes_read
-            .fetch_add(frame_len as u64, Ordering::Relaxed);
-        let bs = self.geometry.block_size;
-        let frame = if b.len() > 64 * 1024 {
-            tokio::task::spawn_blocking(move || format::decode_frame(&b, bs, frame_offset))
-                .await
-                .map_err(|e| LogError::Internal(e.to_string()))?
-        } else {
-            format::decode_frame(&b, bs, frame_offset)
-        }
-        .map_err(fmt_err(&key))?;
-        Ok(frame)
+        self.read_frame_span(seg, &[(frame_offset, frame_len)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(LogError::Internal("no frame decoded".into())))
     }
 
     /// Fetch frames `(offset, length)` of segment `seg` — one span of
@@ -993,8 +974,8 @@ impl Log {
         seg: u64,
         frames: &[(u64, u32)],
     ) -> LogResult<Vec<LogResult<format::Frame>>> {
-        if let [(off, len)] = frames {
-            return Ok(vec![self.read_frame(seg, *off, *len).await]);
+        if frames.is_empty() {
+            return Ok(Vec::new());
         }
         let key = self.keys.segment(seg);
         let mut start = u64::MAX;
@@ -1005,9 +986,6 @@ impl Log {
                 .ok_or_else(|| LogError::Internal("frame range overflows".into()))?;
             start = start.min(off);
             end = end.max(e);
-        }
-        if frames.is_empty() {
-            return Ok(Vec::new());
         }
         let b = get_range_exact(&self.store, &key, start..end).await?;
         self.stats.frame_gets.fetch_add(1, Ordering::Relaxed);
