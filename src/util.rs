@@ -17,8 +17,9 @@ pub trait RangeValue: Clone {
     }
 }
 
-/// Non-overlapping runs of blocks, keyed by first block. Adjacent runs are not merged
-/// (values rarely merge meaningfully; the index's runs are frames already).
+/// Non-overlapping runs of blocks, keyed by first block. Adjacent runs are joined only on
+/// request ([`RangeMap::join_left`]): only the owner knows when two values continue each
+/// other.
 #[derive(Debug, Clone)]
 pub struct RangeMap<V> {
     map: BTreeMap<u64, (u64, V)>,
@@ -117,6 +118,31 @@ impl<V: RangeValue> RangeMap<V> {
         }
         self.remove_with(start, len, &mut f);
         self.map.insert(start, (len, v));
+    }
+
+    /// Join the run starting at `start` onto the run that ends exactly there, when
+    /// `joinable(prev_value, prev_len, value)` says the two describe one continuous run
+    /// (`prev_value.advance(prev_len)` equals `value`). Returns whether they were joined.
+    /// Costs one lookup; callers only ask where a join is possible at all.
+    pub fn join_left(&mut self, start: u64, joinable: impl FnOnce(&V, u64, &V) -> bool) -> bool {
+        let Some((&pk, &(pl, ref pv))) = self.map.range(..start).next_back() else {
+            return false;
+        };
+        if pk + pl != start {
+            return false;
+        }
+        let Some((l, v)) = self.map.get(&start) else {
+            return false;
+        };
+        if !joinable(pv, pl, v) {
+            return false;
+        }
+        let l = *l;
+        self.map.remove(&start);
+        if let Some((prev_len, _)) = self.map.get_mut(&pk) {
+            *prev_len += l;
+        }
+        true
     }
 
     /// Runs overlapping `start..start+len`, clipped to it, in order (holes are skipped).
@@ -243,6 +269,29 @@ mod tests {
                 for (k, l, _) in m.iter() { proptest::prop_assert!(k >= prev_end && l > 0); prev_end = k + l; }
             }
         }
+    }
+
+    #[test]
+    fn join_left_joins_only_continuous_runs() {
+        let mut m = RangeMap::new();
+        m.insert(0, 4, Off(100));
+        m.insert(4, 2, Off(104));
+        m.insert(7, 1, Off(107)); // a hole at 6: nothing to join onto
+        m.insert(8, 2, Off(500)); // touches 7 but does not continue it
+        let cont = |p: &Off, pl: u64, v: &Off| p.0 + pl == v.0;
+        assert!(m.join_left(4, cont));
+        assert!(!m.join_left(7, cont));
+        assert!(!m.join_left(8, cont));
+        assert!(!m.join_left(3, cont)); // not the start of a run
+        let runs: Vec<(u64, u64, u64)> = m.iter().map(|(k, l, v)| (k, l, v.0)).collect();
+        assert_eq!(runs, vec![(0, 6, 100), (7, 1, 107), (8, 2, 500)]);
+        // The joined run still reads block by block as before.
+        let got: Vec<(u64, u64, u64)> = m
+            .overlapping(3, 3)
+            .into_iter()
+            .map(|(k, l, v)| (k, l, v.0))
+            .collect();
+        assert_eq!(got, vec![(3, 3, 103)]);
     }
 
     #[test]

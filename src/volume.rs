@@ -48,7 +48,7 @@ const RMW_STRIPES: usize = 64;
 const READ_RELOOKUPS_MAX: u32 = 3;
 /// Memory charged per page-index run: a B-tree entry is 48 bytes, and nodes are half to
 /// two-thirds full (measured: 76 bytes per run inserted at random, 96 in ascending order).
-const INDEX_BYTES_PER_EXTENT: usize = 96;
+pub const INDEX_BYTES_PER_EXTENT: usize = 96;
 /// Estimated bytes per index extent while a background checkpoint is built: the decoded
 /// `Index` (as above) plus the checkpoint's entry list and encoded body made from it.
 const CHECKPOINT_BUILD_BYTES_PER_EXTENT: usize = 2 * INDEX_BYTES_PER_EXTENT;
@@ -1572,11 +1572,15 @@ impl Exports {
             v.start_flusher();
             let bg = Background {
                 lease: spawn_lease(Arc::clone(v.log()), LEASE_INTERVAL_DEFAULT),
-                compactor: self
-                    .cfg
-                    .compact
-                    .clone()
-                    .map(|c| spawn_compactor(Arc::clone(v.log()), c)),
+                compactor: self.cfg.compact.clone().map(|mut c| {
+                    // Unless told otherwise, an export's page index may take a quarter of
+                    // the page cache (which it is charged to) before compaction starts
+                    // defragmenting it.
+                    if c.index_runs_max.is_none() {
+                        c.index_runs_max = Some(self.index_runs_max_default());
+                    }
+                    spawn_compactor(Arc::clone(v.log()), c)
+                }),
             };
             self.bg().insert(name.to_string(), bg);
         }
@@ -1615,6 +1619,12 @@ impl Exports {
     }
 
     /// Counters of an export's background compactor, if one runs.
+    /// Page-index runs one export keeps before its compactor defragments, when the compactor
+    /// config does not say: a quarter of the page cache at [`INDEX_BYTES_PER_EXTENT`] each.
+    pub fn index_runs_max_default(&self) -> usize {
+        (self.cfg.volume.cache_bytes_max / 4 / INDEX_BYTES_PER_EXTENT as u64) as usize
+    }
+
     pub fn compactor_stats(&self, name: &str) -> Option<Arc<CompactorStats>> {
         self.bg()
             .get(name)

@@ -222,6 +222,9 @@ fn aggressive_compact_cfg(rng: &mut StdRng, deterministic: bool) -> CompactConfi
         gc_interval: Duration::from_millis(1),
         pass_idle: Duration::ZERO,
         pass_idle_wait_max: Duration::ZERO,
+        // Low enough that most passes also defragment: rewrites by LBA stretch get the
+        // same crash and fault checking as rewrites by segment.
+        index_runs_max: Some(12),
     }
 }
 
@@ -857,6 +860,8 @@ async fn daemon_serves_while_compacting() {
                 // Passes race the writers: that is the point of this test.
                 pass_idle: Duration::ZERO,
                 pass_idle_wait_max: Duration::ZERO,
+                // Scattered writes over 2048 blocks: defragmenting races the writers too.
+                index_runs_max: Some(200),
             }),
         },
     );
@@ -1182,4 +1187,102 @@ async fn background_passes_wait_for_an_idle_export_but_not_forever() {
     busy(Duration::from_millis(6000)).await;
     assert!(passes() > before, "a busy export was never compacted");
     handle.close().await;
+}
+
+/// Scattered writes leave adjacent blocks in different frames, one index run each. With the
+/// index over `index_runs_max`, a pass rewrites the most fragmented stretches as whole
+/// frames: the run count drops to what the layout needs, every block reads back, and the
+/// accounting holds. Without the bound, the same pass leaves the index alone.
+#[tokio::test]
+async fn defrag_rewrites_fragmented_stretches_into_whole_frames() {
+    let bs = 512usize;
+    let blocks = 256u64;
+    for bounded in [false, true] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let log = Log::open(
+            Arc::clone(&store),
+            NAME,
+            Some(Geometry {
+                size_bytes: blocks * bs as u64,
+                block_size: bs as u32,
+            }),
+            LogConfig {
+                frame_bytes_max: 16 * bs,
+                ..LogConfig::default()
+            },
+            OpenMode::Writer,
+        )
+        .await
+        .unwrap();
+        // Four commits, each writing every 4th block (offset by the commit number): every
+        // block is mapped, each its own run, in four fully live segments (no dead data, so
+        // ordinary compaction has nothing to do).
+        let mut model = vec![Blk::Hole; blocks as usize];
+        let mut id = 0;
+        for k in 0..4u64 {
+            let batch: Vec<(u64, u64, Blk)> = (0..blocks / 4)
+                .map(|i| {
+                    id += 1;
+                    (i * 4 + k, 1, Blk::Data(id))
+                })
+                .collect();
+            log.commit(&to_batch(bs, &batch, &vec![0; batch.len()]))
+                .await
+                .unwrap();
+            apply(&mut model, &batch);
+        }
+        assert_eq!(log.index_extents(), blocks as usize);
+        let cfg = CompactConfig {
+            dead_fraction_min: 1.0,
+            small_segment_bytes: 0,
+            index_runs_max: bounded.then_some(64),
+            ..CompactConfig::default()
+        };
+        let plan = compact::plan_pass(&log, &cfg, Some(cfg.pass_bytes_max));
+        let r = compact::compact_pass(&log, &cfg, None).await.unwrap();
+        if !bounded {
+            assert!(plan.is_empty(), "{plan:?}");
+            assert_eq!(r.version, None, "{r:?}");
+            assert_eq!(log.index_extents(), blocks as usize);
+            continue;
+        }
+        // 256 runs, bound 64: down to at most 48, the most fragmented stretches first.
+        // Every 16-block stretch has 16 runs, so 14 stretches do it (256 - 14 * 15 = 46).
+        assert_eq!(plan.fragments.len(), 14, "{plan:?}");
+        assert!(plan
+            .fragments
+            .iter()
+            .all(|f| f.runs == 16 && f.blocks == 16));
+        assert!(plan.victims.is_empty(), "{plan:?}");
+        assert!(r.version.is_some(), "{r:?}");
+        assert_eq!(r.fragments, 14, "{r:?}");
+        assert_eq!(r.blocks_moved, 14 * 16, "{r:?}");
+        assert_eq!(
+            (r.index_runs_before, r.index_runs_after),
+            (256, 46),
+            "{r:?}"
+        );
+        assert_eq!(log.index_extents(), 46);
+        log.check_accounting().unwrap();
+        // Under the bound now: the next pass has nothing to do.
+        assert!(compact::plan_pass(&log, &cfg, None).is_empty());
+        // Everything reads back, from this log and from a fresh open of the store (which
+        // rebuilds the index from the checkpoint and joins the runs again).
+        let data = log.read_blocks(0, blocks).await.unwrap();
+        let kinds: Vec<Option<Val>> = (0..blocks).map(|b| log.lookup(b, 1)[0].2).collect();
+        matches(&model, bs, &data, &kinds).unwrap();
+        drop(log);
+        let (data, kinds) = observe(&store, bs, blocks).await;
+        matches(&model, bs, &data, &kinds).unwrap();
+        let reopened = Log::open(
+            Arc::clone(&store),
+            NAME,
+            None,
+            LogConfig::default(),
+            OpenMode::ReadOnly,
+        )
+        .await
+        .unwrap();
+        assert_eq!(reopened.index_extents(), 46);
+    }
 }

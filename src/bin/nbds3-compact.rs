@@ -71,6 +71,10 @@ struct Cli {
     /// Live bytes one pass copies at most (bounds memory).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pass_bytes: u64,
+    /// Also rewrite fragmented stretches (adjacent blocks stored in different frames) until
+    /// the export's page index needs at most this much memory.
+    #[arg(long, value_parser = parse_size)]
+    index_max: Option<u64>,
     /// Manifest versions garbage collection keeps (at least 1).
     #[arg(long, default_value_t = 8)]
     keep_versions: u64,
@@ -223,6 +227,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     let cfg = CompactConfig {
         dead_fraction_min: cli.threshold,
         pass_bytes_max: cli.pass_bytes.max(1),
+        index_runs_max: cli
+            .index_max
+            .map(|b| (b / nbds3::volume::INDEX_BYTES_PER_EXTENT as u64) as usize),
         gc: GcConfig {
             keep_versions_min: cli.keep_versions,
             retain_window: cli.retain,
@@ -368,6 +375,14 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         sum(|p| p.blocks_moved),
         sum(|p| p.blocks_skipped)
     );
+    if let (Some(first), Some(last)) = (passes.first(), passes.last()) {
+        println!(
+            "  index runs          before {}, after {} ({} fragmented stretches rewritten)",
+            first.index_runs_before,
+            last.index_runs_after,
+            sum(|p| p.fragments)
+        );
+    }
     if let Some(g) = &g {
         print_gc(g, false);
     }
@@ -430,6 +445,14 @@ async fn dry_run(
     }
     if plan.victims.len() > SHOWN_MAX {
         println!("    … and {} more", plan.victims.len() - SHOWN_MAX);
+    }
+    if !plan.fragments.is_empty() {
+        println!(
+            "  would defragment    {} stretches of the page index ({} runs now, bound {})",
+            plan.fragments.len(),
+            log.index_extents(),
+            cfg.index_runs_max.unwrap_or(0)
+        );
     }
     if !cli.no_gc {
         let g = gc::gc_dry_run(store, keys, &cfg.gc).await?;

@@ -81,6 +81,10 @@ struct Cli {
     /// Garbage collection keeps a state that was current this recently.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     gc_retain: Duration,
+    /// Page-index memory of one export above which the compactor rewrites fragmented
+    /// stretches into whole frames (default: a quarter of --cache-size).
+    #[arg(long, value_parser = parse_size)]
+    index_max: Option<u64>,
     /// Run no background compaction or garbage collection.
     #[arg(long)]
     no_compactor: bool,
@@ -110,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
         pass_bytes_max: cli.compact_pass_bytes,
         pass_idle: cli.compact_idle,
         pass_idle_wait_max: cli.compact_interval.saturating_mul(6),
+        index_runs_max: cli
+            .index_max
+            .map(|b| (b / nbds3::volume::INDEX_BYTES_PER_EXTENT as u64) as usize),
         gc_interval: cli.gc_interval,
         gc: nbds3::log::gc::GcConfig {
             keep_versions_min: cli.gc_keep_versions,

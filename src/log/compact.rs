@@ -94,6 +94,11 @@ pub struct CompactConfig {
     /// … but for at most this long after the previous pass, so a busy export is still
     /// compacted.
     pub pass_idle_wait_max: Duration,
+    /// Page-index runs above which a pass also rewrites fragmented stretches (adjacent
+    /// blocks stored in different frames) into whole frames, bringing the index back to
+    /// three quarters of this. Bounds the index's memory where the write pattern would
+    /// otherwise make it grow (scattered small writes). `None`: never.
+    pub index_runs_max: Option<usize>,
 }
 
 impl Default for CompactConfig {
@@ -109,6 +114,7 @@ impl Default for CompactConfig {
             gc_interval: Duration::from_secs(60),
             pass_idle: Duration::from_secs(1),
             pass_idle_wait_max: Duration::from_secs(60),
+            index_runs_max: None,
         }
     }
 }
@@ -161,12 +167,86 @@ pub struct PassPlan {
     pub live_raw_bytes: u64,
     /// Stored bytes of the victims (what GC frees later, minus what is copied).
     pub victim_bytes: u64,
+    /// Fragmented stretches to rewrite as whole frames (when the index is over
+    /// `index_runs_max`), most fragmented first; their raw bytes are in `live_raw_bytes`.
+    pub fragments: Vec<Fragment>,
 }
 
 impl PassPlan {
     pub fn is_empty(&self) -> bool {
-        self.victims.is_empty()
+        self.victims.is_empty() && self.fragments.is_empty()
     }
+}
+
+/// A stretch of adjacent mapped blocks, at most one frame long, whose data lies in `runs`
+/// different frames (or frame pieces): rewritten, it becomes one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fragment {
+    pub runs: u64,
+    pub lba: u64,
+    pub blocks: u64,
+}
+
+/// The `count_max` most fragmented stretches of the index (at least 2 runs each), most
+/// runs first. Stretches tile each chain of adjacent frame runs from its first block, in
+/// `frame_blocks`-block windows, the way [`cut_jobs`] cuts the rewritten blocks into frames.
+fn plan_fragments(idx: &Index, frame_blocks: u64, count_max: usize) -> Vec<Fragment> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let frame_blocks = frame_blocks.max(1);
+    // Only the best `count_max` are kept while scanning: memory stays at the pass's size
+    // however large the index is.
+    let mut best: BinaryHeap<Reverse<Fragment>> = BinaryHeap::new();
+    let mut keep = |f: Fragment| {
+        if f.runs < 2 || count_max == 0 {
+            return;
+        }
+        if best.len() < count_max {
+            best.push(Reverse(f));
+        } else if best.peek().is_some_and(|Reverse(min)| f.runs > min.runs) {
+            best.pop();
+            best.push(Reverse(f));
+        }
+    };
+    let mut cur = Fragment {
+        runs: 0,
+        lba: 0,
+        blocks: 0,
+    };
+    for (lba, blocks, v) in idx.map.iter() {
+        if !matches!(v, Val::Frame { .. }) || lba != cur.lba + cur.blocks {
+            keep(cur);
+            cur = Fragment {
+                runs: 0,
+                lba,
+                blocks: 0,
+            };
+            if !matches!(v, Val::Frame { .. }) {
+                cur.lba = u64::MAX; // nothing continues a zero-allocated run
+                continue;
+            }
+        }
+        let mut left = blocks;
+        while left > 0 {
+            if cur.blocks == frame_blocks {
+                let next = cur.lba + cur.blocks;
+                keep(cur);
+                cur = Fragment {
+                    runs: 0,
+                    lba: next,
+                    blocks: 0,
+                };
+            }
+            let take = left.min(frame_blocks - cur.blocks);
+            cur.blocks += take;
+            cur.runs += 1;
+            left -= take;
+        }
+    }
+    keep(cur);
+    let mut out: Vec<Fragment> = best.into_iter().map(|Reverse(f)| f).collect();
+    out.sort_by(|a, b| b.runs.cmp(&a.runs).then(a.lba.cmp(&b.lba)));
+    out
 }
 
 /// Pick victims. `budget_bytes` bounds the raw live bytes to copy (at least one victim is
@@ -174,7 +254,51 @@ impl PassPlan {
 pub fn plan_pass(log: &Log, cfg: &CompactConfig, budget_bytes: Option<u64>) -> PassPlan {
     let bs = log.geometry().block_size as u64;
     let seg_raw_max = log.config().segment_bytes_max as u64;
-    log.with_index(|idx| plan_from_index(idx, bs, seg_raw_max, cfg, budget_bytes))
+    let frame_blocks = (log.config().frame_bytes_max as u64 / bs).max(1);
+    log.with_index(|idx| {
+        let mut plan = plan_from_index(idx, bs, seg_raw_max, cfg, budget_bytes);
+        plan_defrag(&mut plan, idx, bs, frame_blocks, cfg, budget_bytes);
+        plan
+    })
+}
+
+/// Add fragmented stretches to `plan` while the index has more than
+/// `cfg.index_runs_max` runs: enough to bring it to three quarters of that, within what is
+/// left of the byte budget. Stretches in victim segments are copied by the victims anyway.
+fn plan_defrag(
+    plan: &mut PassPlan,
+    idx: &Index,
+    bs: u64,
+    frame_blocks: u64,
+    cfg: &CompactConfig,
+    budget_bytes: Option<u64>,
+) {
+    let Some(max) = cfg.index_runs_max else {
+        return;
+    };
+    let runs = idx.map.len();
+    if runs <= max {
+        return;
+    }
+    let excess = (runs - max * 3 / 4) as u64;
+    let left = budget_bytes
+        .unwrap_or(u64::MAX)
+        .saturating_sub(plan.live_raw_bytes);
+    let frame_bytes = frame_blocks * bs;
+    // At least one stretch, so a pass always makes progress (as with victims).
+    let count_max = (left / frame_bytes).clamp(1, excess.min(1 << 20)) as usize;
+    let mut saved = 0u64;
+    let mut used = 0u64;
+    for f in plan_fragments(idx, frame_blocks, count_max) {
+        let raw = f.blocks * bs;
+        if saved >= excess || (!plan.is_empty() && used + raw > left) {
+            break;
+        }
+        saved += f.runs - 1;
+        used += raw;
+        plan.live_raw_bytes += raw;
+        plan.fragments.push(f);
+    }
 }
 
 /// `seg_raw_max`: raw bytes after which a pass starts a new output segment ([`cut_jobs`]).
@@ -299,6 +423,11 @@ pub struct PassReport {
     pub blocks_skipped: u64,
     /// Manifest version the pass committed, if it committed.
     pub version: Option<u64>,
+    /// Fragmented stretches rewritten as whole frames.
+    pub fragments: u64,
+    /// Page-index runs before the pass and after its commit.
+    pub index_runs_before: u64,
+    pub index_runs_after: u64,
 }
 
 /// One run of live blocks being moved: `blocks` blocks at `lba`, stored at `old`.
@@ -352,26 +481,53 @@ pub async fn compact_pass(
     let mut report = PassReport {
         victims: plan.victims.len() as u64,
         victim_bytes: plan.victim_bytes,
+        fragments: plan.fragments.len() as u64,
         ..PassReport::default()
     };
     let victims: HashSet<u64> = plan.victims.iter().map(|v| v.id).collect();
 
     // 1. The live runs of the victims, grouped by the frame that holds them.
     let mut frames: BTreeMap<FrameKey, Vec<LiveRun>> = BTreeMap::new();
+    let runs_before = log.index_extents();
     log.with_index(|idx| {
-        for (lba, blocks, v) in idx.map.iter() {
-            if let Val::Frame {
-                seg,
-                frame_offset,
-                frame_len,
-                ..
-            } = *v
-            {
-                if victims.contains(&seg) {
-                    frames
-                        .entry((seg, frame_offset, frame_len))
-                        .or_default()
-                        .push((lba, blocks, *v));
+        if !victims.is_empty() {
+            for (lba, blocks, v) in idx.map.iter() {
+                if let Val::Frame {
+                    seg,
+                    frame_offset,
+                    frame_len,
+                    ..
+                } = *v
+                {
+                    if victims.contains(&seg) {
+                        frames
+                            .entry((seg, frame_offset, frame_len))
+                            .or_default()
+                            .push((lba, blocks, *v));
+                    }
+                }
+            }
+        }
+        // Fragmented stretches, as the index holds them now (a commit may have landed
+        // since planning; whatever is mapped there now is what gets copied and checked).
+        for f in &plan.fragments {
+            for (lba, blocks, v) in idx.lookup(f.lba, f.blocks) {
+                if let Some(
+                    v @ Val::Frame {
+                        seg,
+                        frame_offset,
+                        frame_len,
+                        ..
+                    },
+                ) = v
+                {
+                    // Runs in victims are collected whole above.
+                    if !victims.contains(&seg) {
+                        frames
+                            .entry((seg, frame_offset, frame_len))
+                            .or_default()
+                            .push((lba, blocks, v));
+                    }
                 }
             }
         }
@@ -529,6 +685,8 @@ pub async fn compact_pass(
             report.version = Some(v);
             report.blocks_moved = moved;
             report.blocks_skipped = skipped;
+            report.index_runs_before = runs_before as u64;
+            report.index_runs_after = log.index_extents() as u64;
             // Named by version v now; GC keeps them until a pass has listed v.
             log.named_by(&ids, v).await;
             tracing::info!(
@@ -540,6 +698,9 @@ pub async fn compact_pass(
                 bytes_written = report.bytes_written,
                 blocks_moved = moved,
                 blocks_skipped = skipped,
+                fragments = report.fragments,
+                index_runs_before = report.index_runs_before,
+                index_runs_after = report.index_runs_after,
                 "compaction pass committed"
             );
             Ok(report)
@@ -931,6 +1092,8 @@ pub struct CompactorStats {
     /// Passes that committed a rewrite.
     pub rewrites: AtomicU64,
     pub segments_retired: AtomicU64,
+    /// Fragmented stretches rewritten as whole frames.
+    pub fragments_rewritten: AtomicU64,
     pub segments_written: AtomicU64,
     pub raw_bytes_copied: AtomicU64,
     pub bytes_written: AtomicU64,
@@ -1062,8 +1225,15 @@ async fn run_compactor(
     let mut last_gc = Instant::now();
     let mut last_pass = Instant::now();
     let mut backoff = Duration::ZERO;
+    // The last pass defragmented and the index is still over its bound: the next pass
+    // follows at once (once the export is idle), not an interval later.
+    let mut more_defrag = false;
     loop {
-        let wait = cfg.pass_interval + backoff;
+        let wait = if more_defrag {
+            Duration::ZERO
+        } else {
+            cfg.pass_interval + backoff
+        };
         let notified = stop.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
@@ -1083,12 +1253,18 @@ async fn run_compactor(
         let mut failed = false;
         let result = compact_pass(&log, &cfg, None).await;
         last_pass = Instant::now();
+        more_defrag = false;
         match result {
             Ok(r) => {
+                more_defrag = r.fragments > 0
+                    && cfg
+                        .index_runs_max
+                        .is_some_and(|max| log.index_extents() > max);
                 bump(&stats.passes, 1);
                 if r.version.is_some() {
                     bump(&stats.rewrites, 1);
                     bump(&stats.segments_retired, r.victims);
+                    bump(&stats.fragments_rewritten, r.fragments);
                     bump(&stats.segments_written, r.segments_written);
                     bump(&stats.raw_bytes_copied, r.raw_bytes_copied);
                     bump(&stats.bytes_written, r.bytes_written);

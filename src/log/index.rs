@@ -1,7 +1,11 @@
 //! The in-memory page index: block → where its bytes live, plus per-segment live-block
 //! accounting (what compaction uses to pick victims without a LIST).
 //!
-//! Invariants: runs never overlap; `segs[s].blocks_live` equals the number of blocks whose
+//! Invariants: runs never overlap; `set` joins a run onto its neighbour when the two
+//! continue each other (same frame and consecutive blocks, or both zero-allocated; a
+//! frame's pieces are joined when set in block order, as commits, checkpoints and
+//! compaction do), so the number of runs, which is what the index costs in memory, follows
+//! the stored layout rather than the history of writes; `segs[s].blocks_live` equals the number of blocks whose
 //! run points into segment `s` (checked by `check_accounting` in tests and by the
 //! inspector's verify); a segment appears in `segs` from the moment a commit names it.
 
@@ -25,6 +29,35 @@ pub enum Val {
     },
     /// Zeroed with NO_HOLE: reads as zeros, reported allocated.
     ZeroAlloc,
+}
+
+impl Val {
+    /// Whether `self` over `len` blocks followed by `next` is one continuous run.
+    fn continues(&self, len: u64, next: &Val) -> bool {
+        match (*self, *next) {
+            (
+                Val::Frame {
+                    seg,
+                    frame_offset,
+                    frame_len,
+                    block_in_frame,
+                },
+                Val::Frame {
+                    seg: s2,
+                    frame_offset: o2,
+                    frame_len: l2,
+                    block_in_frame: b2,
+                },
+            ) => {
+                seg == s2
+                    && frame_offset == o2
+                    && frame_len == l2
+                    && block_in_frame as u64 + len == b2 as u64
+            }
+            (Val::ZeroAlloc, Val::ZeroAlloc) => true,
+            _ => false,
+        }
+    }
 }
 
 impl RangeValue for Val {
@@ -106,6 +139,20 @@ impl Index {
         self.map.insert_with(lba, blocks, v, |_, len, old| {
             Self::account_removed(segs, len, old)
         });
+        // Join runs that continue each other, so a frame is one run however many pieces
+        // set it (compaction moves a frame's blocks piece by piece, in block order). A new
+        // frame's first run starts at block 0 and cannot continue anything: the flush
+        // path pays nothing for this.
+        match v {
+            Val::Frame { block_in_frame, .. } if block_in_frame > 0 => {
+                self.map.join_left(lba, Val::continues);
+            }
+            Val::ZeroAlloc => {
+                self.map.join_left(lba, Val::continues);
+                self.map.join_left(lba + blocks, Val::continues);
+            }
+            Val::Frame { .. } => {}
+        }
     }
 
     /// Unmap a run.
@@ -291,5 +338,60 @@ impl Index {
             }
         }
         Ok(idx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seg: u64, offset: u64, bif: u32) -> Val {
+        Val::Frame {
+            seg,
+            frame_offset: offset,
+            frame_len: 4096,
+            block_in_frame: bif,
+        }
+    }
+
+    fn runs(idx: &Index) -> Vec<(u64, u64, Val)> {
+        idx.map.iter().map(|(l, n, v)| (l, n, *v)).collect()
+    }
+
+    #[test]
+    fn pieces_of_one_frame_set_in_order_are_one_run() {
+        let mut idx = Index::new();
+        idx.segs.insert(
+            7,
+            SegStat {
+                size_bytes: 10_000,
+                blocks_total: 8,
+                blocks_live: 0,
+            },
+        );
+        // Blocks 10..18 are frame (7, 0) block by block, as a compaction pass repoints them.
+        for b in 0..8u32 {
+            idx.set(10 + b as u64, 1, frame(7, 0, b));
+        }
+        assert_eq!(runs(&idx), vec![(10, 8, frame(7, 0, 0))]);
+        assert_eq!(idx.segs[&7].blocks_live, 8);
+        // Another frame, or a gap in the blocks, is not joined.
+        idx.set(18, 1, frame(7, 4096, 1));
+        idx.set(19, 1, frame(7, 0, 9));
+        assert_eq!(idx.map.len(), 3);
+        // Zero-allocated runs join on both sides.
+        idx.set(30, 2, Val::ZeroAlloc);
+        idx.set(34, 2, Val::ZeroAlloc);
+        idx.set(32, 2, Val::ZeroAlloc);
+        assert_eq!(idx.map.len(), 4);
+        assert_eq!(
+            idx.lookup(29, 8),
+            vec![(29, 1, None), (30, 6, Some(Val::ZeroAlloc)), (36, 1, None)]
+        );
+        // Splitting a joined run still accounts block by block.
+        idx.unmap(12, 2);
+        assert_eq!(idx.segs[&7].blocks_live, 8);
+        assert_eq!(idx.lookup(14, 1), vec![(14, 1, Some(frame(7, 0, 4)))]);
+        crate::log::compact::check_accounting(&idx).unwrap();
     }
 }
