@@ -4,13 +4,14 @@
 //! Layers, each seeing only the one below it (see `../shared/DESIGN.md` and `format/`):
 //! `nbd` (wire protocol) → `volume` (dirty set, page cache) → `log` (segments, manifests,
 //! index, fencing, compaction) → `store` (object-store backends). `background` runs the
-//! log's maintenance CPU work at the lowest priority.
+//! log's maintenance CPU work at the lowest priority; `memory` returns freed heap memory.
 
 pub mod background;
 pub mod cli;
 pub mod format;
 pub mod inspect;
 pub mod log;
+pub mod memory;
 pub mod nbd;
 pub mod store;
 pub mod util;

@@ -724,6 +724,11 @@ impl Volume {
                 st.flushed_gen = st.flushed_gen.max(gen);
                 drop(st);
                 self.budget.release(snap_bytes);
+                // The batch's buffers are freed here (the last references); let the
+                // memory trimmer know, so a big batch's memory goes back to the kernel.
+                drop(batch);
+                drop(snap);
+                crate::memory::note_freed(snap_bytes as u64);
                 Ok(())
             }
             Err(e) => {

@@ -15,7 +15,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e::{need_python_nbd, script, secs, setup, Backend, Ctx, Daemon, PYTHON};
+use e2e::{defrag_passes, need_python_nbd, script, secs, setup, Backend, Ctx, Daemon, PYTHON};
 
 e2e_tests!(
     kill9_mid_workload_keeps_flushed_writes,
@@ -216,6 +216,9 @@ fn kill9_with_compaction_and_gc_running(backend: Backend) {
         "1",
         "--gc-retain",
         "0s",
+        // Passes also defragment the index (rewrite stretches by LBA) when killed.
+        "--index-max",
+        "16K",
     ]);
     crash_rounds(
         &ctx,
@@ -227,8 +230,9 @@ fn kill9_with_compaction_and_gc_running(backend: Backend) {
     let logs = d.logs();
     let passes = logs.matches("compaction pass committed").count();
     eprintln!(
-        "{}: {passes} compaction passes committed over all runs",
-        ctx.name
+        "{}: {passes} compaction passes committed over all runs, {} defragmenting",
+        ctx.name,
+        defrag_passes(&logs)
     );
     assert!(
         passes > 0,

@@ -15,6 +15,9 @@ use nbds3::volume::{Exports, ExportsConfig, VolumeConfig};
 
 /// Temp files of interrupted puts older than this are removed at start (file store).
 const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+/// Resident memory allowed beyond the cache, dirty and upload budgets (code, runtime, index
+/// of a small device, connection buffers) before freed heap memory is given back.
+const RESIDENT_SLACK_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -164,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", p.display()))?;
         listeners.push(Listener::Unix(l));
     }
+    let compact_cfg = compact.clone();
     let exports = Exports::new(
         Arc::clone(&store),
         ExportsConfig {
@@ -179,7 +183,26 @@ async fn main() -> anyhow::Result<()> {
             compact,
         },
     );
+    // Freed write buffers stay in the arena of the worker that allocated them; give them
+    // back when the resident set passes what the budgets add up to (see `nbds3::memory`).
+    let log_cfg = LogConfig::default();
+    let resident_target = cli
+        .cache_size
+        .saturating_add(cli.dirty_max)
+        .saturating_add((log_cfg.segment_bytes_max * log_cfg.uploads_in_flight_max) as u64)
+        // A compaction pass holds the live blocks it copies and the segments it builds.
+        .saturating_add(compact_cfg.as_ref().map_or(0, |c| {
+            c.pass_bytes_max
+                .saturating_add((log_cfg.segment_bytes_max * log_cfg.uploads_in_flight_max) as u64)
+        }))
+        .saturating_add(RESIDENT_SLACK_BYTES);
+    nbds3::memory::spawn_trimmer(
+        resident_target,
+        nbds3::memory::TRIM_FREE_BYTES_MIN,
+        nbds3::memory::TRIM_CHECK_INTERVAL,
+    );
     tracing::info!(
+        resident_target_mib = resident_target >> 20,
         listen = ?addrs,
         unix = ?cli.unix,
         store = %store.describe(),

@@ -843,3 +843,17 @@ fn wait_timeout_ref(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Committed compaction passes in a daemon log that defragmented the page index
+/// (`fragments=N` with N > 0 on the "compaction pass committed" line).
+pub fn defrag_passes(logs: &str) -> usize {
+    logs.lines()
+        .filter(|l| l.contains("compaction pass committed"))
+        .filter(|l| {
+            l.split_once("fragments=")
+                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+        .count()
+}
