@@ -183,6 +183,9 @@ pub struct SegmentBuilder {
     /// `None` when zstd could not allocate one: frames are then stored raw.
     cctx: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
+    /// Where a frame given in parts is joined when it is to be compressed (zstd's one-shot
+    /// API wants one slice); reused across frames.
+    joined: Vec<u8>,
     /// Early abort for incompressible data (see [`CompressState`]).
     compress: CompressState,
     /// Where the segment starts in `buf`: 0, or the padding that puts it on a
@@ -278,6 +281,7 @@ impl SegmentBuilder {
             block_size,
             cctx: zstd::bulk::Compressor::new(zstd_level).ok(),
             scratch: Vec::new(),
+            joined: Vec::new(),
             compress: CompressState::default(),
             start,
         }
@@ -349,16 +353,43 @@ impl SegmentBuilder {
 
     /// Append `raw` (a whole number of blocks starting at `first_lba`) as one frame.
     pub fn add_frame(&mut self, first_lba: u64, raw: &[u8]) -> DirEntry {
+        self.add_frame_parts(first_lba, &[raw])
+    }
+
+    /// Append the concatenation of `parts` (together a whole number of blocks starting at
+    /// `first_lba`) as one frame: the same bytes as [`SegmentBuilder::add_frame`] of the
+    /// joined data. The parts are only joined in memory when the frame is to be compressed;
+    /// a raw frame is copied part by part into the segment.
+    pub fn add_frame_parts(&mut self, first_lba: u64, parts: &[&[u8]]) -> DirEntry {
         let bs = self.block_size as usize;
-        debug_assert!(
-            !raw.is_empty() && raw.len().is_multiple_of(bs) && raw.len() <= FRAME_RAW_BYTES_MAX
-        );
-        let blocks = (raw.len() / bs) as u32;
-        let (flags, payload): (u16, &[u8]) = if self.try_compress(raw) {
-            (FLAG_ZSTD, self.scratch.as_slice())
+        let raw_len: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(raw_len > 0 && raw_len.is_multiple_of(bs) && raw_len <= FRAME_RAW_BYTES_MAX);
+        let blocks = (raw_len / bs) as u32;
+        let compressed = match parts {
+            [one] => self.try_compress(one),
+            _ if self.compress.skip_bytes > 0 || self.cctx.is_none() => {
+                // Not trying: account for the bytes as `try_compress` does, without
+                // joining them.
+                self.compress.skip_bytes = self.compress.skip_bytes.saturating_sub(raw_len as u64);
+                false
+            }
+            _ => {
+                let mut joined = std::mem::take(&mut self.joined);
+                joined.clear();
+                for p in parts {
+                    joined.extend_from_slice(p);
+                }
+                let ok = self.try_compress(&joined);
+                self.joined = joined;
+                ok
+            }
+        };
+        // Raw when zstd does not help enough (already-compressed or random data).
+        let flags: u16 = if compressed { FLAG_ZSTD } else { 0 };
+        let payload_len = if compressed {
+            self.scratch.len()
         } else {
-            // Raw when zstd does not help enough (already-compressed or random data).
-            (0, raw)
+            raw_len
         };
         let offset = self.len_bytes() as u64;
         let mut hdr = [0u8; FRAME_HEADER_BYTES];
@@ -366,27 +397,35 @@ impl SegmentBuilder {
         hdr[4..6].copy_from_slice(&flags.to_le_bytes());
         hdr[8..16].copy_from_slice(&first_lba.to_le_bytes());
         hdr[16..20].copy_from_slice(&blocks.to_le_bytes());
-        hdr[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        hdr[20..24].copy_from_slice(&(payload_len as u32).to_le_bytes());
         let mut raw_h = crc32fast::Hasher::new();
-        raw_h.update(raw);
+        for p in parts {
+            raw_h.update(p);
+        }
         hdr[24..28].copy_from_slice(&raw_h.clone().finalize().to_le_bytes());
         let mut h = crc32fast::Hasher::new();
         h.update(&hdr[0..28]);
-        if flags == 0 {
+        if compressed {
+            h.update(&self.scratch);
+        } else {
             // The stored payload is the raw data: extend by its crc instead of a 2nd pass.
             h.combine(&raw_h);
-        } else {
-            h.update(payload);
         }
         hdr[28..32].copy_from_slice(&h.finalize().to_le_bytes());
         self.buf.extend_from_slice(&hdr);
-        self.buf.extend_from_slice(payload);
+        if compressed {
+            self.buf.extend_from_slice(&self.scratch);
+        } else {
+            for p in parts {
+                self.buf.extend_from_slice(p);
+            }
+        }
         let e = DirEntry {
             lba: first_lba,
             blocks: blocks as u64,
             kind: EntryKind::Data,
             frame_offset: offset,
-            frame_len: (FRAME_HEADER_BYTES + payload.len()) as u32,
+            frame_len: (FRAME_HEADER_BYTES + payload_len) as u32,
         };
         self.entries.push(e);
         e
@@ -1153,6 +1192,49 @@ mod tests {
             "same object bytes, offsets from its start"
         );
         assert_eq!(parse_segment(&buf[start..], true).unwrap().1, entries);
+    }
+
+    #[test]
+    fn a_frame_in_parts_is_the_frame_of_the_joined_bytes() {
+        // Compressible (text), incompressible (xorshift) and a mix, in 1..4 parts.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = vec![0u8; 4 * 4096];
+        for c in noise.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        let text: Vec<u8> = b"block device line of text, "
+            .iter()
+            .copied()
+            .cycle()
+            .take(4 * 4096)
+            .collect();
+        let mut mixed = text.clone();
+        mixed[8192..].copy_from_slice(&noise[8192..]);
+        for data in [&text, &noise, &mixed] {
+            for cuts in [vec![], vec![4096], vec![4096, 8192, 12288], vec![12288]] {
+                let mut parts: Vec<&[u8]> = Vec::new();
+                let mut at = 0;
+                for &c in cuts.iter().chain(std::iter::once(&data.len())) {
+                    parts.push(&data[at..c]);
+                    at = c;
+                }
+                let mut whole = SegmentBuilder::new(object_id(3, 7), 3, 4096, 1);
+                let mut split = SegmentBuilder::new(object_id(3, 7), 3, 4096, 1);
+                let a = whole.add_frame(40, data);
+                let b = split.add_frame_parts(40, &parts);
+                assert_eq!(a, b);
+                let (wa, _) = whole.finish();
+                let (wb, entries) = split.finish();
+                assert_eq!(wa, wb, "{} parts", parts.len());
+                let e = entries[0];
+                let s = e.frame_offset as usize;
+                let f = decode_frame(&wb[s..s + e.frame_len as usize], 4096, 0).unwrap();
+                assert_eq!(&f.data[..], &data[..]);
+            }
+        }
     }
 
     #[test]

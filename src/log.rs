@@ -1717,9 +1717,9 @@ pub fn check_frame_covers(
     Ok(())
 }
 
-/// Build one segment from a job: data runs are cut into frames of at most
-/// `frame_bytes_max`; all-zero blocks inside data become unmapped runs (they cost nothing
-/// to store and read back as zeros).
+/// Build one segment from a job: data runs, neighbouring ones together, are cut into
+/// frames of at most `frame_bytes_max`; all-zero blocks inside data become unmapped runs
+/// (they cost nothing to store and read back as zeros). The directory is in lba order.
 fn build_segment(
     buf: Vec<u8>,
     id: u64,
@@ -1753,12 +1753,29 @@ fn build_segment(
         cfg.zstd_level,
     )
     .with_compress_state(compress);
+    // Non-zero blocks go into the pending frame; neighbouring data runs (separate writes
+    // of adjacent blocks: the batch is sorted by lba) share frames up to `frame_blocks`.
+    // Fewer frames: fewer index runs (daemon memory), headers and directory entries, and
+    // zstd sees more than one 4 KiB block at a time. Anything that is not data ends the
+    // pending frame first, so the directory stays in lba order.
+    let mut pending: Vec<&[u8]> = Vec::new();
+    let mut pending_lba = 0u64;
+    let mut pending_blocks = 0usize;
+    fn emit(b: &mut SegmentBuilder, pending: &mut Vec<&[u8]>, lba: u64, blocks: &mut usize) {
+        if !pending.is_empty() {
+            b.add_frame_parts(lba, pending);
+            pending.clear();
+            *blocks = 0;
+        }
+    }
     for e in job {
         match &e.update {
             Update::Unmap => {
+                emit(&mut b, &mut pending, pending_lba, &mut pending_blocks);
                 b.add_range(e.lba, e.blocks, EntryKind::Unmap);
             }
             Update::ZeroAlloc => {
+                emit(&mut b, &mut pending, pending_lba, &mut pending_blocks);
                 b.add_range(e.lba, e.blocks, EntryKind::ZeroAlloc);
             }
             Update::Data(d) => {
@@ -1775,17 +1792,32 @@ fn build_segment(
                     {
                         j += 1;
                     }
-                    let lba = e.lba + i as u64;
                     if zero {
-                        b.add_range(lba, (j - i) as u64, EntryKind::Unmap);
-                    } else {
-                        b.add_frame(lba, &d[i * bs..j * bs]);
+                        emit(&mut b, &mut pending, pending_lba, &mut pending_blocks);
+                        b.add_range(e.lba + i as u64, (j - i) as u64, EntryKind::Unmap);
+                        i = j;
+                        continue;
                     }
-                    i = j;
+                    while i < j {
+                        let lba = e.lba + i as u64;
+                        if pending_lba + pending_blocks as u64 != lba
+                            || pending_blocks == frame_blocks
+                        {
+                            emit(&mut b, &mut pending, pending_lba, &mut pending_blocks);
+                        }
+                        if pending.is_empty() {
+                            pending_lba = lba;
+                        }
+                        let take = (j - i).min(frame_blocks - pending_blocks);
+                        pending.push(&d[i * bs..(i + take) * bs]);
+                        pending_blocks += take;
+                        i += take;
+                    }
                 }
             }
         }
     }
+    emit(&mut b, &mut pending, pending_lba, &mut pending_blocks);
     let learnt = b.compress_state();
     let (buf, start, dir) = b.finish_in_place();
     (buf, start, dir, learnt)

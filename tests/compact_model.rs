@@ -784,12 +784,13 @@ async fn space_after_random_overwrites_64mib() {
         g.objects_deleted()
     );
     assert!(ratio <= 1.1, "stored/live = {ratio:.3}");
-    // The victims' live single-block frames were read with few GETs, not one each.
+    // The victims' live frames (neighbouring blocks of one flush share a frame, so most
+    // hold a few blocks) were read with few GETs, not one each.
     let frames = stat(&log.stats.frames_read) - frames0;
     let gets = stat(&log.stats.frame_gets) - gets0;
     eprintln!("compaction read {frames} frames with {gets} GETs");
     assert!(
-        frames > 1000 && gets * 5 < frames,
+        frames > 1000 && gets * 3 < frames,
         "{frames} frames, {gets} GETs"
     );
     assert!(before.bytes_stored as f64 > 1.5 * after.bytes_stored as f64);
