@@ -331,3 +331,50 @@ async fn exit_codes() {
     std::fs::write(&path, b).unwrap();
     assert_eq!(compact(dir.path(), &[NAME]).status.code(), Some(5));
 }
+
+/// `--index-max`: an export written as interleaved commits (even blocks, then odd blocks:
+/// every block its own frame, nothing dead) is defragmented to one run per frame; the dry
+/// run says it would, and every block stays.
+#[tokio::test]
+async fn index_max_defragments_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_at(dir.path());
+    let log = open(&store, OpenMode::Writer).await;
+    let mut ids = vec![0u64; BLOCKS as usize];
+    for parity in 0..2u64 {
+        let entries: Vec<BatchEntry> = (0..BLOCKS)
+            .filter(|l| l % 2 == parity)
+            .map(|lba| {
+                ids[lba as usize] = 10 + parity;
+                BatchEntry {
+                    lba,
+                    blocks: 1,
+                    update: Update::Data(Bytes::from(block(lba, 10 + parity))),
+                }
+            })
+            .collect();
+        log.commit(&entries).await.unwrap();
+    }
+    assert_eq!(log.index_extents(), BLOCKS as usize);
+    drop(log);
+    // 4 KiB of index is ~42 runs; the floor is one run per 128 KiB frame: 1024 / 32 = 32.
+    let out = compact(dir.path(), &[NAME, "--index-max", "4K", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("would defragment"), "{stdout}");
+    let out = compact(dir.path(), &[NAME, "--index-max", "4K", "--threshold", "1"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("index runs          before 1024, after 32"),
+        "{stdout}"
+    );
+    let log = open(&store, OpenMode::ReadOnly).await;
+    assert_eq!(log.index_extents(), 32);
+    drop(log);
+    assert_content(&store, &ids).await;
+    // Without the flag nothing is rewritten (no segment has dead blocks).
+    let out = compact(dir.path(), &[NAME, "--threshold", "1"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 compaction passes"));
+}
