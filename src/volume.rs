@@ -571,7 +571,7 @@ impl Volume {
     }
 
     /// Charge this volume's page index to the page cache's budget (see [`PageCache`]):
-    /// at open, after every commit, and back to zero on close.
+    /// at open, after every commit, on every flusher tick, and back to zero on close.
     fn charge_index(&self) {
         let now = if self.closed.load(Ordering::Acquire) {
             0
@@ -627,6 +627,10 @@ impl Volume {
                 if v.closed.load(Ordering::Acquire) {
                     break;
                 }
+                // The index also changes without a flush (compaction and defragmentation
+                // commit on their own; a background checkpoint build ends): keep its charge
+                // to the cache budget current.
+                v.charge_index();
                 let due = {
                     let st = v.st();
                     let over = st.dirty_bytes > 0 && v.budget.used() > v.budget.high_water;

@@ -468,3 +468,54 @@ async fn page_index_is_charged_to_the_cache_budget() {
         "a closed volume still charges its index"
     );
 }
+
+/// The index charge follows index changes that are not flushes: a defragmenting
+/// compaction pass shrinks the index, and the flusher's next tick lowers the charge.
+#[tokio::test]
+async fn index_charge_follows_compaction() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let cfg = VolumeConfig {
+        cache_bytes_max: 4 << 20,
+        flush_interval: std::time::Duration::from_millis(200),
+        ..VolumeConfig::default()
+    };
+    let cache = PageCache::new(cfg.cache_bytes_max);
+    let v = open_with_cache(&store, cfg, Arc::clone(&cache)).await;
+    v.start_flusher();
+    // Even blocks in one flush, odd blocks in the next: 2,048 adjacent blocks, each in a
+    // frame of its own.
+    let n = 2048u64;
+    for parity in 0..2 {
+        for i in (parity..n).step_by(2) {
+            v.write(i * BS as u64, pattern(i as u8, BS as usize), false)
+                .await
+                .unwrap();
+        }
+        Volume::flush(&v).await.unwrap();
+    }
+    assert_eq!(v.log().index_extents(), n as usize);
+    assert_eq!(cache.usage().index_bytes, n as usize * 96);
+    let ccfg = nbds3::log::compact::CompactConfig {
+        dead_fraction_min: 1.0,
+        index_runs_max: Some(100),
+        ..Default::default()
+    };
+    let r = nbds3::log::compact::compact_pass(v.log(), &ccfg, None)
+        .await
+        .unwrap();
+    assert!(r.fragments > 0, "{r:?}");
+    let runs = v.log().index_extents();
+    assert!(runs <= 100, "{runs} runs after defragmenting");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while cache.usage().index_bytes != runs * 96 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(cache.usage().index_bytes, runs * 96);
+    for i in (0..n).step_by(61) {
+        assert_eq!(
+            flat(v.read(i * BS as u64, BS).await.unwrap()),
+            pattern(i as u8, BS as usize).to_vec()
+        );
+    }
+    v.close().await.unwrap();
+}
