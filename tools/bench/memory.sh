@@ -16,7 +16,8 @@
 # Knobs: NBDS3_BENCH_MEM_CONFIGS (default "16M:256M 16M:32M 256M:256M"), NBDS3_BENCH_SIZE
 # (default 1G), NBDS3_BENCH_RUNTIME (default 20), NBDS3_BENCH_IDLE (default 40),
 # NBDS3_BENCH_NBDS3D (a prebuilt binary, for A/B runs), NBDS3_BENCH_OUT (logs; default a
-# temp dir, kept).
+# temp dir, kept; each configuration's store, up to ~20 GiB with the defaults, is deleted
+# after its row).
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -85,5 +86,7 @@ for cfg in $CONFIGS; do
     first=$(grep -o 'index_runs_before=[0-9]*' <<<"$passes" | head -1 | cut -d= -f2)
     last=$(grep -o 'index_runs_after=[0-9]*' <<<"$passes" | tail -1 | cut -d= -f2)
     defrags=$(grep -c 'fragments=[1-9]' <<<"$passes" || true)
+    # The store holds every overwrite until GC's retention window passes (GBs): drop it.
+    rm -rf "$dir/store"
     echo "| $cache | $dirty | ${target:-?} MiB | $iops | $((hwm / 1024)) MiB | $((rss / 1024)) MiB | ${first:--} → ${last:--} | $defrags |"
 done
