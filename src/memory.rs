@@ -27,7 +27,7 @@ use std::time::Duration;
 /// Free bytes below which the trimmer leaves the heap alone.
 pub const TRIM_FREE_BYTES_MIN: u64 = 64 << 20;
 /// How often the trimmer looks at the heap.
-pub const TRIM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+pub const TRIM_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Bytes the allocator holds free (in its arenas, not returned to the kernel); `None`
 /// where that cannot be asked.
