@@ -188,8 +188,11 @@ pub struct Fragment {
 }
 
 /// The `count_max` most fragmented stretches of the index (at least 2 runs each), most
-/// runs first. Stretches tile each chain of adjacent frame runs from its first block, in
-/// `frame_blocks`-block windows, the way [`cut_jobs`] cuts the rewritten blocks into frames.
+/// runs first. Stretches lie inside fixed windows of `frame_blocks` blocks (block
+/// `k * frame_blocks` onwards), the same windows [`cut_jobs`] never lets a frame cross: a
+/// rewritten stretch becomes exactly one run and stays one, whatever is written around it
+/// later. (Windows counted from the start of each chain of adjacent runs would shift when
+/// a write joins two chains, making every rewritten frame after it look fragmented again.)
 fn plan_fragments(idx: &Index, frame_blocks: u64, count_max: usize) -> Vec<Fragment> {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
@@ -208,39 +211,34 @@ fn plan_fragments(idx: &Index, frame_blocks: u64, count_max: usize) -> Vec<Fragm
             best.push(Reverse(f));
         }
     };
-    let mut cur = Fragment {
+    let empty = Fragment {
         runs: 0,
         lba: 0,
         blocks: 0,
     };
+    let mut cur = empty;
     for (lba, blocks, v) in idx.map.iter() {
-        if !matches!(v, Val::Frame { .. }) || lba != cur.lba + cur.blocks {
+        if !matches!(v, Val::Frame { .. }) {
+            // Nothing continues across a zero-allocated run.
             keep(cur);
-            cur = Fragment {
-                runs: 0,
-                lba,
-                blocks: 0,
-            };
-            if !matches!(v, Val::Frame { .. }) {
-                cur.lba = u64::MAX; // nothing continues a zero-allocated run
-                continue;
-            }
+            cur = empty;
+            continue;
         }
-        let mut left = blocks;
-        while left > 0 {
-            if cur.blocks == frame_blocks {
-                let next = cur.lba + cur.blocks;
+        let end = lba + blocks;
+        let mut at = lba;
+        while at < end {
+            let piece_end = end.min((at / frame_blocks + 1) * frame_blocks);
+            if cur.runs == 0 || cur.lba + cur.blocks != at || at % frame_blocks == 0 {
                 keep(cur);
                 cur = Fragment {
                     runs: 0,
-                    lba: next,
+                    lba: at,
                     blocks: 0,
                 };
             }
-            let take = left.min(frame_blocks - cur.blocks);
-            cur.blocks += take;
             cur.runs += 1;
-            left -= take;
+            cur.blocks += piece_end - at;
+            at = piece_end;
         }
     }
     keep(cur);
@@ -762,10 +760,12 @@ fn cut_jobs(
             *seg_bytes = 0;
         }
     };
+    // Frames never cross a multiple of `frame_blocks_max` (see `plan_fragments`): a frame
+    // ends at the next such boundary, so rewritten stretches keep one layout.
     for p in pieces {
         let mut p = p;
         loop {
-            if p.lba != next_lba || frame_blocks == frame_blocks_max {
+            if p.lba != next_lba || p.lba % frame_blocks_max == 0 {
                 flush_frame(
                     &mut cur_frame,
                     &mut frame_blocks,
@@ -774,7 +774,7 @@ fn cut_jobs(
                     &mut segs,
                 );
             }
-            let room = frame_blocks_max - frame_blocks;
+            let room = frame_blocks_max - p.lba % frame_blocks_max;
             if p.blocks <= room {
                 frame_blocks += p.blocks;
                 next_lba = p.lba + p.blocks;
@@ -1373,11 +1373,71 @@ mod tests {
                     assert_eq!(p.lba, at);
                     at += p.blocks;
                 }
+                // Inside one window of 4 blocks (multiples of the frame size).
+                assert_eq!(f[0].lba / 4, (at - 1) / 4, "frame {:?} crosses a window", f);
                 all.extend(f.iter().map(|p| (p.lba, p.blocks)));
             }
         }
         let total: u64 = all.iter().map(|(_, b)| b).sum();
         assert_eq!(total, 3 + 5 + 1 + 9);
+        // 10..11 and 11..20 join into frames 10..12, 12..16, 16..20.
+        let frames: Vec<(u64, u64)> = segs
+            .iter()
+            .flatten()
+            .map(|f| (f[0].lba, f.iter().map(|p| p.blocks).sum()))
+            .collect();
+        assert_eq!(frames, vec![(0, 4), (4, 4), (10, 2), (12, 4), (16, 4)]);
+    }
+
+    #[test]
+    fn fragments_lie_in_fixed_windows() {
+        let mut idx = Index::new();
+        // Single-block runs 5..40 (each its own frame), a zero-allocated run, then a
+        // 16-block run that is one frame already.
+        for lba in 5..40u64 {
+            idx.set(
+                lba,
+                1,
+                Val::Frame {
+                    seg: 1,
+                    frame_offset: lba * 100,
+                    frame_len: 100,
+                    block_in_frame: 0,
+                },
+            );
+        }
+        idx.set(40, 8, Val::ZeroAlloc);
+        idx.set(
+            48,
+            16,
+            Val::Frame {
+                seg: 2,
+                frame_offset: 0,
+                frame_len: 100,
+                block_in_frame: 0,
+            },
+        );
+        let f = |runs, lba, blocks| Fragment { runs, lba, blocks };
+        assert_eq!(
+            plan_fragments(&idx, 16, 10),
+            vec![f(16, 16, 16), f(11, 5, 11), f(8, 32, 8)]
+        );
+        assert_eq!(plan_fragments(&idx, 16, 1), vec![f(16, 16, 16)]);
+        // Joining the chain to a run before it does not move the windows.
+        idx.set(
+            0,
+            5,
+            Val::Frame {
+                seg: 3,
+                frame_offset: 0,
+                frame_len: 100,
+                block_in_frame: 0,
+            },
+        );
+        assert_eq!(
+            plan_fragments(&idx, 16, 10),
+            vec![f(16, 16, 16), f(12, 0, 16), f(8, 32, 8)]
+        );
     }
 
     #[test]
