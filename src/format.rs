@@ -240,8 +240,8 @@ impl SegmentBuilder {
     /// from an earlier segment has its pages mapped already, where a fresh multi-MiB one
     /// page-faults and zeroes every page as the segment is written into it), with room for
     /// `capacity` bytes of segment reserved up front (an 8 MiB segment would otherwise be
-    /// copied ~8 times as the buffer grows) and the segment placed at a [`SEGMENT_BUF_ALIGN`]-aligned address inside `buf`:
-    /// finish with [`SegmentBuilder::finish_in_place`]. If the segment outgrows `capacity`
+    /// copied ~8 times as the buffer grows) and the segment placed at a
+    /// [`SEGMENT_BUF_ALIGN`]-aligned address inside `buf`: finish with [`SegmentBuilder::finish_in_place`]. If the segment outgrows `capacity`
     /// the buffer moves and the alignment may be lost; that costs a copy in the file store,
     /// never correctness.
     pub fn new_aligned_in(
@@ -298,6 +298,17 @@ impl SegmentBuilder {
         self.compress
     }
 
+    /// Whether the next `len` raw bytes are stored without an attempt (early abort below,
+    /// or no zstd context); skipped bytes count off the early abort.
+    fn skips_compression(&mut self, len: usize) -> bool {
+        let st = &mut self.compress;
+        if st.skip_bytes > 0 {
+            st.skip_bytes = st.skip_bytes.saturating_sub(len as u64);
+            return true;
+        }
+        self.cctx.is_none()
+    }
+
     /// Compress `raw` into `self.scratch` if that is worth it; false means store it raw.
     ///
     /// Early abort: after [`COMPRESS_MISSES_BEFORE_SKIP`] frames in a row that did not meet
@@ -307,11 +318,10 @@ impl SegmentBuilder {
     /// compressible data is unaffected. A choice of the writer only: readers accept raw
     /// and zstd frames alike.
     fn try_compress(&mut self, raw: &[u8]) -> bool {
-        let st = &mut self.compress;
-        if st.skip_bytes > 0 {
-            st.skip_bytes = st.skip_bytes.saturating_sub(raw.len() as u64);
+        if self.skips_compression(raw.len()) {
             return false;
         }
+        let st = &mut self.compress;
         let Some(cctx) = self.cctx.as_mut() else {
             return false;
         };
@@ -367,12 +377,8 @@ impl SegmentBuilder {
         let blocks = (raw_len / bs) as u32;
         let compressed = match parts {
             [one] => self.try_compress(one),
-            _ if self.compress.skip_bytes > 0 || self.cctx.is_none() => {
-                // Not trying: account for the bytes as `try_compress` does, without
-                // joining them.
-                self.compress.skip_bytes = self.compress.skip_bytes.saturating_sub(raw_len as u64);
-                false
-            }
+            // Not trying: no need to join the parts.
+            _ if self.skips_compression(raw_len) => false,
             _ => {
                 let mut joined = std::mem::take(&mut self.joined);
                 joined.clear();

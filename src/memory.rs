@@ -21,7 +21,6 @@
 //! - Where the allocator is not glibc's, [`heap_free_bytes`] is `None` and nothing runs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Free bytes below which the trimmer leaves the heap alone.
@@ -81,15 +80,6 @@ pub fn note_freed(bytes: u64) {
     }
 }
 
-/// What the trimmer has done.
-#[derive(Debug, Default)]
-pub struct TrimStats {
-    pub checks: AtomicU64,
-    pub trims: AtomicU64,
-    /// Resident bytes given back, as measured around each trim.
-    pub bytes_released: AtomicU64,
-}
-
 /// Start the trimmer on the current tokio runtime: every `interval`, or as soon as
 /// [`note_freed`] has seen `TRIM_FREE_BYTES_MIN` released, if the process is resident above
 /// `resident_target` (what its budgets add up to) and the heap holds at least
@@ -98,13 +88,7 @@ pub struct TrimStats {
 /// Below the target nothing is trimmed: the free memory will hold the next batch, and
 /// giving it back would only make the kernel zero the same pages again (measured: trimming
 /// after every flush cost 8% more CPU per 4 KiB write with a 1.25 GiB cache).
-pub fn spawn_trimmer(
-    resident_target: u64,
-    free_bytes_min: u64,
-    interval: Duration,
-) -> Arc<TrimStats> {
-    let stats = Arc::new(TrimStats::default());
-    let s = Arc::clone(&stats);
+pub fn spawn_trimmer(resident_target: u64, free_bytes_min: u64, interval: Duration) {
     tokio::spawn(async move {
         // Nothing to do where the allocator cannot be asked.
         if heap_free_bytes().is_none() {
@@ -118,7 +102,6 @@ pub fn spawn_trimmer(
                 _ = FREED_WAKE.notified() => {}
             }
             FREED_SINCE_CHECK.store(0, Ordering::Relaxed);
-            s.checks.fetch_add(1, Ordering::Relaxed);
             // mallinfo2 walks the arenas' free lists: on the background thread too.
             let job = crate::background::run(move || {
                 let before = resident_bytes().unwrap_or(0);
@@ -135,8 +118,6 @@ pub fn spawn_trimmer(
             });
             match job.await {
                 Ok(Some((free, released))) => {
-                    s.trims.fetch_add(1, Ordering::Relaxed);
-                    s.bytes_released.fetch_add(released, Ordering::Relaxed);
                     tracing::debug!(free, released, "returned free heap memory to the kernel");
                 }
                 Ok(None) => {}
@@ -147,7 +128,6 @@ pub fn spawn_trimmer(
             }
         }
     });
-    stats
 }
 
 #[cfg(test)]

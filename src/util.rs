@@ -18,8 +18,8 @@ pub trait RangeValue: Clone {
 }
 
 /// Non-overlapping runs of blocks, keyed by first block. Adjacent runs are joined only on
-/// request ([`RangeMap::join_left`]): only the owner knows when two values continue each
-/// other.
+/// request ([`RangeMap::join_left`]): only the owner knows where a join can happen, and
+/// the dirty set's values (data) never continue each other.
 #[derive(Debug, Clone)]
 pub struct RangeMap<V> {
     map: BTreeMap<u64, (u64, V)>,
@@ -120,11 +120,14 @@ impl<V: RangeValue> RangeMap<V> {
         self.map.insert(start, (len, v));
     }
 
-    /// Join the run starting at `start` onto the run that ends exactly there, when
-    /// `joinable(prev_value, prev_len, value)` says the two describe one continuous run
-    /// (`prev_value.advance(prev_len)` equals `value`). Returns whether they were joined.
-    /// Costs one lookup; callers only ask where a join is possible at all.
-    pub fn join_left(&mut self, start: u64, joinable: impl FnOnce(&V, u64, &V) -> bool) -> bool {
+    /// Join the run starting at `start` onto the run that ends exactly there, when the two
+    /// describe one continuous run (the earlier value advanced by its length is the later
+    /// value). Returns whether they were joined. Costs one lookup; callers only ask where
+    /// a join is possible at all.
+    pub fn join_left(&mut self, start: u64) -> bool
+    where
+        V: PartialEq,
+    {
         let Some((&pk, &(pl, ref pv))) = self.map.range(..start).next_back() else {
             return false;
         };
@@ -134,7 +137,7 @@ impl<V: RangeValue> RangeMap<V> {
         let Some((l, v)) = self.map.get(&start) else {
             return false;
         };
-        if !joinable(pv, pl, v) {
+        if pv.advance(pl) != *v {
             return false;
         }
         let l = *l;
@@ -278,11 +281,10 @@ mod tests {
         m.insert(4, 2, Off(104));
         m.insert(7, 1, Off(107)); // a hole at 6: nothing to join onto
         m.insert(8, 2, Off(500)); // touches 7 but does not continue it
-        let cont = |p: &Off, pl: u64, v: &Off| p.0 + pl == v.0;
-        assert!(m.join_left(4, cont));
-        assert!(!m.join_left(7, cont));
-        assert!(!m.join_left(8, cont));
-        assert!(!m.join_left(3, cont)); // not the start of a run
+        assert!(m.join_left(4));
+        assert!(!m.join_left(7));
+        assert!(!m.join_left(8));
+        assert!(!m.join_left(3)); // not the start of a run
         let runs: Vec<(u64, u64, u64)> = m.iter().map(|(k, l, v)| (k, l, v.0)).collect();
         assert_eq!(runs, vec![(0, 6, 100), (7, 1, 107), (8, 2, 500)]);
         // The joined run still reads block by block as before.

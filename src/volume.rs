@@ -49,6 +49,12 @@ const READ_RELOOKUPS_MAX: u32 = 3;
 /// Memory charged per page-index run: a B-tree entry is 48 bytes, and nodes are half to
 /// two-thirds full (measured: 76 bytes per run inserted at random, 96 in ascending order).
 pub const INDEX_BYTES_PER_EXTENT: usize = 96;
+
+/// Page-index runs that `bytes` of memory hold, as charged ([`INDEX_BYTES_PER_EXTENT`]):
+/// how a memory bound on the index (`--index-max`) becomes a bound on runs.
+pub fn index_runs_in(bytes: u64) -> usize {
+    usize::try_from(bytes / INDEX_BYTES_PER_EXTENT as u64).unwrap_or(usize::MAX)
+}
 /// Estimated bytes per index extent while a background checkpoint is built: the decoded
 /// `Index` (as above) plus the checkpoint's entry list and encoded body made from it.
 const CHECKPOINT_BUILD_BYTES_PER_EXTENT: usize = 2 * INDEX_BYTES_PER_EXTENT;
@@ -1627,13 +1633,13 @@ impl Exports {
         self.background.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counters of an export's background compactor, if one runs.
     /// Page-index runs one export keeps before its compactor defragments, when the compactor
-    /// config does not say: a quarter of the page cache at [`INDEX_BYTES_PER_EXTENT`] each.
+    /// config does not say: a quarter of the page cache.
     pub fn index_runs_max_default(&self) -> usize {
-        (self.cfg.volume.cache_bytes_max / 4 / INDEX_BYTES_PER_EXTENT as u64) as usize
+        index_runs_in(self.cfg.volume.cache_bytes_max / 4)
     }
 
+    /// Counters of an export's background compactor, if one runs.
     pub fn compactor_stats(&self, name: &str) -> Option<Arc<CompactorStats>> {
         self.bg()
             .get(name)

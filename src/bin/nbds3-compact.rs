@@ -227,9 +227,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     let cfg = CompactConfig {
         dead_fraction_min: cli.threshold,
         pass_bytes_max: cli.pass_bytes.max(1),
-        index_runs_max: cli
-            .index_max
-            .map(|b| (b / nbds3::volume::INDEX_BYTES_PER_EXTENT as u64) as usize),
+        index_runs_max: cli.index_max.map(nbds3::volume::index_runs_in),
         gc: GcConfig {
             keep_versions_min: cli.keep_versions,
             retain_window: cli.retain,

@@ -117,9 +117,7 @@ async fn main() -> anyhow::Result<()> {
         pass_bytes_max: cli.compact_pass_bytes,
         pass_idle: cli.compact_idle,
         pass_idle_wait_max: cli.compact_interval.saturating_mul(6),
-        index_runs_max: cli
-            .index_max
-            .map(|b| (b / nbds3::volume::INDEX_BYTES_PER_EXTENT as u64) as usize),
+        index_runs_max: cli.index_max.map(nbds3::volume::index_runs_in),
         gc_interval: cli.gc_interval,
         gc: nbds3::log::gc::GcConfig {
             keep_versions_min: cli.gc_keep_versions,
@@ -167,12 +165,26 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", p.display()))?;
         listeners.push(Listener::Unix(l));
     }
-    let compact_cfg = compact.clone();
+    // Freed write buffers stay in the arena of the worker that allocated them; give them
+    // back when the resident set passes what the budgets add up to (see `nbds3::memory`).
+    let log_cfg = LogConfig::default();
+    let uploads_bytes = (log_cfg.segment_bytes_max * log_cfg.uploads_in_flight_max) as u64;
+    let resident_target = cli
+        .cache_size
+        .saturating_add(cli.dirty_max)
+        .saturating_add(uploads_bytes)
+        // A compaction pass holds the live blocks it copies and the segments it builds.
+        .saturating_add(
+            compact
+                .as_ref()
+                .map_or(0, |c| c.pass_bytes_max.saturating_add(uploads_bytes)),
+        )
+        .saturating_add(RESIDENT_SLACK_BYTES);
     let exports = Exports::new(
         Arc::clone(&store),
         ExportsConfig {
             default_geometry: geometry,
-            log: LogConfig::default(),
+            log: log_cfg,
             volume: VolumeConfig {
                 cache_bytes_max: cli.cache_size,
                 dirty_bytes_max: cli.dirty_max,
@@ -183,19 +195,6 @@ async fn main() -> anyhow::Result<()> {
             compact,
         },
     );
-    // Freed write buffers stay in the arena of the worker that allocated them; give them
-    // back when the resident set passes what the budgets add up to (see `nbds3::memory`).
-    let log_cfg = LogConfig::default();
-    let resident_target = cli
-        .cache_size
-        .saturating_add(cli.dirty_max)
-        .saturating_add((log_cfg.segment_bytes_max * log_cfg.uploads_in_flight_max) as u64)
-        // A compaction pass holds the live blocks it copies and the segments it builds.
-        .saturating_add(compact_cfg.as_ref().map_or(0, |c| {
-            c.pass_bytes_max
-                .saturating_add((log_cfg.segment_bytes_max * log_cfg.uploads_in_flight_max) as u64)
-        }))
-        .saturating_add(RESIDENT_SLACK_BYTES);
     nbds3::memory::spawn_trimmer(
         resident_target,
         nbds3::memory::TRIM_FREE_BYTES_MIN,

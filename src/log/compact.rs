@@ -488,44 +488,35 @@ pub async fn compact_pass(
     let mut frames: BTreeMap<FrameKey, Vec<LiveRun>> = BTreeMap::new();
     let runs_before = log.index_extents();
     log.with_index(|idx| {
+        let mut collect = |lba: u64, blocks: u64, v: Val| {
+            if let Val::Frame {
+                seg,
+                frame_offset,
+                frame_len,
+                ..
+            } = v
+            {
+                frames
+                    .entry((seg, frame_offset, frame_len))
+                    .or_default()
+                    .push((lba, blocks, v));
+            }
+        };
+        let in_victim = |v: &Val| matches!(v, Val::Frame { seg, .. } if victims.contains(seg));
         if !victims.is_empty() {
             for (lba, blocks, v) in idx.map.iter() {
-                if let Val::Frame {
-                    seg,
-                    frame_offset,
-                    frame_len,
-                    ..
-                } = *v
-                {
-                    if victims.contains(&seg) {
-                        frames
-                            .entry((seg, frame_offset, frame_len))
-                            .or_default()
-                            .push((lba, blocks, *v));
-                    }
+                if in_victim(v) {
+                    collect(lba, blocks, *v);
                 }
             }
         }
         // Fragmented stretches, as the index holds them now (a commit may have landed
         // since planning; whatever is mapped there now is what gets copied and checked).
+        // Runs in victims are collected whole above.
         for f in &plan.fragments {
             for (lba, blocks, v) in idx.lookup(f.lba, f.blocks) {
-                if let Some(
-                    v @ Val::Frame {
-                        seg,
-                        frame_offset,
-                        frame_len,
-                        ..
-                    },
-                ) = v
-                {
-                    // Runs in victims are collected whole above.
-                    if !victims.contains(&seg) {
-                        frames
-                            .entry((seg, frame_offset, frame_len))
-                            .or_default()
-                            .push((lba, blocks, v));
-                    }
+                if let Some(v) = v.filter(|v| !in_victim(v)) {
+                    collect(lba, blocks, v);
                 }
             }
         }

@@ -5,8 +5,8 @@
 //! continue each other (same frame and consecutive blocks, or both zero-allocated; a
 //! frame's pieces are joined when set in block order, as commits, checkpoints and
 //! compaction do), so the number of runs, which is what the index costs in memory, follows
-//! the stored layout rather than the history of writes; `segs[s].blocks_live` equals the number of blocks whose
-//! run points into segment `s` (checked by `check_accounting` in tests and by the
+//! the stored layout rather than the history of writes; `segs[s].blocks_live` equals the
+//! number of blocks whose run points into segment `s` (checked by `check_accounting` in tests and by the
 //! inspector's verify); a segment appears in `segs` from the moment a commit names it.
 
 use std::collections::HashMap;
@@ -29,35 +29,6 @@ pub enum Val {
     },
     /// Zeroed with NO_HOLE: reads as zeros, reported allocated.
     ZeroAlloc,
-}
-
-impl Val {
-    /// Whether `self` over `len` blocks followed by `next` is one continuous run.
-    fn continues(&self, len: u64, next: &Val) -> bool {
-        match (*self, *next) {
-            (
-                Val::Frame {
-                    seg,
-                    frame_offset,
-                    frame_len,
-                    block_in_frame,
-                },
-                Val::Frame {
-                    seg: s2,
-                    frame_offset: o2,
-                    frame_len: l2,
-                    block_in_frame: b2,
-                },
-            ) => {
-                seg == s2
-                    && frame_offset == o2
-                    && frame_len == l2
-                    && block_in_frame as u64 + len == b2 as u64
-            }
-            (Val::ZeroAlloc, Val::ZeroAlloc) => true,
-            _ => false,
-        }
-    }
 }
 
 impl RangeValue for Val {
@@ -145,11 +116,11 @@ impl Index {
         // path pays nothing for this.
         match v {
             Val::Frame { block_in_frame, .. } if block_in_frame > 0 => {
-                self.map.join_left(lba, Val::continues);
+                self.map.join_left(lba);
             }
             Val::ZeroAlloc => {
-                self.map.join_left(lba, Val::continues);
-                self.map.join_left(lba + blocks, Val::continues);
+                self.map.join_left(lba);
+                self.map.join_left(lba + blocks);
             }
             Val::Frame { .. } => {}
         }
