@@ -344,6 +344,8 @@ pub struct Log {
     compress: std::sync::Mutex<CompressState>,
     /// Segment buffers kept for the next flush.
     seg_bufs: BufPool,
+    /// Back-pressure from the index's memory bound (armed by the background compactor).
+    pub index_gate: compact::IndexGate,
 }
 
 /// Segment buffers kept for reuse, at most one per concurrent upload. Why: a fresh 8 MiB
@@ -900,6 +902,7 @@ impl Log {
                 stats: Arc::new(LogStats::default()),
                 compress: Default::default(),
                 seg_bufs: BufPool::new(pool_max, pool_cap_max),
+                index_gate: compact::IndexGate::default(),
             });
         }
         Err(LogError::Internal(

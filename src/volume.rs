@@ -690,6 +690,12 @@ impl Volume {
     async fn flush_detached(&self) -> Result<(), VolumeError> {
         let target = self.st().write_gen;
         let _g = self.flush_lock.lock().await;
+        // Far over its memory bound, the page index must shrink before a commit grows it
+        // (a no-op unless a compactor runs and can still shrink it). Under the flush lock,
+        // so one batch at a time gets past the check; room is made for the largest batch
+        // the dirty budget admits (every dirty run holds at least one block).
+        let batch_runs = self.budget.max / (self.bs() as usize + DIRTY_RUN_OVERHEAD_BYTES);
+        self.log.index_gate.wait_room(&self.log, batch_runs).await;
         let (snap, gen, snap_bytes) = {
             let mut st = self.st();
             if st.flushed_gen >= target {

@@ -1287,3 +1287,166 @@ async fn defrag_rewrites_fragmented_stretches_into_whole_frames() {
         assert_eq!(reopened.index_extents(), 46);
     }
 }
+
+/// Exports over `store` whose compactor would never pass on its own while writers are busy
+/// (`pass_idle` far longer than the test): any pass during the writes comes from the index
+/// gate's urgency, and any bound on the index from its stall.
+fn gated_exports(store: &DynStore, size: u64, index_runs_max: usize) -> Arc<Exports> {
+    Exports::new(
+        Arc::clone(store),
+        ExportsConfig {
+            default_geometry: Geometry {
+                size_bytes: size,
+                block_size: 4096,
+            },
+            log: LogConfig {
+                segment_bytes_max: 256 << 10,
+                frame_bytes_max: 32 << 10,
+                ..LogConfig::default()
+            },
+            volume: VolumeConfig {
+                cache_bytes_max: 1 << 20,
+                // At most 64 blocks per flush: the index overshoots by at most that much.
+                dirty_bytes_max: 64 * 4096,
+                flush_interval: Duration::from_millis(20),
+                readahead_bytes_max: 0,
+                ..VolumeConfig::default()
+            },
+            read_only: false,
+            compact: Some(CompactConfig {
+                pass_bytes_max: 256 << 10,
+                pass_interval: Duration::from_millis(5),
+                pass_idle: Duration::from_secs(30),
+                pass_idle_wait_max: Duration::from_secs(60),
+                index_runs_max: Some(index_runs_max),
+                ..CompactConfig::default()
+            }),
+        },
+    )
+}
+
+/// Sustained scattered writes with the index far over `index_runs_max`: defragmenting
+/// passes run without waiting for an idle export, and flushes wait for them above
+/// `INDEX_STALL_FACTOR` × the bound, so the index stays within that plus one batch (a
+/// batch of n blocks adds at most 2n runs: each write can split a run in three). Without
+/// the gate no pass runs during the writes and the index ends near one run per block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn index_stays_bounded_under_sustained_scattered_writes() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let bs = 4096usize;
+    let blocks: u64 = 4096;
+    // The floor is one run per 8-block frame (512); the stall level, 3 × 256, is above it.
+    let max = 256usize;
+    let exports = gated_exports(&store, blocks * bs as u64, max);
+    let vol = exports.volume(NAME).await.unwrap();
+    let export = exports.open(NAME).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    // Every block written first, in order: no holes (which defragmentation cannot join
+    // across), so the floor is one run per frame.
+    let mut expected = vec![1u64; blocks as usize];
+    for lba in (0..blocks).step_by(64) {
+        let mut buf = Vec::with_capacity(64 * bs);
+        for b in lba..lba + 64 {
+            buf.extend_from_slice(&block_bytes(bs, b, 1));
+        }
+        export
+            .write(lba * bs as u64, Bytes::from(buf), false)
+            .await
+            .unwrap();
+        export.flush().await.unwrap();
+    }
+    let mut peak = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut id = 1u64;
+    while Instant::now() < deadline {
+        let lba = rng.random_range(0..blocks);
+        id += 1;
+        export
+            .write(
+                lba * bs as u64,
+                Bytes::from(block_bytes(bs, lba, id)),
+                false,
+            )
+            .await
+            .unwrap();
+        expected[lba as usize] = id;
+        if id.is_multiple_of(32) {
+            export.flush().await.unwrap();
+        }
+        peak = peak.max(vol.log().index_extents());
+    }
+    let gate = &vol.log().index_gate;
+    let waited = gate.flushes_waited.load(Ordering::Relaxed);
+    let stats = exports.compactor_stats(NAME).unwrap();
+    let fragments = stats.fragments_rewritten.load(Ordering::Relaxed);
+    eprintln!(
+        "{id} writes; index peak {peak} runs (bound {max}); {waited} flushes waited {} ms; \
+         {fragments} stretches defragmented",
+        gate.wait_ms_total.load(Ordering::Relaxed)
+    );
+    assert!(id > 2 * max as u64, "too few writes to test anything: {id}");
+    assert!(fragments > 0, "no defragmenting pass ran during the writes");
+    assert!(waited > 0, "no flush waited for defragmentation");
+    let limit = compact::INDEX_STALL_FACTOR * max + 2 * 64;
+    assert!(peak <= limit, "index peaked at {peak} runs, over {limit}");
+    for (lba, &want) in expected.iter().enumerate() {
+        let got = flat(
+            export
+                .read(lba as u64 * bs as u64, bs as u32)
+                .await
+                .unwrap(),
+        );
+        assert!(
+            got == block_bytes(bs, lba as u64, want),
+            "block {lba} (want id {want})"
+        );
+    }
+    exports.close_all().await.unwrap();
+    let (data, _) = observe(&store, bs, blocks).await;
+    for (lba, &want) in expected.iter().enumerate() {
+        assert!(
+            data[lba * bs..(lba + 1) * bs] == block_bytes(bs, lba as u64, want)[..],
+            "block {lba} after reopen"
+        );
+    }
+}
+
+/// A device whose layout needs more runs than the bound allows (every frame-sized window
+/// holds one run, so nothing is left to join): the gate must see that and let flushes
+/// through, not hold writers until its safety timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn index_gate_lets_flushes_through_at_the_layout_floor() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let bs = 4096usize;
+    let frame_blocks = 8u64; // frame_bytes_max 32 KiB
+    let frames = 64u64;
+    let blocks = frame_blocks * frames;
+    let max = 4usize;
+    let exports = gated_exports(&store, blocks * bs as u64, max);
+    let vol = exports.volume(NAME).await.unwrap();
+    let export = exports.open(NAME).await.unwrap();
+    // One whole frame per flush, each window written once: one run per window, 64 runs,
+    // far over the stall level (12) and impossible to lower.
+    let start = Instant::now();
+    for f in 0..frames {
+        let lba = f * frame_blocks;
+        let mut buf = Vec::with_capacity(frame_blocks as usize * bs);
+        for b in lba..lba + frame_blocks {
+            buf.extend_from_slice(&block_bytes(bs, b, 1));
+        }
+        export
+            .write(lba * bs as u64, Bytes::from(buf), false)
+            .await
+            .unwrap();
+        export.flush().await.unwrap();
+    }
+    let took = start.elapsed();
+    let runs = vol.log().index_extents();
+    eprintln!("{frames} flushes in {took:?}; index {runs} runs (bound {max})");
+    assert_eq!(runs, frames as usize, "one run per frame-sized window");
+    assert!(
+        took < Duration::from_secs(20),
+        "flushes were held at the layout floor for {took:?}"
+    );
+    exports.close_all().await.unwrap();
+}

@@ -29,10 +29,16 @@
 //! - Bounded: one pass copies at most `pass_bytes_max` raw bytes (memory and I/O), with at
 //!   most `reads_in_flight_max` reads of at most `SPAN_BYTES_MAX` each and the log's
 //!   upload limit in flight.
+//! - The page index's memory bound holds under any load ([`IndexGate`]): above
+//!   [`INDEX_URGENT_FACTOR`] × `index_runs_max` runs, defragmenting passes no longer wait
+//!   for an idle export; above [`INDEX_STALL_FACTOR`] ×, flushes (and so, once the dirty
+//!   set is full, writers) wait for them. Only while defragmentation can still lower the
+//!   index: once a pass over the bound finds nothing to join (the device's layout needs
+//!   that many runs), nothing waits, and the log says the bound is too small.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -170,6 +176,9 @@ pub struct PassPlan {
     /// Fragmented stretches to rewrite as whole frames (when the index is over
     /// `index_runs_max`), most fragmented first; their raw bytes are in `live_raw_bytes`.
     pub fragments: Vec<Fragment>,
+    /// The index is over `index_runs_max` and no stretch can be joined: every
+    /// frame-sized window holds one run at most. Defragmentation cannot lower it.
+    pub index_at_floor: bool,
 }
 
 impl PassPlan {
@@ -254,7 +263,13 @@ pub fn plan_pass(log: &Log, cfg: &CompactConfig, budget_bytes: Option<u64>) -> P
     let seg_raw_max = log.config().segment_bytes_max as u64;
     let frame_blocks = (log.config().frame_bytes_max as u64 / bs).max(1);
     log.with_index(|idx| {
-        let mut plan = plan_from_index(idx, bs, seg_raw_max, cfg, budget_bytes);
+        // Far over the index bound (flushes may be waiting on it, see `IndexGate`),
+        // victims get a quarter of the budget and defragmentation the rest.
+        let urgent = cfg
+            .index_runs_max
+            .is_some_and(|max| idx.map.len() > max.saturating_mul(INDEX_URGENT_FACTOR));
+        let victims_budget = budget_bytes.map(|b| if urgent { b / 4 } else { b });
+        let mut plan = plan_from_index(idx, bs, seg_raw_max, cfg, victims_budget);
         plan_defrag(&mut plan, idx, bs, frame_blocks, cfg, budget_bytes);
         plan
     })
@@ -287,7 +302,9 @@ fn plan_defrag(
     let count_max = (left / frame_bytes).clamp(1, excess.min(1 << 20)) as usize;
     let mut saved = 0u64;
     let mut used = 0u64;
-    for f in plan_fragments(idx, frame_blocks, count_max) {
+    let found = plan_fragments(idx, frame_blocks, count_max);
+    plan.index_at_floor = found.is_empty();
+    for f in found {
         let raw = f.blocks * bs;
         if saved >= excess || (!plan.is_empty() && used + raw > left) {
             break;
@@ -426,6 +443,8 @@ pub struct PassReport {
     /// Page-index runs before the pass and after its commit.
     pub index_runs_before: u64,
     pub index_runs_after: u64,
+    /// See [`PassPlan::index_at_floor`].
+    pub index_at_floor: bool,
 }
 
 /// One run of live blocks being moved: `blocks` blocks at `lba`, stored at `old`.
@@ -474,12 +493,16 @@ pub async fn compact_pass(
     }
     let plan = plan_pass(log, cfg, Some(cfg.pass_bytes_max));
     if plan.is_empty() {
-        return Ok(PassReport::default());
+        return Ok(PassReport {
+            index_at_floor: plan.index_at_floor,
+            ..PassReport::default()
+        });
     }
     let mut report = PassReport {
         victims: plan.victims.len() as u64,
         victim_bytes: plan.victim_bytes,
         fragments: plan.fragments.len() as u64,
+        index_at_floor: plan.index_at_floor,
         ..PassReport::default()
     };
     let victims: HashSet<u64> = plan.victims.iter().map(|v| v.id).collect();
@@ -1107,6 +1130,160 @@ struct Stop {
     notify: tokio::sync::Notify,
 }
 
+/// Index runs, as a multiple of `index_runs_max`, above which defragmenting passes follow
+/// each other without waiting for an idle export.
+pub const INDEX_URGENT_FACTOR: usize = 2;
+/// Index runs, as a multiple of `index_runs_max`, above which flushes wait for
+/// defragmentation. With the default bound (a quarter of the cache) that is three quarters
+/// of the cache budget the index is charged to: the index never takes the whole budget
+/// while defragmentation can still shrink it.
+pub const INDEX_STALL_FACTOR: usize = 3;
+/// The longest one flush waits for a defragmenting pass before it goes ahead anyway: a
+/// pass that hangs on the store must not hang writers for longer than a store timeout.
+const INDEX_STALL_WAIT_MAX: Duration = Duration::from_secs(60);
+/// How long a "nothing left to join" verdict stands before a pass looks again.
+const INDEX_FLOOR_RECHECK: Duration = Duration::from_secs(1);
+
+/// Back-pressure from the page index's memory bound to the flushes of one export (see the
+/// module doc). The background compactor arms it with its `index_runs_max` and reports
+/// every pass; [`Log::commit`] callers (the volume's flush) call [`IndexGate::wait_room`]
+/// before they take a batch. Disarmed (no compactor, or it stopped), it never waits.
+#[derive(Debug, Default)]
+pub struct IndexGate {
+    /// The running compactor's `index_runs_max`; 0 when no compactor runs.
+    runs_max: AtomicUsize,
+    /// Until when the index counts as at its floor: the last pass found it over the bound
+    /// with nothing left to join. The verdict expires after [`INDEX_FLOOR_RECHECK`]:
+    /// writes filling holes between runs make stretches joinable again.
+    floor_until: Mutex<Option<Instant>>,
+    /// The floor warning was logged (until a pass finds something to join again).
+    floor_warned: AtomicBool,
+    pass_ended: tokio::sync::Notify,
+    /// Rung by flushes that find the index over the urgent level: the compactor stops
+    /// waiting for its interval or for an idle export.
+    urgent: tokio::sync::Notify,
+    /// Flushes that waited for defragmentation, and their total wait.
+    pub flushes_waited: AtomicU64,
+    pub wait_ms_total: AtomicU64,
+}
+
+impl IndexGate {
+    fn arm(&self, runs_max: usize) {
+        *self.floor() = None;
+        self.runs_max.store(runs_max, Ordering::Release);
+        self.pass_ended.notify_waiters();
+    }
+
+    fn floor(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.floor_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn disarm(&self) {
+        self.runs_max.store(0, Ordering::Release);
+        self.pass_ended.notify_waiters();
+    }
+
+    /// Record a pass. The index is at its floor when the pass found it over the bound and
+    /// no stretch to join (no frame-sized window holds two runs that touch). Not "the
+    /// index did not shrink" (flushes that landed during the pass add runs), nor "no
+    /// stretch was rewritten" (victims may have taken the pass's budget). Wakes the
+    /// waiting flushes to look again.
+    fn pass_ended(&self, log: &Log, r: Option<&PassReport>) {
+        if let Some(r) = r {
+            let max = self.runs_max.load(Ordering::Acquire);
+            let runs = log.index_extents();
+            if r.index_at_floor {
+                *self.floor() = Some(Instant::now() + INDEX_FLOOR_RECHECK);
+                if !self.floor_warned.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        export = log.name(),
+                        index_runs = runs,
+                        index_runs_max = max,
+                        "the page index is over its memory bound and defragmentation cannot \
+                         shrink it further (holes and frames split it that much); raise \
+                         --cache-size or --index-max"
+                    );
+                }
+            } else {
+                *self.floor() = None;
+                self.floor_warned.store(false, Ordering::Release);
+            }
+        }
+        self.pass_ended.notify_waiters();
+    }
+
+    /// Index runs above which defragmentation is urgent (`factor` × the bound), if armed
+    /// and defragmentation can still help.
+    fn over(&self, log: &Log, factor: usize) -> bool {
+        let max = self.runs_max.load(Ordering::Acquire);
+        self.over_runs(log, max.saturating_mul(factor))
+    }
+
+    /// More than `level` index runs, if armed and defragmentation can still help.
+    fn over_runs(&self, log: &Log, level: usize) -> bool {
+        self.runs_max.load(Ordering::Acquire) > 0
+            && !self.floor().is_some_and(|until| Instant::now() < until)
+            && log.index_extents() > level
+    }
+
+    /// Wait until the index has room for a batch of up to `batch_runs` runs below
+    /// [`INDEX_STALL_FACTOR`] × its bound (but never for less than
+    /// [`INDEX_URGENT_FACTOR`] ×, the level passes work down to without pause), while the
+    /// compactor is still shrinking it. Why: every run a commit adds costs memory the cache
+    /// budget pays for; holding flushes back (and so, through the dirty bound, writers) is
+    /// what keeps that memory bounded under a load that writes faster than passes join.
+    /// The index then stays within 3 × the bound, or 2 × plus one batch when a batch
+    /// (the dirty set) can hold more runs than the bound. (A write inside a run splits
+    /// it in three, so a batch of n runs can add up to 2n: the bound is an estimate by
+    /// that factor at worst.)
+    pub async fn wait_room(&self, log: &Log, batch_runs: usize) {
+        if self.over(log, INDEX_URGENT_FACTOR) {
+            self.urgent.notify_one();
+        }
+        let start = Instant::now();
+        let mut waited = false;
+        loop {
+            let notified = self.pass_ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let max = self.runs_max.load(Ordering::Acquire);
+            let level = max
+                .saturating_mul(INDEX_STALL_FACTOR)
+                .saturating_sub(batch_runs)
+                .max(max.saturating_mul(INDEX_URGENT_FACTOR));
+            if !self.over_runs(log, level) || start.elapsed() >= INDEX_STALL_WAIT_MAX {
+                break;
+            }
+            if !waited {
+                waited = true;
+                tracing::debug!(
+                    export = log.name(),
+                    index_runs = log.index_extents(),
+                    "flush waits for the page index to defragment"
+                );
+            }
+            let left = INDEX_STALL_WAIT_MAX.saturating_sub(start.elapsed());
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(left) => {}
+            }
+        }
+        if waited {
+            bump(&self.flushes_waited, 1);
+            bump(&self.wait_ms_total, start.elapsed().as_millis() as u64);
+        }
+    }
+}
+
+/// Disarms the gate when the compactor task ends, however it ends.
+struct Disarm<'a>(&'a IndexGate);
+
+impl Drop for Disarm<'_> {
+    fn drop(&mut self) {
+        self.0.disarm();
+    }
+}
+
 /// Owns a background compactor task; it stops when the handle is closed or dropped (a
 /// pass in progress finishes first on `close`; after a drop it ends at its next check).
 pub struct CompactorHandle {
@@ -1193,9 +1370,12 @@ async fn wait_for_idle(log: &Log, cfg: &CompactConfig, stop: &Stop, last_pass: I
         }
         tokio::select! {
             _ = &mut notified => return false,
+            _ = log.index_gate.urgent.notified() => {}
             _ = tokio::time::sleep(cfg.pass_idle.min(deadline - now)) => {}
         }
-        if log.stats.foreground_requests.load(Ordering::Relaxed) == before {
+        if log.stats.foreground_requests.load(Ordering::Relaxed) == before
+            || log.index_gate.over(log, INDEX_URGENT_FACTOR)
+        {
             return true;
         }
     }
@@ -1212,6 +1392,9 @@ async fn run_compactor(
         stats.error(&e);
         return;
     }
+    let gate = &log.index_gate;
+    gate.arm(cfg.index_runs_max.unwrap_or(0));
+    let _disarm = Disarm(gate);
     let mut gc_state = GcState::default();
     let mut last_gc = Instant::now();
     let mut last_pass = Instant::now();
@@ -1220,8 +1403,10 @@ async fn run_compactor(
     // follows at once (once the export is idle), not an interval later.
     let mut more_defrag = false;
     loop {
-        let wait = if more_defrag {
-            Duration::ZERO
+        // Far over the bound, the next pass does not wait for an idle export either.
+        let urgent = gate.over(&log, INDEX_URGENT_FACTOR);
+        let wait = if urgent || more_defrag {
+            backoff
         } else {
             cfg.pass_interval + backoff
         };
@@ -1233,16 +1418,20 @@ async fn run_compactor(
         }
         tokio::select! {
             _ = &mut notified => {}
+            _ = gate.urgent.notified(), if !urgent => {}
             _ = tokio::time::sleep(wait) => {}
         }
         if stop.flag.load(Ordering::Acquire) || log.is_fenced() {
             break;
         }
-        if !wait_for_idle(&log, &cfg, &stop, last_pass).await {
+        if !gate.over(&log, INDEX_URGENT_FACTOR)
+            && !wait_for_idle(&log, &cfg, &stop, last_pass).await
+        {
             break;
         }
         let mut failed = false;
         let result = compact_pass(&log, &cfg, None).await;
+        gate.pass_ended(&log, result.as_ref().ok());
         last_pass = Instant::now();
         more_defrag = false;
         match result {
