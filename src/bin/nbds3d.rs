@@ -195,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             compact,
         },
     );
+    nbds3::memory::pin_mmap_threshold(nbds3::memory::MMAP_THRESHOLD_BYTES);
     nbds3::memory::spawn_trimmer(
         resident_target,
         nbds3::memory::TRIM_FREE_BYTES_MIN,
