@@ -13,11 +13,11 @@
 //! contention (measured); returning free memory from time to time costs nothing on the
 //! request path.
 //!
-//! Large buffers (≥ [`MMAP_THRESHOLD_BYTES`]: segments, compaction's spans) are kept out of
+//! Large buffers (≥ [`MMAP_THRESHOLD_BYTES`]: segments, compaction's big spans) are kept out of
 //! the arenas altogether by pinning glibc's mmap threshold at start: with compaction
 //! running beside the writes, the dynamic threshold had put them between write payloads,
 //! and the daemon sat 30–100 MiB above its resident target in fragments a trim could not
-//! return (`--cache-size 16M --dirty-max 256M`: 520–605 MiB against 528; pinned, 470–534).
+//! return (`--cache-size 16M --dirty-max 256M`: 520–605 MiB against 528; pinned, 490–540).
 //!
 //! Invariants:
 //! - The trim runs on the background thread (nice 19, [`crate::background`]), never on a
@@ -35,8 +35,10 @@ pub const TRIM_FREE_BYTES_MIN: u64 = 64 << 20;
 pub const TRIM_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Allocations of at least this many bytes get their own mapping, returned to the kernel
-/// the moment they are freed (see [`pin_mmap_threshold`]).
-pub const MMAP_THRESHOLD_BYTES: usize = 256 << 10;
+/// the moment they are freed (see [`pin_mmap_threshold`]). Above the largest common
+/// request payload (1 MiB): a mapping per write payload cost 25% more CPU per 1 MiB
+/// write (page faults and munmap) when this was 256 KiB.
+pub const MMAP_THRESHOLD_BYTES: usize = 4 << 20;
 
 /// Fix the allocator's mmap threshold at `bytes`. Why: glibc raises the threshold every
 /// time a mapped chunk is freed (up to 32 MiB), after which large buffers (segments being
