@@ -1143,6 +1143,14 @@ pub const INDEX_STALL_FACTOR: usize = 3;
 const INDEX_STALL_WAIT_MAX: Duration = Duration::from_secs(60);
 /// How long a "nothing left to join" verdict stands before a pass looks again.
 const INDEX_FLOOR_RECHECK: Duration = Duration::from_secs(1);
+/// A flush that starts waiting after this long without waits logs that writes are held.
+const INDEX_WAIT_LOG_QUIET_MS: u64 = 60_000;
+
+/// Milliseconds since the first call (never 0), for timestamps kept in atomics.
+fn gate_clock_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
 
 /// Back-pressure from the page index's memory bound to the flushes of one export (see the
 /// module doc). The background compactor arms it with its `index_runs_max` and reports
@@ -1162,6 +1170,8 @@ pub struct IndexGate {
     /// Rung by flushes that find the index over the urgent level: the compactor stops
     /// waiting for its interval or for an idle export.
     urgent: tokio::sync::Notify,
+    /// When a flush last started to wait ([`gate_clock_ms`]; 0: never).
+    last_wait_ms: AtomicU64,
     /// Flushes that waited for defragmentation, and their total wait.
     pub flushes_waited: AtomicU64,
     pub wait_ms_total: AtomicU64,
@@ -1256,11 +1266,20 @@ impl IndexGate {
             }
             if !waited {
                 waited = true;
-                tracing::debug!(
-                    export = log.name(),
-                    index_runs = log.index_extents(),
-                    "flush waits for the page index to defragment"
-                );
+                // Writers slow down from here on: say why, once per episode (a flush
+                // that waits after a minute without waits starts a new one).
+                let now_ms = gate_clock_ms();
+                let last = self.last_wait_ms.swap(now_ms, Ordering::AcqRel);
+                if last == 0 || now_ms.saturating_sub(last) >= INDEX_WAIT_LOG_QUIET_MS {
+                    tracing::info!(
+                        export = log.name(),
+                        index_runs = log.index_extents(),
+                        index_runs_max = max,
+                        "flushes wait for the page index to defragment (it is far over \
+                         its memory bound): writes slow down to the pace of \
+                         defragmentation; a larger --cache-size or --index-max avoids this"
+                    );
+                }
             }
             let left = INDEX_STALL_WAIT_MAX.saturating_sub(start.elapsed());
             tokio::select! {
