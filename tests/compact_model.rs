@@ -31,7 +31,7 @@ use nbds3::log::compact::{self, CompactConfig};
 use nbds3::log::gc::{self, GcConfig, GcState};
 use nbds3::log::index::Val;
 use nbds3::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
-use nbds3::nbd::{ExportProvider, ReadChunk};
+use nbds3::nbd::{BlockExport, ExportProvider, ReadChunk};
 use nbds3::store::faulty::{FaultConfig, FaultyStore};
 use nbds3::store::memory::MemoryStore;
 use nbds3::store::{list_all, DynStore};
@@ -1325,6 +1325,20 @@ fn gated_exports(store: &DynStore, size: u64, index_runs_max: usize) -> Arc<Expo
     )
 }
 
+/// Write blocks `lba..lba + blocks` with their first version (id 1) in one request, and
+/// flush.
+async fn write_first_version(export: &Arc<dyn BlockExport>, bs: usize, lba: u64, blocks: u64) {
+    let mut buf = Vec::with_capacity(blocks as usize * bs);
+    for b in lba..lba + blocks {
+        buf.extend_from_slice(&block_bytes(bs, b, 1));
+    }
+    export
+        .write(lba * bs as u64, Bytes::from(buf), false)
+        .await
+        .unwrap();
+    export.flush().await.unwrap();
+}
+
 /// Sustained scattered writes with the index far over `index_runs_max`: defragmenting
 /// passes run without waiting for an idle export, and flushes wait for them above
 /// `INDEX_STALL_FACTOR` × the bound, so the index stays within that plus one batch (a
@@ -1345,15 +1359,7 @@ async fn index_stays_bounded_under_sustained_scattered_writes() {
     // across), so the floor is one run per frame.
     let mut expected = vec![1u64; blocks as usize];
     for lba in (0..blocks).step_by(64) {
-        let mut buf = Vec::with_capacity(64 * bs);
-        for b in lba..lba + 64 {
-            buf.extend_from_slice(&block_bytes(bs, b, 1));
-        }
-        export
-            .write(lba * bs as u64, Bytes::from(buf), false)
-            .await
-            .unwrap();
-        export.flush().await.unwrap();
+        write_first_version(&export, bs, lba, 64).await;
     }
     let mut peak = 0usize;
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -1429,16 +1435,7 @@ async fn index_gate_lets_flushes_through_at_the_layout_floor() {
     // far over the stall level (12) and impossible to lower.
     let start = Instant::now();
     for f in 0..frames {
-        let lba = f * frame_blocks;
-        let mut buf = Vec::with_capacity(frame_blocks as usize * bs);
-        for b in lba..lba + frame_blocks {
-            buf.extend_from_slice(&block_bytes(bs, b, 1));
-        }
-        export
-            .write(lba * bs as u64, Bytes::from(buf), false)
-            .await
-            .unwrap();
-        export.flush().await.unwrap();
+        write_first_version(&export, bs, f * frame_blocks, frame_blocks).await;
     }
     let took = start.elapsed();
     let runs = vol.log().index_extents();
