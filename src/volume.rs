@@ -50,6 +50,14 @@ const READ_RELOOKUPS_MAX: u32 = 3;
 /// two-thirds full (measured: 76 bytes per run inserted at random, 96 in ascending order).
 pub const INDEX_BYTES_PER_EXTENT: usize = 96;
 
+/// Page-index memory of a device written all over and fully defragmented: one run per
+/// frame of `frame_bytes` (the least defragmentation can reach), as charged
+/// ([`INDEX_BYTES_PER_EXTENT`] per run).
+pub fn index_floor_bytes(geometry: Geometry, frame_bytes: usize) -> u64 {
+    let frames = geometry.size_bytes.div_ceil(frame_bytes.max(1) as u64);
+    frames.saturating_mul(INDEX_BYTES_PER_EXTENT as u64)
+}
+
 /// Page-index runs that `bytes` of memory hold, as charged ([`INDEX_BYTES_PER_EXTENT`]):
 /// how a memory bound on the index (`--index-max`) becomes a bound on runs.
 pub fn index_runs_in(bytes: u64) -> usize {
@@ -1582,6 +1590,20 @@ impl Exports {
             mode,
         )
         .await?;
+        // The index cannot be defragmented below one run per frame of mapped data: say at
+        // open when a device written all over would need more than the cache can give.
+        let floor = index_floor_bytes(log.geometry(), self.cfg.log.frame_bytes_max);
+        if floor > self.cfg.volume.cache_bytes_max / 4 * 3 {
+            tracing::warn!(
+                export = name,
+                size_bytes = log.geometry().size_bytes,
+                index_floor_mib = floor >> 20,
+                cache_mib = self.cfg.volume.cache_bytes_max >> 20,
+                "written all over, this export's page index would need more than three \
+                 quarters of --cache-size (one run per frame at least); memory would then \
+                 exceed the budget: raise --cache-size"
+            );
+        }
         let v = Volume::new(
             Arc::new(log),
             self.cfg.volume.clone(),
@@ -1713,6 +1735,21 @@ mod tests {
 
     fn block(v: u8) -> Vec<u8> {
         vec![v; BS]
+    }
+
+    /// The README's figures: 0.75 MB of index per GiB at 128 KiB frames, so the default
+    /// 256 MiB cache's three quarters (the index gate's stall level) run out near 256 GiB.
+    #[test]
+    fn index_floor_follows_device_size() {
+        let geo = |size_bytes| Geometry {
+            size_bytes,
+            block_size: 4096,
+        };
+        assert_eq!(index_floor_bytes(geo(1 << 30), 128 << 10), 8192 * 96);
+        assert_eq!(index_floor_bytes(geo((1 << 30) + 1), 128 << 10), 8193 * 96);
+        let stall = (256u64 << 20) / 4 * 3;
+        assert!(index_floor_bytes(geo(255 << 30), 128 << 10) < stall);
+        assert!(index_floor_bytes(geo(257 << 30), 128 << 10) > stall);
     }
 
     #[test]
