@@ -3,13 +3,21 @@
 //! no manifest needs them). Readers racing writers must never get an error, stale data
 //! (older than a write that had completed before the read) or garbage; after a restart the
 //! device holds exactly the last writes. (`tests/e2e/nbd_read_race.py` does the checking.)
+//!
+//! `index_stays_bounded_under_fio_randwrite`: with the compactor told to wait for an idle
+//! export far longer than the workload, fio's random writes (crc32c-verified, before and
+//! after a restart) push the page index over its bound; the index gate must make passes
+//! run anyway and hold flushes, so the index stays near 3 × `--index-max`.
 
 #[macro_use]
 mod e2e;
 
-use e2e::{defrag_passes, need_python_nbd, secs, setup, Backend};
+use e2e::{cmd, defrag_passes, need_bins, need_python_nbd, secs, setup, Backend};
 
-e2e_tests!(reads_racing_writes_compaction_and_gc);
+e2e_tests!(
+    reads_racing_writes_compaction_and_gc,
+    index_stays_bounded_under_fio_randwrite
+);
 
 const AGGRESSIVE: &[&str] = &[
     "--default-size",
@@ -86,4 +94,114 @@ fn reads_racing_writes_compaction_and_gc(backend: Backend) {
         "{}: no pass defragmented the index; that path was not tested",
         ctx.name
     );
+}
+
+/// The largest page index any compaction pass reported (`index_runs_before/after`).
+fn index_peak(logs: &str) -> u64 {
+    logs.lines()
+        .filter(|l| l.contains("compaction pass committed"))
+        .flat_map(|l| {
+            ["index_runs_before=", "index_runs_after="]
+                .into_iter()
+                .filter_map(move |k| {
+                    l.split_once(k)
+                        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn index_stays_bounded_under_fio_randwrite(backend: Backend) {
+    let test = "index_stays_bounded_under_fio_randwrite";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_bins(&ctx.name, &["fio", "nbdcopy"]) {
+        return;
+    }
+    // --index-max 48K is 512 runs, the floor of this 64 MiB device once written all over
+    // (one run per 128 KiB frame). Flushes wait above 3 x 512 less the runs a 1 MiB dirty
+    // set can add (252); one batch adds at most 2 x 252: the index never passes 2040.
+    // --compact-idle 60s: without the gate, no pass would run during the writes.
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "64M",
+        "--cache-size",
+        "1M",
+        "--dirty-max",
+        "1M",
+        "--flush-interval",
+        "300ms",
+        "--compact-interval",
+        "1s",
+        "--compact-idle",
+        "60s",
+        "--index-max",
+        "48K",
+    ]);
+    // Written all over first: holes would split runs for good (nothing to defragment).
+    let img = ctx.scratch.join("fill.img");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let fill: Vec<u8> = (0..64 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&img, fill).unwrap();
+    ctx.run(
+        cmd("nbdcopy").arg("--flush").arg(&img).arg(d.uri()),
+        secs(120),
+    );
+    let fio = |uri: &str, verify_only: bool| {
+        let mut c = cmd("fio");
+        c.current_dir(&ctx.scratch.path).args([
+            "--name=gate",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64m",
+            "--io_size=16m",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ]);
+        if verify_only {
+            c.arg("--verify_only");
+        }
+        let out = ctx.run(&mut c, secs(300));
+        assert!(
+            out.contains("err= 0") && !out.contains("verify: bad"),
+            "{}: fio (verify_only={verify_only}):\n{out}",
+            ctx.name
+        );
+    };
+    fio(&d.uri(), false);
+    d.stop();
+    let logs = d.logs();
+    let peak = index_peak(&logs);
+    let defrags = defrag_passes(&logs);
+    eprintln!(
+        "{}: index peak {peak} runs at a pass (bound 512); {defrags} defragmenting passes",
+        ctx.name
+    );
+    assert!(
+        logs.contains("flushes wait for the page index to defragment"),
+        "{}: no flush waited for defragmentation; the gate was not tested",
+        ctx.name
+    );
+    assert!(defrags > 0, "{}: no pass defragmented", ctx.name);
+    assert!(
+        peak <= 2040,
+        "{}: the index reached {peak} runs (bound 512, gate at 3 x)",
+        ctx.name
+    );
+    d.restart();
+    fio(&d.uri(), true);
+    d.stop();
 }
