@@ -700,9 +700,13 @@ impl Volume {
         let _g = self.flush_lock.lock().await;
         // Far over its memory bound, the page index must shrink before a commit grows it
         // (a no-op unless a compactor runs and can still shrink it). Under the flush lock,
-        // so one batch at a time gets past the check; room is made for the largest batch
-        // the dirty budget admits (every dirty run holds at least one block).
-        let batch_runs = self.budget.max / (self.bs() as usize + DIRTY_RUN_OVERHEAD_BYTES);
+        // so one batch at a time gets past the check; room is made for the most runs the
+        // largest batch the dirty budget admits can add: every dirty data run holds at
+        // least one block, and writing it adds at most two runs (one written inside a
+        // run splits that run in three). Trims are not counted: they cost the budget
+        // little and leave holes, which no defragmentation joins (the floor, see
+        // `IndexGate`).
+        let batch_runs = 2 * (self.budget.max / (self.bs() as usize + DIRTY_RUN_OVERHEAD_BYTES));
         self.log.index_gate.wait_room(&self.log, batch_runs).await;
         let (snap, gen, snap_bytes) = {
             let mut st = self.st();

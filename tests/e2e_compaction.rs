@@ -123,7 +123,8 @@ fn index_stays_bounded_under_fio_randwrite(backend: Backend) {
     }
     // --index-max 48K is 512 runs, the floor of this 64 MiB device once written all over
     // (one run per 128 KiB frame). Flushes wait above 3 x 512 less the runs a 1 MiB dirty
-    // set can add (252); one batch adds at most 2 x 252: the index never passes 2040.
+    // set can add (2 x 252), and one batch adds at most that: the index stays under
+    // 3 x 512 + 2 x 252 = 2040.
     // --compact-idle 60s: without the gate, no pass would run during the writes.
     let mut d = ctx.daemon(&[
         "--default-size",

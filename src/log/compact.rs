@@ -1236,16 +1236,14 @@ impl IndexGate {
             && log.index_extents() > level
     }
 
-    /// Wait until the index has room for a batch of up to `batch_runs` runs below
+    /// Wait until the index has room for a batch that adds up to `batch_runs` runs below
     /// [`INDEX_STALL_FACTOR`] × its bound (but never for less than
     /// [`INDEX_URGENT_FACTOR`] ×, the level passes work down to without pause), while the
     /// compactor is still shrinking it. Why: every run a commit adds costs memory the cache
     /// budget pays for; holding flushes back (and so, through the dirty bound, writers) is
     /// what keeps that memory bounded under a load that writes faster than passes join.
     /// The index then stays within 3 × the bound, or 2 × plus one batch when a batch
-    /// (the dirty set) can hold more runs than the bound. (A write inside a run splits
-    /// it in three, so a batch of n runs can add up to 2n: the bound is an estimate by
-    /// that factor at worst.)
+    /// (the dirty set) can add more runs than the bound.
     pub async fn wait_room(&self, log: &Log, batch_runs: usize) {
         if self.over(log, INDEX_URGENT_FACTOR) {
             self.urgent.notify_one();
