@@ -241,9 +241,10 @@ impl SegmentBuilder {
     /// page-faults and zeroes every page as the segment is written into it), with room for
     /// `capacity` bytes of segment reserved up front (an 8 MiB segment would otherwise be
     /// copied ~8 times as the buffer grows) and the segment placed at a
-    /// [`SEGMENT_BUF_ALIGN`]-aligned address inside `buf`: finish with [`SegmentBuilder::finish_in_place`]. If the segment outgrows `capacity`
-    /// the buffer moves and the alignment may be lost; that costs a copy in the file store,
-    /// never correctness.
+    /// [`SEGMENT_BUF_ALIGN`]-aligned address inside `buf`: finish with
+    /// [`SegmentBuilder::finish_in_place`]. If the segment outgrows `capacity` the buffer
+    /// moves and the alignment may be lost; that costs a copy in the file store, never
+    /// correctness.
     pub fn new_aligned_in(
         mut buf: Vec<u8>,
         capacity: usize,

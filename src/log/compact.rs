@@ -1144,13 +1144,7 @@ const INDEX_STALL_WAIT_MAX: Duration = Duration::from_secs(60);
 /// How long a "nothing left to join" verdict stands before a pass looks again.
 const INDEX_FLOOR_RECHECK: Duration = Duration::from_secs(1);
 /// A flush that starts waiting after this long without waits logs that writes are held.
-const INDEX_WAIT_LOG_QUIET_MS: u64 = 60_000;
-
-/// Milliseconds since the first call (never 0), for timestamps kept in atomics.
-fn gate_clock_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+const INDEX_WAIT_LOG_QUIET: Duration = Duration::from_secs(60);
 
 /// Back-pressure from the page index's memory bound to the flushes of one export (see the
 /// module doc). The background compactor arms it with its `index_runs_max` and reports
@@ -1170,8 +1164,8 @@ pub struct IndexGate {
     /// Rung by flushes that find the index over the urgent level: the compactor stops
     /// waiting for its interval or for an idle export.
     urgent: tokio::sync::Notify,
-    /// When a flush last started to wait ([`gate_clock_ms`]; 0: never).
-    last_wait_ms: AtomicU64,
+    /// When a flush last started to wait.
+    last_wait: Mutex<Option<Instant>>,
     /// Flushes that waited for defragmentation, and their total wait.
     pub flushes_waited: AtomicU64,
     pub wait_ms_total: AtomicU64,
@@ -1186,6 +1180,15 @@ impl IndexGate {
 
     fn floor(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.floor_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Note that a flush starts to wait; true if none did for [`INDEX_WAIT_LOG_QUIET`].
+    fn wait_starts_episode(&self) -> bool {
+        let now = Instant::now();
+        let mut last = self.last_wait.lock().unwrap_or_else(|p| p.into_inner());
+        let quiet = last.is_none_or(|t| now.duration_since(t) >= INDEX_WAIT_LOG_QUIET);
+        *last = Some(now);
+        quiet
     }
 
     fn disarm(&self) {
@@ -1222,8 +1225,8 @@ impl IndexGate {
         self.pass_ended.notify_waiters();
     }
 
-    /// Index runs above which defragmentation is urgent (`factor` × the bound), if armed
-    /// and defragmentation can still help.
+    /// More than `factor` × the bound index runs, if armed and defragmentation can still
+    /// help.
     fn over(&self, log: &Log, factor: usize) -> bool {
         let max = self.runs_max.load(Ordering::Acquire);
         self.over_runs(log, max.saturating_mul(factor))
@@ -1264,11 +1267,8 @@ impl IndexGate {
             }
             if !waited {
                 waited = true;
-                // Writers slow down from here on: say why, once per episode (a flush
-                // that waits after a minute without waits starts a new one).
-                let now_ms = gate_clock_ms();
-                let last = self.last_wait_ms.swap(now_ms, Ordering::AcqRel);
-                if last == 0 || now_ms.saturating_sub(last) >= INDEX_WAIT_LOG_QUIET_MS {
+                // Writers slow down from here on: say why, once per episode.
+                if self.wait_starts_episode() {
                     tracing::info!(
                         export = log.name(),
                         index_runs = log.index_extents(),

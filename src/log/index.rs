@@ -6,8 +6,9 @@
 //! frame's pieces are joined when set in block order, as commits, checkpoints and
 //! compaction do), so the number of runs, which is what the index costs in memory, follows
 //! the stored layout rather than the history of writes; `segs[s].blocks_live` equals the
-//! number of blocks whose run points into segment `s` (checked by `check_accounting` in tests and by the
-//! inspector's verify); a segment appears in `segs` from the moment a commit names it.
+//! number of blocks whose run points into segment `s` (checked by `check_accounting` in
+//! tests and by the inspector's verify); a segment appears in `segs` from the moment a
+//! commit names it.
 
 use std::collections::HashMap;
 
