@@ -40,6 +40,23 @@ impl<V: RangeValue> RangeMap<V> {
         }
     }
 
+    /// Build from runs given in increasing order, none empty and none overlapping the
+    /// next, in O(n): the tree is bulk-built instead of taking n inserts. Returns the
+    /// index of the first run that breaks the order. Nothing is joined.
+    pub fn from_sorted_runs(runs: Vec<(u64, u64, V)>) -> Result<Self, usize> {
+        let mut end = 0u64;
+        for (i, &(start, len, _)) in runs.iter().enumerate() {
+            if len == 0 || (i > 0 && start < end) {
+                return Err(i);
+            }
+            end = start.checked_add(len).ok_or(i)?;
+        }
+        // Sorted input: `from_iter`'s stable sort is a single pass, then a bulk build.
+        Ok(Self {
+            map: runs.into_iter().map(|(s, l, v)| (s, (l, v))).collect(),
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
