@@ -700,14 +700,18 @@ impl Volume {
         let _g = self.flush_lock.lock().await;
         // Far over its memory bound, the page index must shrink before a commit grows it
         // (a no-op unless a compactor runs and can still shrink it). Under the flush lock,
-        // so one batch at a time gets past the check; room is made for the most runs the
-        // largest batch the dirty budget admits can add: every dirty data run holds at
-        // least one block, and writing it adds at most two runs (one written inside a
-        // run splits that run in three). Trims are not counted: they cost the budget
-        // little and leave holes, which no defragmentation joins (the floor, see
-        // `IndexGate`).
-        let batch_runs = 2 * (self.budget.max / (self.bs() as usize + DIRTY_RUN_OVERHEAD_BYTES));
-        self.log.index_gate.wait_room(&self.log, batch_runs).await;
+        // so one commit at a time gets past the check; room is made for the most runs the
+        // commit can add: every dirty data run holds at least one block, and writing it
+        // adds at most two runs (one written inside a run splits that run in three). A
+        // batch larger than the gate allows is committed in pieces, each waiting for
+        // room (below). Trims are not counted: they cost the budget little and leave
+        // holes, which no defragmentation joins (the floor, see `IndexGate`).
+        let budget_runs = self.budget.max / (self.bs() as usize + DIRTY_RUN_OVERHEAD_BYTES);
+        let piece_runs = self.log.index_gate.commit_runs_max().unwrap_or(usize::MAX);
+        self.log
+            .index_gate
+            .wait_room(&self.log, 2 * budget_runs.min(piece_runs))
+            .await;
         let (snap, gen, snap_bytes) = {
             let mut st = self.st();
             if st.flushed_gen >= target {
@@ -739,7 +743,24 @@ impl Volume {
                 },
             })
             .collect();
-        let result = self.log.commit(&batch).await;
+        // Pieces in lba order, each its own commit (manifest). A block device promises
+        // nothing about writes not yet flushed, so a crash between two pieces loses
+        // nothing it acknowledged; this FLUSH returns only after the last piece. A failed
+        // piece puts the whole batch back (pieces already committed are written again,
+        // which changes nothing they read as).
+        let mut result = Ok(());
+        for (i, piece) in batch.chunks(piece_runs).enumerate() {
+            if i > 0 {
+                self.log
+                    .index_gate
+                    .wait_room(&self.log, 2 * piece.len())
+                    .await;
+            }
+            if let Err(e) = self.log.commit(piece).await {
+                result = Err(e);
+                break;
+            }
+        }
         match result {
             Ok(_) => {
                 // The index now has the new locations; refresh the cache before the batch

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use nbds3::format::ExportKeys;
@@ -1292,6 +1293,23 @@ async fn defrag_rewrites_fragmented_stretches_into_whole_frames() {
 /// (`pass_idle` far longer than the test): any pass during the writes comes from the index
 /// gate's urgency, and any bound on the index from its stall.
 fn gated_exports(store: &DynStore, size: u64, index_runs_max: usize) -> Arc<Exports> {
+    // At most 64 blocks per flush: the index overshoots by at most that much.
+    gated_exports_with(
+        store,
+        size,
+        index_runs_max,
+        64 * 4096,
+        Duration::from_millis(20),
+    )
+}
+
+fn gated_exports_with(
+    store: &DynStore,
+    size: u64,
+    index_runs_max: usize,
+    dirty_bytes_max: u64,
+    flush_interval: Duration,
+) -> Arc<Exports> {
     Exports::new(
         Arc::clone(store),
         ExportsConfig {
@@ -1306,9 +1324,8 @@ fn gated_exports(store: &DynStore, size: u64, index_runs_max: usize) -> Arc<Expo
             },
             volume: VolumeConfig {
                 cache_bytes_max: 1 << 20,
-                // At most 64 blocks per flush: the index overshoots by at most that much.
-                dirty_bytes_max: 64 * 4096,
-                flush_interval: Duration::from_millis(20),
+                dirty_bytes_max,
+                flush_interval,
                 readahead_bytes_max: 0,
                 ..VolumeConfig::default()
             },
@@ -1395,6 +1412,87 @@ async fn index_stays_bounded_under_sustained_scattered_writes() {
     assert!(waited > 0, "no flush waited for defragmentation");
     let limit = compact::INDEX_STALL_FACTOR * max + 2 * 64;
     assert!(peak <= limit, "index peaked at {peak} runs, over {limit}");
+    for (lba, &want) in expected.iter().enumerate() {
+        let got = flat(
+            export
+                .read(lba as u64 * bs as u64, bs as u32)
+                .await
+                .unwrap(),
+        );
+        assert!(
+            got == block_bytes(bs, lba as u64, want),
+            "block {lba} (want id {want})"
+        );
+    }
+    exports.close_all().await.unwrap();
+    let (data, _) = observe(&store, bs, blocks).await;
+    for (lba, &want) in expected.iter().enumerate() {
+        assert!(
+            data[lba * bs..(lba + 1) * bs] == block_bytes(bs, lba as u64, want)[..],
+            "block {lba} after reopen"
+        );
+    }
+}
+
+/// A dirty set that can add far more runs than the bound in one flush (2048 scattered
+/// blocks, up to 4096 runs, against a bound of 512): the flush commits it in pieces of
+/// half the bound, each waiting for room, so the index stays within 3 × the bound.
+/// Committed whole, the index would pass 4000 runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn index_stays_bounded_when_one_flush_holds_more_runs_than_the_bound() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let bs = 4096usize;
+    let blocks: u64 = 8192;
+    // Floor: one run per 8-block frame (1024), under 2 × 512, the level passes work down to.
+    let max = 512usize;
+    // High water (half) at 4096 blocks: the 2048 writes below stay dirty until the FLUSH.
+    let exports = gated_exports_with(
+        &store,
+        blocks * bs as u64,
+        max,
+        8192 * bs as u64,
+        Duration::from_secs(600),
+    );
+    let vol = exports.volume(NAME).await.unwrap();
+    let export = exports.open(NAME).await.unwrap();
+    let mut expected = vec![1u64; blocks as usize];
+    for lba in (0..blocks).step_by(512) {
+        write_first_version(&export, bs, lba, 512).await;
+    }
+    // 2048 distinct odd blocks, none next to another, so each write splits a run.
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut lbas: Vec<u64> = (0..blocks / 2).map(|i| 2 * i + 1).collect();
+    lbas.shuffle(&mut rng);
+    lbas.truncate(2048);
+    for &lba in &lbas {
+        export
+            .write(lba * bs as u64, Bytes::from(block_bytes(bs, lba, 2)), false)
+            .await
+            .unwrap();
+        expected[lba as usize] = 2;
+    }
+    // Sample the index while the flush commits.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (vol, done) = (Arc::clone(&vol), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut peak = 0usize;
+            while !done.load(Ordering::Acquire) {
+                peak = peak.max(vol.log().index_extents());
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            peak.max(vol.log().index_extents())
+        })
+    };
+    let before = vol.log().index_extents();
+    export.flush().await.unwrap();
+    done.store(true, Ordering::Release);
+    let peak = sampler.await.unwrap();
+    let waited = vol.log().index_gate.flushes_waited.load(Ordering::Relaxed);
+    eprintln!("index {before} runs before the flush, peak {peak} (bound {max}); {waited} waits");
+    let limit = compact::INDEX_STALL_FACTOR * max;
+    assert!(peak <= limit, "index peaked at {peak} runs, over {limit}");
+    assert!(waited > 0, "no piece waited for defragmentation");
     for (lba, &want) in expected.iter().enumerate() {
         let got = flat(
             export

@@ -1191,6 +1191,17 @@ impl IndexGate {
         quiet
     }
 
+    /// Dirty runs one commit may carry while the gate is armed: half the bound, so a
+    /// commit adds at most the bound (two runs per dirty run) and the index stays within
+    /// [`INDEX_STALL_FACTOR`] × the bound however large the dirty set. `None` while
+    /// disarmed: a flush then commits its whole batch at once.
+    pub fn commit_runs_max(&self) -> Option<usize> {
+        match self.runs_max.load(Ordering::Acquire) {
+            0 => None,
+            max => Some((max / 2).max(1)),
+        }
+    }
+
     fn disarm(&self) {
         self.runs_max.store(0, Ordering::Release);
         self.pass_ended.notify_waiters();
@@ -1245,8 +1256,8 @@ impl IndexGate {
     /// compactor is still shrinking it. Why: every run a commit adds costs memory the cache
     /// budget pays for; holding flushes back (and so, through the dirty bound, writers) is
     /// what keeps that memory bounded under a load that writes faster than passes join.
-    /// The index then stays within 3 × the bound, or 2 × plus one batch when a batch
-    /// (the dirty set) can add more runs than the bound.
+    /// The index then stays within 3 × the bound: a flush commits its batch in pieces of
+    /// at most [`IndexGate::commit_runs_max`] runs, waiting here before each.
     pub async fn wait_room(&self, log: &Log, batch_runs: usize) {
         if self.over(log, INDEX_URGENT_FACTOR) {
             self.urgent.notify_one();
