@@ -200,6 +200,26 @@ impl DirtyBudget {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }
+    /// Charge `n` bytes if they fit now (or nothing else is charged); above the high-water
+    /// mark, ask the flushers to start.
+    fn try_charge(&self, n: usize) -> bool {
+        let mut cur = self.used.load(Ordering::Acquire);
+        while cur == 0 || cur + n <= self.max {
+            match self
+                .used
+                .compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    if cur + n > self.high_water {
+                        self.pressure.notify_waiters();
+                    }
+                    return true;
+                }
+                Err(now) => cur = now,
+            }
+        }
+        false
+    }
     fn release(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
         self.freed.notify_waiters();
@@ -207,23 +227,18 @@ impl DirtyBudget {
     /// Charge `n` bytes, waiting while the budget is full (a single request larger than
     /// the whole budget is admitted when nothing else is charged, so it cannot deadlock).
     async fn acquire(&self, n: usize) {
+        // With room (the common case) no waiter is registered: that takes the Notify's
+        // lock twice, on every write.
+        if self.try_charge(n) {
+            return;
+        }
         loop {
+            // Registered before the check, so a release between the two wakes us.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let cur = self.used.load(Ordering::Acquire);
-            if cur == 0 || cur + n <= self.max {
-                if self
-                    .used
-                    .compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    if cur + n > self.high_water {
-                        self.pressure.notify_waiters();
-                    }
-                    return;
-                }
-                continue;
+            if self.try_charge(n) {
+                return;
             }
             self.pressure.notify_waiters();
             // Bounded wait so a missed wake-up can only delay, never hang.

@@ -688,6 +688,29 @@ enum ToWriter {
 /// vectored write carry many replies; bounded also by the request permits they hold.
 const INLINE_BATCH_MAX: usize = 64;
 
+/// Emptied batch vectors the writer hands back to the reader, at most this many. Why: a
+/// fresh vector per batch, grown push by push, was 5% of the CPU of 4 KiB random writes
+/// (a malloc and reallocs per batch, freed on the writer's thread).
+const SPARE_BATCHES_MAX: usize = 4;
+
+/// Batch vectors going back from the writer to the reader (see [`SPARE_BATCHES_MAX`]).
+#[derive(Default)]
+struct Spares(std::sync::Mutex<Vec<Vec<Outgoing>>>);
+
+impl Spares {
+    fn take(&self) -> Option<Vec<Outgoing>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+    /// Keep `v` (emptied) for reuse, unless enough are kept already.
+    fn give(&self, mut v: Vec<Outgoing>) {
+        v.clear();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() < SPARE_BATCHES_MAX {
+            g.push(v);
+        }
+    }
+}
+
 /// A reply plus the permits that bound it; the permits drop once it is written.
 struct Outgoing {
     cookie: u64,
@@ -819,7 +842,8 @@ where
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let bytes = Arc::new(Semaphore::new(bytes_max));
     let (tx, rx) = mpsc::unbounded_channel::<ToWriter>();
-    let writer_task = tokio::spawn(write_replies(writer, rx, structured));
+    let spares = Arc::new(Spares::default());
+    let writer_task = tokio::spawn(write_replies(writer, rx, structured, Arc::clone(&spares)));
     let mut tasks = JoinSet::new();
     // Replies of requests finished inline, not yet handed to the writer. Invariant: the
     // batch is handed over before the reader awaits anything that may not be ready at once
@@ -828,13 +852,12 @@ where
     let mut batch: Vec<Outgoing> = Vec::new();
     let hand_over = |batch: &mut Vec<Outgoing>| {
         if !batch.is_empty() {
-            // The next batch starts with room for as many replies as this one had, so it
-            // does not regrow from empty (a realloc per doubling was 1% of the CPU).
-            let room = batch.len();
-            let _ = tx.send(ToWriter::Batch(std::mem::replace(
-                batch,
-                Vec::with_capacity(room),
-            )));
+            // The next batch reuses a vector the writer has emptied, else starts with
+            // room for as many replies as this one had.
+            let next = spares
+                .take()
+                .unwrap_or_else(|| Vec::with_capacity(batch.len()));
+            let _ = tx.send(ToWriter::Batch(std::mem::replace(batch, next)));
         }
     };
 
@@ -872,11 +895,23 @@ where
             }
         };
         let mut raw = [0u8; REQUEST_HEADER_BYTES];
-        let read = tokio::select! {
-            biased;
-            _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
-            _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
-            r = reader.read_exact(&mut raw) => r,
+        let read = if reader.buffer().len() >= REQUEST_HEADER_BYTES
+            && !shutdown.is_triggered()
+            && !tx.is_closed()
+        {
+            // Already buffered: nothing to wait for, so no need to watch the shutdown
+            // signal and the writer while waiting (registering and dropping those two
+            // waiters on every request was 2.5% of the instructions of 4 KiB writes).
+            raw.copy_from_slice(&reader.buffer()[..REQUEST_HEADER_BYTES]);
+            std::pin::Pin::new(&mut reader).consume(REQUEST_HEADER_BYTES);
+            Ok(REQUEST_HEADER_BYTES)
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+                _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
+                r = reader.read_exact(&mut raw) => r,
+            }
         };
         match read {
             Ok(_) => {}
@@ -1337,17 +1372,18 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<ToWriter>,
     structured: bool,
+    spares: Arc<Spares>,
 ) -> io::Result<()> {
     let mut q = OutQueue::new();
-    let mut written: Vec<Permits> = Vec::new();
+    let mut written = HeldPermits::default();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next {
-            let (one, many) = match msg {
+            let (one, mut many) = match msg {
                 ToWriter::One(r) => (Some(r), Vec::new()),
                 ToWriter::Batch(rs) => (None, rs),
             };
-            for reply in one.into_iter().chain(many) {
+            for reply in one.into_iter().chain(many.drain(..)) {
                 let Outgoing {
                     cookie,
                     body,
@@ -1356,11 +1392,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     _server_permit,
                 } = reply;
                 encode_reply(&mut q, cookie, body, structured);
-                written.push((_request_permit, _bytes_permit, _server_permit));
+                written.hold(_request_permit, _bytes_permit, _server_permit);
                 if q.is_full() {
                     q.write_to(&mut writer).await?;
                     written.clear();
                 }
+            }
+            if many.capacity() > 0 {
+                spares.give(many);
             }
             next = rx.try_recv().ok();
         }
@@ -1371,11 +1410,42 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
-type Permits = (
-    OwnedSemaphorePermit,
-    Option<OwnedSemaphorePermit>,
-    Option<OwnedSemaphorePermit>,
-);
+/// The permits of replies queued but not yet written, merged per semaphore: each kind is
+/// released with one semaphore lock per write, not one per reply (three locks per
+/// request were 1.4% of the instructions of 4 KiB random writes).
+#[derive(Default)]
+struct HeldPermits {
+    requests: Option<OwnedSemaphorePermit>,
+    bytes: Option<OwnedSemaphorePermit>,
+    server: Option<OwnedSemaphorePermit>,
+}
+
+impl HeldPermits {
+    fn hold(
+        &mut self,
+        request: OwnedSemaphorePermit,
+        bytes: Option<OwnedSemaphorePermit>,
+        server: Option<OwnedSemaphorePermit>,
+    ) {
+        // Every permit of a kind comes from the same semaphore (the session's two, the
+        // server's one), which is what `merge` requires.
+        fn add(acc: &mut Option<OwnedSemaphorePermit>, p: Option<OwnedSemaphorePermit>) {
+            match (acc.as_mut(), p) {
+                (Some(a), Some(p)) => a.merge(p),
+                (None, p) => *acc = p,
+                (Some(_), None) => {}
+            }
+        }
+        add(&mut self.requests, Some(request));
+        add(&mut self.bytes, bytes);
+        add(&mut self.server, server);
+    }
+
+    /// Release everything held (the replies went out).
+    fn clear(&mut self) {
+        *self = HeldPermits::default();
+    }
+}
 
 fn encode_reply(q: &mut OutQueue, cookie: u64, body: Body, structured: bool) {
     match body {
