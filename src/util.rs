@@ -124,16 +124,21 @@ impl<V: RangeValue> RangeMap<V> {
         if len == 0 {
             return;
         }
-        // Overwriting exactly one existing run (a block rewritten, the common case under
-        // random writes) swaps the value in place: no node changes at all.
-        if let Some((l, old)) = self.map.get_mut(&start) {
-            if *l == len {
+        // One lookup settles the two common cases: the last run starting before the end
+        // either is exactly this run (a block rewritten: the value is swapped in place, no
+        // node changes) or ends at or before `start`, and then, runs being sorted and
+        // disjoint, nothing overlaps (a block written for the first time: one insert).
+        // Only a real overlap takes the general path, which looks up afresh.
+        let end = start.saturating_add(len);
+        match self.map.range_mut(..end).next_back() {
+            Some((&k, (l, old))) if k == start && *l == len => {
                 let old = std::mem::replace(old, v);
                 f(start, len, old);
                 return;
             }
+            Some((&k, (l, _))) if k + *l > start => self.remove_with(start, len, &mut f),
+            _ => {}
         }
-        self.remove_with(start, len, &mut f);
         self.map.insert(start, (len, v));
     }
 
