@@ -1342,6 +1342,37 @@ fn gated_exports_with(
     )
 }
 
+/// Every block reads back as version `expected[lba]` (see `block_bytes`), through the export
+/// and again from the store after the exports close.
+async fn check_versions_then_reopen(
+    exports: &Arc<Exports>,
+    export: &Arc<dyn BlockExport>,
+    store: &DynStore,
+    bs: usize,
+    expected: &[u64],
+) {
+    for (lba, &want) in expected.iter().enumerate() {
+        let got = flat(
+            export
+                .read(lba as u64 * bs as u64, bs as u32)
+                .await
+                .unwrap(),
+        );
+        assert!(
+            got == block_bytes(bs, lba as u64, want),
+            "block {lba} (want id {want})"
+        );
+    }
+    exports.close_all().await.unwrap();
+    let (data, _) = observe(store, bs, expected.len() as u64).await;
+    for (lba, &want) in expected.iter().enumerate() {
+        assert!(
+            data[lba * bs..(lba + 1) * bs] == block_bytes(bs, lba as u64, want)[..],
+            "block {lba} after reopen"
+        );
+    }
+}
+
 /// Write blocks `lba..lba + blocks` with their first version (id 1) in one request, and
 /// flush.
 async fn write_first_version(export: &Arc<dyn BlockExport>, bs: usize, lba: u64, blocks: u64) {
@@ -1412,26 +1443,7 @@ async fn index_stays_bounded_under_sustained_scattered_writes() {
     assert!(waited > 0, "no flush waited for defragmentation");
     let limit = compact::INDEX_STALL_FACTOR * max + 2 * 64;
     assert!(peak <= limit, "index peaked at {peak} runs, over {limit}");
-    for (lba, &want) in expected.iter().enumerate() {
-        let got = flat(
-            export
-                .read(lba as u64 * bs as u64, bs as u32)
-                .await
-                .unwrap(),
-        );
-        assert!(
-            got == block_bytes(bs, lba as u64, want),
-            "block {lba} (want id {want})"
-        );
-    }
-    exports.close_all().await.unwrap();
-    let (data, _) = observe(&store, bs, blocks).await;
-    for (lba, &want) in expected.iter().enumerate() {
-        assert!(
-            data[lba * bs..(lba + 1) * bs] == block_bytes(bs, lba as u64, want)[..],
-            "block {lba} after reopen"
-        );
-    }
+    check_versions_then_reopen(&exports, &export, &store, bs, &expected).await;
 }
 
 /// A dirty set that can add far more runs than the bound in one flush (2048 scattered
@@ -1493,26 +1505,7 @@ async fn index_stays_bounded_when_one_flush_holds_more_runs_than_the_bound() {
     let limit = compact::INDEX_STALL_FACTOR * max;
     assert!(peak <= limit, "index peaked at {peak} runs, over {limit}");
     assert!(waited > 0, "no piece waited for defragmentation");
-    for (lba, &want) in expected.iter().enumerate() {
-        let got = flat(
-            export
-                .read(lba as u64 * bs as u64, bs as u32)
-                .await
-                .unwrap(),
-        );
-        assert!(
-            got == block_bytes(bs, lba as u64, want),
-            "block {lba} (want id {want})"
-        );
-    }
-    exports.close_all().await.unwrap();
-    let (data, _) = observe(&store, bs, blocks).await;
-    for (lba, &want) in expected.iter().enumerate() {
-        assert!(
-            data[lba * bs..(lba + 1) * bs] == block_bytes(bs, lba as u64, want)[..],
-            "block {lba} after reopen"
-        );
-    }
+    check_versions_then_reopen(&exports, &export, &store, bs, &expected).await;
 }
 
 /// A device whose layout needs more runs than the bound allows (every frame-sized window
