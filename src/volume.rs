@@ -719,8 +719,8 @@ impl Volume {
         // commit can add: every dirty data run holds at least one block, and writing it
         // adds at most two runs (one written inside a run splits that run in three). A
         // batch larger than the gate allows is committed in pieces, each waiting for
-        // room (below). Trims are not counted: they cost the budget little and leave
-        // holes, which no defragmentation joins (the floor, see `IndexGate`).
+        // room (below). Trims are left out of this first estimate (they cost the budget
+        // little, so the budget does not bound them) but count in each piece's size.
         let budget_runs = self.budget.max / (self.bs() as usize + DIRTY_RUN_OVERHEAD_BYTES);
         let piece_runs = self.log.index_gate.commit_runs_max().unwrap_or(usize::MAX);
         self.log
