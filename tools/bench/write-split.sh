@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Where a random 4 KiB write's CPU goes: fio's randwrite job (tools/bench/nbd.fio, 4 KiB at
+# iodepth 32 over 1 GiB) against nbdkit memory and against nbds3d once with its defaults
+# and once with no flush during the job (the front end alone: the dirty set holds the whole
+# run). Prints IOPS, the server's user and system CPU per write (/proc, ramp included) and
+# fio's own CPU per write, one row per server run.
+#
+#   tools/bench/write-split.sh                  # release build of this checkout, 2 rounds
+#   tools/bench/write-split.sh /path/to/nbds3d  # another binary
+#
+# Why: the write target compares nbds3d with a RAM disk on 2 cores shared with fio, so the
+# server's CPU per write decides the rate; the "no flush" row separates the cost of
+# persisting (segment build, index, cache write-through, checkpoints) from the cost of
+# serving. Every server starts with the 1 GiB device filled by nbdcopy (as in run.sh).
+# Knobs: NBDS3_BENCH_RUNTIME (s per job, default 6), NBDS3_BENCH_ROUNDS (default 2).
+# Needs fio, nbdkit, nbdcopy (apt install fio nbdkit libnbd-bin).
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+for bin in fio nbdkit nbdcopy; do
+    command -v "$bin" >/dev/null || {
+        echo "write-split: missing $bin (apt install fio nbdkit libnbd-bin)" >&2
+        exit 1
+    }
+done
+if [[ $# -eq 0 ]]; then
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+    cargo build --release --quiet --bin nbds3d
+    set -- "$CARGO_TARGET_DIR/release/nbds3d"
+fi
+BIN=$1
+RUNTIME=${NBDS3_BENCH_RUNTIME:-6}
+ROUNDS=${NBDS3_BENCH_ROUNDS:-2}
+PY=/usr/bin/python3 # Debian's, not a pyenv shim
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-split.XXXXXX")
+PID=""
+cleanup() {
+    [[ -n $PID ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+head -c 1G /dev/urandom >"$WORK/src.img"
+
+# ticks (user, system) of a process
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+
+wait_up() {
+    for _ in $(seq 100); do
+        nbdinfo "$1" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "write-split: server at $1 did not start" >&2
+    exit 1
+}
+
+# measure NAME URI: fill the device, run the job, print one row
+measure() {
+    local name=$1 uri=$2 a b
+    nbdcopy "$WORK/src.img" "$uri"
+    a=$(ticks "$PID")
+    /usr/bin/time -o "$WORK/fio.time" -f "%U %S" \
+        env URI="$uri" RUNTIME="$RUNTIME" SIZE=1073741824 fio --section=randwrite \
+        --output-format=json --output="$WORK/fio.json" tools/bench/nbd.fio >/dev/null
+    b=$(ticks "$PID")
+    "$PY" - "$name" "$a" "$b" "$WORK" "$RUNTIME" <<'EOF'
+import json, os, sys
+name, a, b, work, runtime = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4], int(sys.argv[5])
+w = json.load(open(os.path.join(work, "fio.json")))["jobs"][0]["write"]
+n = w["iops"] * (runtime + 1)  # ramp included, as the /proc ticks are
+hz = os.sysconf("SC_CLK_TCK")
+u = (int(b[0]) - int(a[0])) / hz * 1e6 / n
+s = (int(b[1]) - int(a[1])) / hz * 1e6 / n
+fu, fs = map(float, open(os.path.join(work, "fio.time")).read().split()[-2:])
+print(f"| {name} | {w['iops'] / 1000:.1f}k | {u:.2f} | {s:.2f} | {u + s:.2f} | {(fu + fs) * 1e6 / n:.2f} |")
+EOF
+}
+
+echo "Machine: $(uname -srm); $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "Command: tools/bench/write-split.sh $BIN (runtime ${RUNTIME}s + 1 s ramp, $ROUNDS rounds)"
+echo
+echo "| server | IOPS | user µs/write | sys µs/write | total | fio µs/write |"
+echo "|---|---|---|---|---|---|"
+for _ in $(seq "$ROUNDS"); do
+    nbdkit -f -p 10941 memory 1G &
+    PID=$!
+    wait_up nbd://127.0.0.1:10941/
+    measure "nbdkit memory" nbd://127.0.0.1:10941/
+    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+    for mode in default no-flush; do
+        args=()
+        [[ $mode == no-flush ]] && args=(--dirty-max 6G --flush-interval 3600s)
+        rm -rf "$WORK/store"
+        "$BIN" --listen 127.0.0.1:10942 --store "file://$WORK/store" --default-size 1G \
+            --cache-size 1280M "${args[@]}" >"$WORK/daemon.log" 2>&1 &
+        PID=$!
+        wait_up nbd://127.0.0.1:10942/x
+        measure "nbds3d ($mode)" nbd://127.0.0.1:10942/x
+        kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+    done
+done
