@@ -20,17 +20,11 @@
 # them to callgrind_annotate for the functions).
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
-for bin in valgrind fio nbdinfo; do
-    command -v "$bin" >/dev/null || {
-        echo "instr: missing $bin (apt install valgrind fio libnbd-bin)" >&2
-        exit 1
-    }
-done
+source "$(dirname "$0")/common.sh"
+bench_require instr "apt install valgrind fio libnbd-bin" valgrind fio nbdinfo
 if [[ $# -eq 0 ]]; then
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-    cargo build --release --quiet --bin nbds3d
-    set -- "$CARGO_TARGET_DIR/release/nbds3d"
+    bin=$(bench_build) # an assignment, so a failed build stops the script (set -e)
+    set -- "$bin"
 fi
 OUT=${NBDS3_BENCH_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/nbds3-instr.XXXXXX")}
 mkdir -p "$OUT"

@@ -16,17 +16,11 @@
 # Needs fio, nbdkit, nbdcopy (apt install fio nbdkit libnbd-bin).
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
-for bin in fio nbdkit nbdcopy; do
-    command -v "$bin" >/dev/null || {
-        echo "write-split: missing $bin (apt install fio nbdkit libnbd-bin)" >&2
-        exit 1
-    }
-done
+source "$(dirname "$0")/common.sh"
+bench_require write-split "apt install fio nbdkit libnbd-bin" fio nbdkit nbdcopy
 if [[ $# -eq 0 ]]; then
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-    cargo build --release --quiet --bin nbds3d
-    set -- "$CARGO_TARGET_DIR/release/nbds3d"
+    bin=$(bench_build) # an assignment, so a failed build stops the script (set -e)
+    set -- "$bin"
 fi
 BIN=$1
 RUNTIME=${NBDS3_BENCH_RUNTIME:-6}

@@ -1,0 +1,24 @@
+# Shared prologue of the benchmark scripts (sourced, not run): the repository root as the
+# working directory, a check for the tools a script needs, and the default binary.
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+# bench_require NAME HINT BIN...: exit with "NAME: missing BIN (HINT)" unless every BIN
+# is on PATH.
+bench_require() {
+    local name=$1 hint=$2 bin
+    shift 2
+    for bin in "$@"; do
+        command -v "$bin" >/dev/null || {
+            echo "$name: missing $bin ($hint)" >&2
+            exit 1
+        }
+    done
+}
+
+# bench_build: build the daemon of this checkout (release) and print its path.
+bench_build() {
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+    cargo build --release --quiet --bin nbds3d >&2
+    echo "$CARGO_TARGET_DIR/release/nbds3d"
+}
