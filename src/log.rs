@@ -238,6 +238,11 @@ pub struct LogStats {
     /// Index extents of the background checkpoint being built right now (0 when none):
     /// the build decodes a copy of the index, which the volume charges to the cache.
     pub checkpoint_build_extents: AtomicU64,
+    /// Memory held by the directories of the current manifest's tail (kept for the
+    /// background checkpoint's replay; up to [`TAIL_ENTRIES_HARD_FACTOR`] × the entry
+    /// trigger, which follows the index): the volume charges it to the cache with the
+    /// index. Updated whenever the tail changes.
+    pub tail_dir_bytes: AtomicU64,
 }
 
 /// Adds a background checkpoint job's extents to `LogStats::checkpoint_build_extents`
@@ -288,6 +293,18 @@ struct CommitState {
 impl CommitState {
     fn tail_entries(&self) -> usize {
         self.tail_dirs.iter().map(|d| d.len()).sum()
+    }
+
+    /// What `tail_dirs` holds in memory: each directory's allocation and its headers.
+    fn tail_dir_bytes(&self) -> usize {
+        self.tail_dirs
+            .iter()
+            .map(|d| {
+                d.capacity() * std::mem::size_of::<DirEntry>()
+                    + std::mem::size_of::<Vec<DirEntry>>()
+                    + 2 * std::mem::size_of::<usize>() // the Arc's counts
+            })
+            .sum()
     }
 }
 
@@ -878,6 +895,19 @@ impl Log {
                 "opened export"
             );
             let version = manifest.version;
+            let state = CommitState {
+                manifest,
+                next_seq: 0,
+                tail_dirs,
+                need_resync: false,
+                pending_ids: std::collections::BTreeSet::new(),
+                recently_named: std::collections::BTreeMap::new(),
+                checkpoint: None,
+            };
+            let stats = Arc::new(LogStats::default());
+            stats
+                .tail_dir_bytes
+                .store(state.tail_dir_bytes() as u64, Ordering::Release);
             return Ok(Log {
                 store,
                 keys,
@@ -888,18 +918,10 @@ impl Log {
                 epoch,
                 nonce,
                 index: RwLock::new(index),
-                commit: tokio::sync::Mutex::new(CommitState {
-                    manifest,
-                    next_seq: 0,
-                    tail_dirs,
-                    need_resync: false,
-                    pending_ids: std::collections::BTreeSet::new(),
-                    recently_named: std::collections::BTreeMap::new(),
-                    checkpoint: None,
-                }),
+                commit: tokio::sync::Mutex::new(state),
                 fenced: AtomicBool::new(false),
                 version: AtomicU64::new(version),
-                stats: Arc::new(LogStats::default()),
+                stats,
                 compress: Default::default(),
                 seg_bufs: BufPool::new(pool_max, pool_cap_max),
                 index_gate: compact::IndexGate::default(),
@@ -1124,6 +1146,7 @@ impl Log {
             }
             st.tail_dirs.extend(dirs.iter().cloned());
             debug_assert_eq!(st.tail_dirs.len(), m.tail.len());
+            self.note_tail(&st);
             let manifest_len = format::encode_manifest(&m).len() as u64;
             self.stats
                 .manifest_bytes_written
@@ -1222,6 +1245,13 @@ impl Log {
     /// Runs in the in-memory page index (what its memory grows with).
     pub fn index_extents(&self) -> usize {
         self.index_read().map.len()
+    }
+
+    /// Publish the tail's memory (see `LogStats::tail_dir_bytes`).
+    fn note_tail(&self, st: &CommitState) {
+        self.stats
+            .tail_dir_bytes
+            .store(st.tail_dir_bytes() as u64, Ordering::Release);
     }
 
     fn tail_entries_trigger(&self) -> usize {
@@ -1435,6 +1465,7 @@ impl Log {
                     .await?;
             *self.index_write() = idx;
             st.tail_dirs = tail_dirs;
+            self.note_tail(st);
             self.version.store(m.version, Ordering::Release);
             st.manifest = m;
         }
@@ -1648,6 +1679,7 @@ impl Log {
         }
         *self.index_write() = idx;
         st.tail_dirs.clear();
+        self.note_tail(&st);
         let manifest_len = format::encode_manifest(&m).len() as u64;
         self.stats
             .manifest_bytes_written

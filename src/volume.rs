@@ -259,7 +259,9 @@ impl DirtyBudget {
 /// occupies a whole chunk (8x at 4 KiB blocks) — the same trade nbdkit's 32 KiB pages make.
 ///
 /// The budget also covers the open volumes' page indexes (estimated at
-/// [`INDEX_BYTES_PER_EXTENT`] per run, updated at every commit): chunks get what the
+/// [`INDEX_BYTES_PER_EXTENT`] per run, updated at every commit) and the directories of
+/// their manifests' tails, which the next checkpoint replays (what they allocate, ~32
+/// bytes per entry; up to max(256k, 2 × the index's runs) entries): chunks get what the
 /// indexes leave, so `--cache-size` bounds cache and index together for as long as the
 /// indexes fit in it.
 ///
@@ -606,16 +608,16 @@ impl Volume {
             0
         } else {
             // A background checkpoint build holds a decoded copy of the index (an Index
-            // and the entry list it encodes from) until its upload ends.
-            let building = self
-                .log
-                .stats
-                .checkpoint_build_extents
-                .load(Ordering::Acquire) as usize;
+            // and the entry list it encodes from) until its upload ends; the tail's
+            // directories (what the next build replays) grow with the index too.
+            let stats = &self.log.stats;
+            let building = stats.checkpoint_build_extents.load(Ordering::Acquire) as usize;
+            let tail = stats.tail_dir_bytes.load(Ordering::Acquire) as usize;
             self.log
                 .index_extents()
                 .saturating_mul(INDEX_BYTES_PER_EXTENT)
                 .saturating_add(building.saturating_mul(CHECKPOINT_BUILD_BYTES_PER_EXTENT))
+                .saturating_add(tail)
         };
         let before = self.index_charged.swap(now, Ordering::AcqRel);
         if before != now {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use nbds3::format::DirEntry;
 use nbds3::log::{Geometry, Log, LogConfig, OpenMode};
 use nbds3::nbd::{BlockExport, ReadChunk, STATE_HOLE, STATE_ZERO};
 use nbds3::store::memory::MemoryStore;
@@ -429,6 +430,13 @@ async fn sequential_cold_reads_trigger_readahead() {
     );
 }
 
+fn tail_dir_bytes(v: &Volume) -> usize {
+    v.log()
+        .stats
+        .tail_dir_bytes
+        .load(std::sync::atomic::Ordering::Acquire) as usize
+}
+
 #[tokio::test]
 async fn page_index_is_charged_to_the_cache_budget() {
     let store: DynStore = Arc::new(MemoryStore::new());
@@ -448,8 +456,15 @@ async fn page_index_is_charged_to_the_cache_budget() {
     Volume::flush(&v).await.unwrap();
     let extents = v.log().index_extents();
     assert!(extents >= n as usize);
+    // The index, and the directories of the manifest's tail (no checkpoint yet: one
+    // entry per block) that the next checkpoint replays.
+    let tail = tail_dir_bytes(&v);
+    assert!(
+        tail >= n as usize * std::mem::size_of::<DirEntry>(),
+        "{tail}"
+    );
     let u = cache.usage();
-    assert_eq!(u.index_bytes, extents * 96);
+    assert_eq!(u.index_bytes, extents * 96 + tail);
     assert!(
         u.chunk_bytes + u.index_bytes <= 1 << 20,
         "cache and index exceed the cache size: {u:?}"
@@ -467,6 +482,73 @@ async fn page_index_is_charged_to_the_cache_budget() {
         0,
         "a closed volume still charges its index"
     );
+}
+
+/// The tail's directories are charged with the index while the tail grows, and the charge
+/// drops when a background checkpoint replaces the tail.
+#[tokio::test]
+async fn tail_directories_are_charged_until_a_checkpoint_replaces_them() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let cfg = VolumeConfig {
+        cache_bytes_max: 4 << 20,
+        ..VolumeConfig::default()
+    };
+    let cache = PageCache::new(cfg.cache_bytes_max);
+    let log = Log::open(
+        Arc::clone(&store),
+        "vol",
+        Some(Geometry {
+            size_bytes: SIZE,
+            block_size: BS,
+        }),
+        // A checkpoint once the tail holds more entries than half the index's runs.
+        LogConfig {
+            tail_entries_min: 0,
+            ..LogConfig::default()
+        },
+        OpenMode::Writer,
+    )
+    .await
+    .expect("open log");
+    let v = Volume::new(
+        Arc::new(log),
+        cfg.clone(),
+        DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
+        Arc::clone(&cache),
+        false,
+    );
+    let stats = &v.log().stats;
+    let (mut peak, mut dropped) = (0usize, false);
+    for round in 0..32u64 {
+        // 64 scattered blocks per flush: 64 runs and 64 directory entries.
+        for i in 0..64 {
+            let lba = (round * 64 + i) * 2;
+            v.write(lba * BS as u64, pattern(lba as u8, BS as usize), false)
+                .await
+                .unwrap();
+        }
+        Volume::flush(&v).await.unwrap();
+        let tail = tail_dir_bytes(&v);
+        dropped |= tail < peak;
+        peak = peak.max(tail);
+        // The charge was taken at the commit, with a build's decoded copy if one had just
+        // started (it may have ended since): at least the index and the tail.
+        let charged = cache.usage().index_bytes;
+        let floor = v.log().index_extents() * 96 + tail;
+        assert!(
+            charged >= floor,
+            "round {round}: charged {charged} < {floor}"
+        );
+    }
+    let installed = stats
+        .checkpoints_installed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(installed > 0, "no background checkpoint was installed");
+    assert!(
+        dropped,
+        "the tail's charge never dropped (peak {peak} bytes)"
+    );
+    v.close().await.unwrap();
 }
 
 /// The index charge follows index changes that are not flushes: a defragmenting
@@ -494,7 +576,12 @@ async fn index_charge_follows_compaction() {
         Volume::flush(&v).await.unwrap();
     }
     assert_eq!(v.log().index_extents(), n as usize);
-    assert_eq!(cache.usage().index_bytes, n as usize * 96);
+    let tail = tail_dir_bytes(&v);
+    assert!(
+        tail >= n as usize * std::mem::size_of::<DirEntry>(),
+        "{tail}"
+    );
+    assert_eq!(cache.usage().index_bytes, n as usize * 96 + tail);
     let ccfg = nbds3::log::compact::CompactConfig {
         dead_fraction_min: 1.0,
         index_runs_max: Some(100),
@@ -507,6 +594,8 @@ async fn index_charge_follows_compaction() {
     let runs = v.log().index_extents();
     assert!(runs <= 100, "{runs} runs after defragmenting");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // The pass wrote its checkpoint inline: no tail is left to charge.
+    assert_eq!(tail_dir_bytes(&v), 0);
     while cache.usage().index_bytes != runs * 96 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
