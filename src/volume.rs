@@ -435,6 +435,29 @@ impl CacheInner {
         self.evict();
     }
 
+    /// Cache `data` (exactly one chunk's blocks, `chunk_blocks * bs` bytes) as the whole of
+    /// chunk `(vol, chunk)`: one lookup and one copy, where block by block a chunk not
+    /// cached yet cost a zeroed allocation and a lookup per block. Slices handed out keep
+    /// the old contents (a shared buffer is replaced, never written).
+    fn put_chunk(&mut self, vol: u64, chunk: u64, data: &[u8], bs: usize) {
+        let c = self.lru.get_or_insert_mut((vol, chunk), Chunk::default);
+        let before = c.charge();
+        c.pending.clear();
+        // The chunk's own buffer when nothing else holds it (a cache that already holds the
+        // chunk, rewritten: no allocation); a new one otherwise.
+        c.data = match std::mem::take(&mut c.data).try_into_mut() {
+            Ok(mut m) if m.len() == data.len() => {
+                m.copy_from_slice(data);
+                m.freeze()
+            }
+            _ => Bytes::copy_from_slice(data),
+        };
+        let cb = chunk_blocks(bs);
+        c.present = if cb == 64 { u64::MAX } else { (1 << cb) - 1 };
+        self.bytes = self.bytes + c.charge() - before;
+        self.evict();
+    }
+
     /// Evict least recently used chunks until within the byte bound.
     fn evict(&mut self) {
         let limit = self
@@ -846,11 +869,28 @@ impl Volume {
     /// updated) index under the lock and cannot insert an older value.
     fn cache_committed(&self, snap: &RangeMap<Dirty>) {
         let bs = self.bs() as usize;
+        let cb = chunk_blocks(bs);
         let mut cache = self.cache.lock();
         let mut done = 0usize;
         for (lba, blocks, v) in snap.iter() {
-            for i in 0..blocks {
+            let mut i = 0;
+            while i < blocks {
                 let key = (self.id, lba + i);
+                // Whole chunks of a long run (sequential writes) go in at once.
+                if let Dirty::Data(b, ..) = v {
+                    if cb > 1 && key.1.is_multiple_of(cb) && blocks - i >= cb {
+                        let s = i as usize * bs;
+                        cache.put_chunk(self.id, key.1 / cb, &b[s..s + cb as usize * bs], bs);
+                        i += cb;
+                        done += cb as usize;
+                        if done >= CACHE_UPDATE_BLOCKS_PER_LOCK {
+                            done = 0;
+                            drop(cache);
+                            cache = self.cache.lock();
+                        }
+                        continue;
+                    }
+                }
                 match v {
                     // A block written on its own (random small writes) is cached by
                     // reference: its buffer is exactly what the cache is charged.
@@ -863,8 +903,10 @@ impl Volume {
                     }
                     _ => cache.pop(key, bs),
                 }
+                i += 1;
                 done += 1;
-                if done.is_multiple_of(CACHE_UPDATE_BLOCKS_PER_LOCK) {
+                if done >= CACHE_UPDATE_BLOCKS_PER_LOCK {
+                    done = 0;
                     drop(cache);
                     cache = self.cache.lock();
                 }
@@ -1792,6 +1834,31 @@ mod tests {
         let stall = (256u64 << 20) / 4 * 3;
         assert!(index_floor_bytes(geo(255 << 30), 128 << 10) < stall);
         assert!(index_floor_bytes(geo(257 << 30), 128 << 10) > stall);
+    }
+
+    #[test]
+    fn a_whole_chunk_replaces_its_blocks_and_leaves_handed_out_slices_alone() {
+        let c = PageCache::new(1 << 20);
+        let mut g = c.lock();
+        let cb = chunk_blocks(BS) as usize;
+        // Block 1 by reference (pending), block 2 copied into a buffer, one slice handed out.
+        g.put_shared((1, 1), &Bytes::from(block(7)), BS, BS);
+        g.put((1, 2), &block(8), BS);
+        let out = g.get((1, 2), BS).unwrap();
+        let data: Vec<u8> = (0..cb).flat_map(|i| block(100 + i as u8)).collect();
+        g.put_chunk(1, 0, &data, BS);
+        for i in 0..cb {
+            assert_eq!(
+                g.get((1, i as u64), BS).unwrap(),
+                block(100 + i as u8),
+                "block {i}"
+            );
+        }
+        assert_eq!(out, block(8), "a slice handed out changed");
+        // One buffer charged: the pending block went with the old contents.
+        assert_eq!(g.bytes, CACHE_CHUNK_BYTES);
+        // Another volume's chunk 0 is another chunk.
+        assert!(g.get((2, 0), BS).is_none());
     }
 
     #[test]
