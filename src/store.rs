@@ -130,6 +130,14 @@ pub trait ObjectStore: Send + Sync + Debug + 'static {
     fn request_cost_bytes(&self) -> u64 {
         64 * 1024
     }
+    /// Whether a PUT that runs far longer than its peers is worth racing with a second,
+    /// identical one (see `Log`'s segment uploads). Over a network, a few requests stall
+    /// for no reason of their own (a slow connection, a busy server node) and a fresh one
+    /// finishes sooner; on a local file system the second would only add work. Default:
+    /// no.
+    fn hedge_puts(&self) -> bool {
+        false
+    }
 }
 
 pub type DynStore = Arc<dyn ObjectStore>;

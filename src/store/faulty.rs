@@ -346,6 +346,9 @@ impl ObjectStore for FaultyStore {
     fn request_cost_bytes(&self) -> u64 {
         self.inner.request_cost_bytes()
     }
+    fn hedge_puts(&self) -> bool {
+        self.inner.hedge_puts()
+    }
 }
 
 #[cfg(test)]

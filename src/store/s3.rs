@@ -798,6 +798,10 @@ impl ObjectStore for S3Store {
         1 << 20
     }
 
+    fn hedge_puts(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         format!(
             "s3://{}/{}",
