@@ -674,12 +674,18 @@ async fn load_index_and_tail(
             .map_err(|e| LogError::Internal(e.to_string()))??
         }
     };
-    // Directories are fetched in parallel but applied strictly in commit order.
-    let dirs: Vec<Vec<DirEntry>> = futures::stream::iter(m.tail.iter().copied())
-        .map(|s| async move { read_segment_directory(store, keys, s).await })
-        .buffered(uploads_in_flight_max.max(1))
-        .try_collect()
-        .await?;
+    // Directories are fetched in parallel (unordered: one slow GET must not hold the
+    // others back) but applied strictly in commit order.
+    let mut fetched: Vec<(usize, Vec<DirEntry>)> =
+        futures::stream::iter(m.tail.iter().copied().enumerate())
+            .map(|(i, s)| async move {
+                Ok::<_, LogError>((i, read_segment_directory(store, keys, s).await?))
+            })
+            .buffer_unordered(uploads_in_flight_max.max(1))
+            .try_collect()
+            .await?;
+    fetched.sort_unstable_by_key(|(i, _)| *i);
+    let dirs: Vec<Vec<DirEntry>> = fetched.into_iter().map(|(_, d)| d).collect();
     for (s, dir) in m.tail.iter().zip(&dirs) {
         for e in dir {
             if e.lba
@@ -1648,7 +1654,7 @@ impl Log {
         let cfg = self.cfg.clone();
         let block_size = self.geometry.block_size;
         let epoch = self.epoch;
-        let results: Vec<(SegmentRef, Vec<DirEntry>)> = futures::stream::iter(with_ids)
+        let mut results: Vec<(SegmentRef, Vec<DirEntry>)> = futures::stream::iter(with_ids)
             .map(|(id, job)| {
                 let cfg = cfg.clone();
                 async move {
@@ -1678,9 +1684,13 @@ impl Log {
                     ))
                 }
             })
-            .buffered(self.cfg.uploads_in_flight_max.max(1))
+            // Unordered, so the slots stay full: with `buffered`, finished uploads wait
+            // behind the oldest one and no new upload starts until it ends, which left most
+            // slots idle behind a straggling PUT. Put back in id (commit) order below.
+            .buffer_unordered(self.cfg.uploads_in_flight_max.max(1))
             .try_collect()
             .await?;
+        results.sort_unstable_by_key(|(r, _)| r.id);
         Ok(results.into_iter().unzip())
     }
 

@@ -1278,7 +1278,9 @@ impl Volume {
                     }
                 }
             })
-            .buffered(FRAME_FETCHES_PER_READ_MAX)
+            // Unordered: each result carries its position, and a slow GET must not keep
+            // the next spans from starting (`buffered` refills only as the oldest ends).
+            .buffer_unordered(FRAME_FETCHES_PER_READ_MAX)
             .collect()
             .await;
         let mut out: Vec<Option<FetchedFrame>> = (0..frames.len()).map(|_| None).collect();

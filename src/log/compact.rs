@@ -653,11 +653,15 @@ pub async fn compact_pass(
                 moves,
             ))
         })
-        .buffered(log.config().uploads_in_flight_max.max(1))
+        // Unordered (a slow PUT must not idle the other slots); back in id order below.
+        .buffer_unordered(log.config().uploads_in_flight_max.max(1))
         .try_collect::<Vec<_>>()
         .await;
     let built = match built {
-        Ok(b) => b,
+        Ok(mut b) => {
+            b.sort_unstable_by_key(|(r, ..)| r.id);
+            b
+        }
         Err(e) => {
             // No manifest names these ids and none will: the commit never started.
             release_ids(log, &ids).await;
