@@ -16,6 +16,12 @@
 //!   and fails: the caller never acknowledges it.
 //! - Segment and checkpoint ids are `epoch << 32 | seq` and never reused, so retries never
 //!   collide with an earlier attempt's objects.
+//! - A commit is two steps: [`Log::prepare`] uploads the segments outside the commit lock
+//!   (so a volume can upload its next batch while the previous one lands), [`Log::land`]
+//!   lands the manifest under it. Manifests land one at a time; in what order is the
+//!   caller's business (the volume lands its batches in the order it took them). Prepared
+//!   ids are pending (kept from GC) until landed or abandoned; all uploads of all batches
+//!   share `uploads_in_flight_max` slots, older batches first.
 //!
 //! Checkpoints (issue #2: a flush's cost must not grow with the device). A flush
 //! ([`Log::commit`]) never writes a checkpoint. When the tail is long (the soft triggers
@@ -369,6 +375,31 @@ pub struct Log {
     /// How long recent segment PUTs took (microseconds, newest last, at most
     /// [`PUT_LATENCY_SAMPLES`]): the hedge delay follows their median.
     put_latencies: std::sync::Mutex<std::collections::VecDeque<u64>>,
+    /// Segment uploads in flight, across every batch being prepared (each holds a permit
+    /// and one segment buffer): `uploads_in_flight_max`.
+    upload_slots: tokio::sync::Semaphore,
+    /// Taken by a batch while it queues for its upload slots, so an older batch gets all
+    /// of its slots before a newer one gets any (the older one lands first).
+    upload_queue: tokio::sync::Mutex<()>,
+    /// GC passes running now ([`gc::gc_pass`]); see [`Log::land`].
+    pub(crate) gc_passes_active: std::sync::atomic::AtomicUsize,
+}
+
+/// A batch's segments, uploaded (durable) and not yet named by a manifest: made by
+/// [`Log::prepare`], committed by [`Log::land`]. Their ids are pending (GC keeps them)
+/// until then; a `Prepared` given up is passed to [`Log::abandon`] (dropped instead, its
+/// ids stay pending for the session: a leak, never a loss).
+#[derive(Debug)]
+pub struct Prepared {
+    segs: Vec<SegmentRef>,
+    dirs: Vec<Arc<Vec<DirEntry>>>,
+}
+
+impl Prepared {
+    /// Segments uploaded for the batch.
+    pub fn segments(&self) -> usize {
+        self.segs.len()
+    }
 }
 
 /// Segment PUT latencies kept for the hedge delay.
@@ -951,6 +982,9 @@ impl Log {
                 seg_bufs: BufPool::new(pool_max, pool_cap_max),
                 index_gate: compact::IndexGate::default(),
                 put_latencies: Default::default(),
+                upload_slots: tokio::sync::Semaphore::new(pool_max),
+                upload_queue: tokio::sync::Mutex::new(()),
+                gc_passes_active: Default::default(),
             });
         }
         Err(LogError::Internal(
@@ -1101,25 +1135,102 @@ impl Log {
     /// start one after landing when the tail is long (see the module doc). Writes one
     /// segment per `segment_bytes_max` of data (one for a small batch) and one manifest.
     pub async fn commit(&self, batch: &[BatchEntry]) -> LogResult<u64> {
+        let prepared = self.prepare(batch).await?;
+        self.land(prepared).await
+    }
+
+    /// Step 1 of a commit: build the batch's segments and upload them (at most
+    /// `uploads_in_flight_max` at a time across all batches being prepared). Runs outside
+    /// the commit lock, so the next batch's segments can upload while the previous one
+    /// lands; batches that must land in order are landed in that order by the caller.
+    /// The segments' ids are pending from allocation (GC keeps them: the floor argument
+    /// in the `gc` module doc assumes a commit's own objects are written under the commit
+    /// lock, which these are not) until `land` or `abandon`.
+    pub async fn prepare(&self, batch: &[BatchEntry]) -> LogResult<Prepared> {
         if self.mode == OpenMode::ReadOnly {
             return Err(LogError::ReadOnly);
         }
         self.validate_batch(batch)?;
-        let mut st = self.commit.lock().await;
-        self.check_fenced(&st)?;
-        if st.need_resync {
-            self.resync(&mut st).await?;
+        let jobs = self.partition(batch);
+        let with_ids = {
+            let mut st = self.commit.lock().await;
+            self.check_fenced(&st)?;
+            let mut with_ids = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                let id = self.next_id(&mut st)?;
+                st.pending_ids.insert(id);
+                with_ids.push((id, j));
+            }
+            with_ids
+        };
+        let ids: Vec<u64> = with_ids.iter().map(|(id, _)| *id).collect();
+        match self.write_segments(with_ids).await {
+            Ok((segs, dirs)) => Ok(Prepared {
+                segs,
+                dirs: dirs.into_iter().map(Arc::new).collect(),
+            }),
+            Err(e) => {
+                // Nothing will name these: garbage for GC (some may have been written).
+                let mut st = self.commit.lock().await;
+                for id in &ids {
+                    st.pending_ids.remove(id);
+                }
+                Err(e)
+            }
         }
-        // 1. Segments. All must be durable before the manifest that names them exists.
-        let (segs, dirs) = self.write_segments(&mut st, batch).await?;
-        let dirs: Vec<Arc<Vec<DirEntry>>> = dirs.into_iter().map(Arc::new).collect();
+    }
+
+    /// Give up a prepared batch that will not be landed: its segments become garbage.
+    pub async fn abandon(&self, p: Prepared) {
+        let mut st = self.commit.lock().await;
+        for s in &p.segs {
+            st.pending_ids.remove(&s.id);
+        }
+    }
+
+    /// Step 2 of a commit: land a manifest naming the prepared segments (see
+    /// [`Log::commit`]). On success the ids stop being pending; if a GC pass is running
+    /// they go to `recently_named` (it may have listed manifests before this one landed
+    /// and objects after), otherwise any later pass lists this manifest first. On a failure
+    /// whose outcome is unknown (`need_resync`: the manifest may yet land, even after a
+    /// later GC commit) they stay pending; on any other failure they are garbage.
+    pub async fn land(&self, p: Prepared) -> LogResult<u64> {
+        let mut st = self.commit.lock().await;
+        let r = self.land_locked(&mut st, &p).await;
+        match &r {
+            Ok(v) => {
+                // After the landing: a pass that starts from here on lists it.
+                let record = self.gc_passes_active.load(Ordering::SeqCst) > 0;
+                for s in &p.segs {
+                    st.pending_ids.remove(&s.id);
+                    if record {
+                        st.recently_named.insert(s.id, *v);
+                    }
+                }
+            }
+            Err(_) if st.need_resync => {}
+            Err(_) => {
+                for s in &p.segs {
+                    st.pending_ids.remove(&s.id);
+                }
+            }
+        }
+        r
+    }
+
+    async fn land_locked(&self, st: &mut CommitState, p: &Prepared) -> LogResult<u64> {
+        self.check_fenced(st)?;
+        if st.need_resync {
+            self.resync(st).await?;
+        }
+        let segs = &p.segs;
+        let dirs = &p.dirs;
         let new_entries: usize = dirs.iter().map(|d| d.len()).sum();
         // 2. Manifest, retried past our own earlier attempts that turned out to land.
         for _ in 0..8 {
             // Back-pressure: never let the tail pass its hard limit (waits, rarely).
-            self.make_tail_room(&mut st, segs.len(), new_entries)
-                .await?;
-            let mut m = self.next_manifest(&st);
+            self.make_tail_room(st, segs.len(), new_entries).await?;
+            let mut m = self.next_manifest(st);
             // A background checkpoint that is written and still fits replaces the part of
             // the tail it covers. Its object was PUT (and returned Ok) before this
             // manifest's PUT starts, like the segments above.
@@ -1134,19 +1245,19 @@ impl Log {
                 m.tail.drain(..covered);
             }
             m.tail.extend(segs.iter().copied());
-            match self.land_manifest(&mut st, &m).await? {
+            match self.land_manifest(st, &m).await? {
                 Landing::Landed => {}
                 Landing::EarlierAttemptLanded => {
                     // An earlier attempt of ours that we saw fail did land: adopt it and
                     // commit again on top (its data is a subset of ours).
-                    self.resync(&mut st).await?;
+                    self.resync(st).await?;
                     continue;
                 }
             }
             // 3. Publish to readers: the manifest landed and no newer version exists.
             {
                 let mut idx = self.index_write();
-                for (s, d) in segs.iter().zip(&dirs) {
+                for (s, d) in segs.iter().zip(dirs.iter()) {
                     idx.apply_segment(*s, d);
                 }
                 if install.is_some() {
@@ -1172,7 +1283,7 @@ impl Log {
             }
             st.tail_dirs.extend(dirs.iter().cloned());
             debug_assert_eq!(st.tail_dirs.len(), m.tail.len());
-            self.note_tail(&st);
+            self.note_tail(st);
             let manifest_len = format::encode_manifest(&m).len() as u64;
             self.stats
                 .manifest_bytes_written
@@ -1183,8 +1294,8 @@ impl Log {
             self.version.store(v, Ordering::Release);
             // 4. A long tail starts a checkpoint of the state just published. It is the
             // caller's flush that has landed: a failure here must not fail it.
-            if st.checkpoint.is_none() && self.checkpoint_due(&st) {
-                if let Err(e) = self.start_checkpoint(&mut st) {
+            if st.checkpoint.is_none() && self.checkpoint_due(st) {
+                if let Err(e) = self.start_checkpoint(st) {
                     tracing::warn!(export = %self.name, error = %e, "could not start a background checkpoint");
                 }
             }
@@ -1604,13 +1715,9 @@ impl Log {
 
     /// Split the batch into segments, build them off the reactor, upload them in parallel
     /// (bounded). Returns refs and directories in id (= commit) order.
-    async fn write_segments(
-        &self,
-        st: &mut CommitState,
-        batch: &[BatchEntry],
-    ) -> LogResult<(Vec<SegmentRef>, Vec<Vec<DirEntry>>)> {
-        // Partition: each job gets entries up to segment_bytes_max raw data; ranges that
-        // carry no data ride along in the current job.
+    /// Split a batch into segment jobs: each gets entries up to `segment_bytes_max` of raw
+    /// data; ranges that carry no data ride along in the current job. Never an empty job.
+    fn partition(&self, batch: &[BatchEntry]) -> Vec<Vec<BatchEntry>> {
         let mut jobs: Vec<Vec<BatchEntry>> = vec![Vec::new()];
         let mut job_bytes = 0usize;
         let bs = self.geometry.block_size as usize;
@@ -1645,53 +1752,79 @@ impl Log {
                 }
             }
         }
-        let mut with_ids = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            if !j.is_empty() {
-                with_ids.push((self.next_id(st)?, j));
+        jobs.retain(|j| !j.is_empty());
+        jobs
+    }
+
+    /// Build the jobs' segments off the reactor and upload them, each holding one of the
+    /// log's upload slots. Returns refs and directories in id (= commit) order.
+    async fn write_segments(
+        &self,
+        with_ids: Vec<(u64, Vec<BatchEntry>)>,
+    ) -> LogResult<(Vec<SegmentRef>, Vec<Vec<DirEntry>>)> {
+        // Uploads finish in any order and a slot is refilled as soon as any one ends (a
+        // straggling PUT does not idle the others); results are put back in id (commit)
+        // order below. An error returns at once, dropping (cancelling) the rest.
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut results: Vec<(SegmentRef, Vec<DirEntry>)> = Vec::with_capacity(with_ids.len());
+        {
+            // Older batches take all their slots first: they land first.
+            let _queue = self.upload_queue.lock().await;
+            for (id, job) in with_ids {
+                let permit = loop {
+                    tokio::select! {
+                        p = self.upload_slots.acquire() => {
+                            break p.map_err(|_| LogError::Internal("upload slots closed".into()))?;
+                        }
+                        Some(r) = running.next(), if !running.is_empty() => results.push(r?),
+                    }
+                };
+                running.push(async move {
+                    // The slot is held until the PUT returns: it bounds the buffers too.
+                    let _permit = permit;
+                    self.upload_job(id, job).await
+                });
             }
         }
-        let cfg = self.cfg.clone();
-        let block_size = self.geometry.block_size;
-        let epoch = self.epoch;
-        let mut results: Vec<(SegmentRef, Vec<DirEntry>)> = futures::stream::iter(with_ids)
-            .map(|(id, job)| {
-                let cfg = cfg.clone();
-                async move {
-                    let compress = self.compress_state();
-                    let buf = self.seg_bufs.take();
-                    let (buf, start, dir, compress) = tokio::task::spawn_blocking(move || {
-                        build_segment(buf, id, epoch, block_size, &cfg, compress, &job)
-                    })
-                    .await
-                    .map_err(|e| LogError::Internal(e.to_string()))?;
-                    self.set_compress_state(compress);
-                    let buf = Bytes::from(buf);
-                    let segment = buf.slice(start..);
-                    let size = segment.len() as u64;
-                    self.put_segment(&self.keys.segment(id), segment).await?;
-                    self.seg_bufs.give_back(buf);
-                    self.stats.segments_written.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .segment_bytes_written
-                        .fetch_add(size, Ordering::Relaxed);
-                    Ok::<_, LogError>((
-                        SegmentRef {
-                            id,
-                            size_bytes: size,
-                        },
-                        dir,
-                    ))
-                }
-            })
-            // Unordered, so the slots stay full: with `buffered`, finished uploads wait
-            // behind the oldest one and no new upload starts until it ends, which left most
-            // slots idle behind a straggling PUT. Put back in id (commit) order below.
-            .buffer_unordered(self.cfg.uploads_in_flight_max.max(1))
-            .try_collect()
-            .await?;
+        while let Some(r) = running.next().await {
+            results.push(r?);
+        }
         results.sort_unstable_by_key(|(r, _)| r.id);
         Ok(results.into_iter().unzip())
+    }
+
+    /// Build one segment off the reactor and PUT it.
+    async fn upload_job(
+        &self,
+        id: u64,
+        job: Vec<BatchEntry>,
+    ) -> LogResult<(SegmentRef, Vec<DirEntry>)> {
+        let cfg = self.cfg.clone();
+        let (epoch, block_size) = (self.epoch, self.geometry.block_size);
+        let compress = self.compress_state();
+        let buf = self.seg_bufs.take();
+        let (buf, start, dir, compress) = tokio::task::spawn_blocking(move || {
+            build_segment(buf, id, epoch, block_size, &cfg, compress, &job)
+        })
+        .await
+        .map_err(|e| LogError::Internal(e.to_string()))?;
+        self.set_compress_state(compress);
+        let buf = Bytes::from(buf);
+        let segment = buf.slice(start..);
+        let size = segment.len() as u64;
+        self.put_segment(&self.keys.segment(id), segment).await?;
+        self.seg_bufs.give_back(buf);
+        self.stats.segments_written.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .segment_bytes_written
+            .fetch_add(size, Ordering::Relaxed);
+        Ok((
+            SegmentRef {
+                id,
+                size_bytes: size,
+            },
+            dir,
+        ))
     }
 
     async fn write_checkpoint(

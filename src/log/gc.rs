@@ -20,20 +20,26 @@
 //!   latest — after which its post-commit LIST sees the newer version and it reports
 //!   itself fenced instead of acknowledging anything (`Log::commit`, step 3).
 //! - Only the export's writer runs GC, and only while its own manifest is the latest.
-//! - Own-session objects: every commit of this process runs under the commit lock. The pass
-//!   takes a *floor* (the next id to be allocated) under that lock while no commit is in
-//!   flight, then lands a commit of its own. Any earlier attempt whose manifest PUT was
+//! - Own-session objects: every manifest of this process lands under the commit lock. The
+//!   pass takes a *floor* (the next id to be allocated) under that lock while no landing is
+//!   in flight, then lands a commit of its own. Any earlier attempt whose manifest PUT was
 //!   ambiguous targeted a version slot at or below the one that commit took, so it can no
 //!   longer land as the latest: its objects (ids below the floor) are garbage if no kept
 //!   manifest names them. Ids at or above the floor belong to commits that may be in
 //!   flight now and are kept. This is what makes GC safe to run beside the flusher.
-//! - Ids below the floor that are not written by a flush hold-and-land under one lock — a
-//!   compaction's segments, a background checkpoint (`Log` module doc) — stay pending from
-//!   allocation until a landed manifest names them, and then stay protected until a pass
-//!   whose manifest LIST reached that manifest's version (`recently_named`): a pass that
-//!   listed manifests just before it landed and objects just after sees them unnamed.
+//! - Objects are not written under the commit lock (a flush's segments, uploaded by
+//!   `Log::prepare` before `Log::land`; a compaction's segments; a background checkpoint,
+//!   `Log` module doc), so ids below the floor may belong to a commit still in flight: they
+//!   stay pending from allocation until a landed manifest names them, and then stay
+//!   protected until a pass whose manifest LIST reached that manifest's version
+//!   (`recently_named`): a pass that listed manifests just before it landed and objects
+//!   just after sees them unnamed. (A flush's ids skip `recently_named` when no pass is
+//!   running as it lands — any later pass lists that manifest first — so it does not grow
+//!   with the amount written when GC is idle.) A landing whose outcome is unknown keeps its
+//!   ids pending: that manifest may still land after this pass's own commit, above it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -411,6 +417,22 @@ fn skipped(reason: impl Into<String>) -> GcReport {
     }
 }
 
+/// Counts a GC pass in `Log::gc_passes_active` for as long as it exists.
+struct ActivePass<'a>(&'a Log);
+
+impl<'a> ActivePass<'a> {
+    fn new(log: &'a Log) -> Self {
+        log.gc_passes_active.fetch_add(1, Ordering::SeqCst);
+        Self(log)
+    }
+}
+
+impl Drop for ActivePass<'_> {
+    fn drop(&mut self) {
+        self.0.gc_passes_active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One GC pass as the export's writer. Safe to run while the same log serves writes and
 /// while a compaction is in flight (see the module doc for why).
 pub async fn gc_pass(
@@ -422,6 +444,8 @@ pub async fn gc_pass(
         return Err(CompactError::ReadOnly);
     }
     let now = crate::util::unix_ms_now;
+    // Counted as running before its first manifest LIST (see `Log::land`), until it ends.
+    let _active = ActivePass::new(log);
     // Phase 1: plan without settling anything of our own.
     let pending0 = {
         let st = log.commit.lock().await;

@@ -1,0 +1,277 @@
+//! Pipelined flushes (`FLUSH_PIPELINE_DEPTH`): a newer batch uploads while an older one is
+//! still uploading, but lands only after it, and only if it landed; GC keeps a batch's
+//! uploaded segments while its manifest waits; a failed older batch puts the newer one back
+//! too, and nothing written is lost.
+//!
+//! Each segment PUT is held by the store until the test lets it go (or fail), so every
+//! interleaving below is forced, not timed.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use nbds3::log::gc::{gc_pass, GcConfig, GcState};
+use nbds3::log::{Geometry, Log, LogConfig, OpenMode};
+use nbds3::nbd::{BlockExport, ReadChunk};
+use nbds3::store::memory::MemoryStore;
+use nbds3::store::{DynStore, ListPage, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult};
+use nbds3::volume::{DirtyBudget, PageCache, Volume, VolumeConfig};
+use tokio::sync::oneshot;
+
+const BS: u32 = 4096;
+const SIZE: u64 = 16 << 20;
+
+/// Holds every segment PUT until released: `true` lets it through, `false` fails it.
+#[derive(Debug)]
+struct HeldPuts {
+    inner: DynStore,
+    held: Mutex<Vec<(String, Option<oneshot::Sender<bool>>)>>,
+}
+
+impl HeldPuts {
+    /// Wait until `n` segment PUTs have arrived; their keys in arrival order.
+    async fn wait_held(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            {
+                let h = self.held.lock().expect("held");
+                if h.len() >= n {
+                    return h.iter().map(|(k, _)| k.clone()).collect();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} segment PUTs arrived",
+                    h.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn release(&self, i: usize, ok: bool) {
+        let tx = self.held.lock().expect("held")[i].1.take();
+        tx.expect("released twice").send(ok).expect("PUT gone");
+    }
+
+    /// Wait until segment PUT `i` reached the inner store.
+    async fn wait_stored(&self, i: usize) {
+        let key = self.held.lock().expect("held")[i].0.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.inner.head(&key).await.is_err() {
+            assert!(Instant::now() < deadline, "{key} never stored");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for HeldPuts {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key.contains("/segment/") {
+            let (tx, rx) = oneshot::channel();
+            self.held
+                .lock()
+                .expect("held")
+                .push((key.to_string(), Some(tx)));
+            if !rx.await.unwrap_or(false) {
+                return Err(StoreError::Permanent {
+                    key: key.to_string(),
+                    reason: "failed by the test".into(),
+                });
+            }
+        }
+        self.inner.put(key, data, mode).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<ListPage> {
+        self.inner.list(prefix, start_after, limit).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        format!("held-puts({})", self.inner.describe())
+    }
+}
+
+async fn setup() -> (Arc<HeldPuts>, Arc<Volume>) {
+    let store = Arc::new(HeldPuts {
+        inner: Arc::new(MemoryStore::new()),
+        held: Mutex::new(Vec::new()),
+    });
+    let dyn_store: DynStore = store.clone();
+    let log = Log::open(
+        dyn_store,
+        "p",
+        Some(Geometry {
+            size_bytes: SIZE,
+            block_size: BS,
+        }),
+        LogConfig::default(),
+        OpenMode::Writer,
+    )
+    .await
+    .expect("open log");
+    let cfg = VolumeConfig::default();
+    let v = Volume::new(
+        Arc::new(log),
+        cfg.clone(),
+        DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
+        PageCache::new(cfg.cache_bytes_max),
+        false,
+    );
+    (store, v)
+}
+
+fn block(seed: u8) -> Bytes {
+    Bytes::from(
+        (0..BS as usize)
+            .map(|i| seed.wrapping_add(i as u8) | 1)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn read(v: &Arc<Volume>, lba: u64) -> Vec<u8> {
+    let chunks: Vec<ReadChunk> = v.read(lba * BS as u64, BS).await.expect("read");
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend_from_slice(&c.to_vec());
+    }
+    out
+}
+
+/// What a fresh reader of the store sees at `lba`.
+async fn stored(store: &Arc<HeldPuts>, lba: u64) -> Vec<u8> {
+    let r = Log::open(
+        Arc::clone(&store.inner),
+        "p",
+        None,
+        LogConfig::default(),
+        OpenMode::ReadOnly,
+    )
+    .await
+    .expect("reader");
+    r.read_blocks(lba, 1).await.expect("read back")
+}
+
+fn flush(v: &Arc<Volume>) -> tokio::task::JoinHandle<Result<(), String>> {
+    let v = Arc::clone(v);
+    tokio::spawn(async move { Volume::flush(&v).await.map_err(|e| e.to_string()) })
+}
+
+#[tokio::test]
+async fn a_newer_batch_uploads_early_but_lands_after_the_older_one() {
+    let (store, v) = setup().await;
+    v.write(0, block(1), false).await.expect("write a");
+    let a = flush(&v);
+    store.wait_held(1).await;
+    // Block 0 again and block 8: the second batch uploads while the first is stuck.
+    v.write(0, block(2), false).await.expect("write b");
+    v.write(8 * BS as u64, block(3), false)
+        .await
+        .expect("write c");
+    let b = flush(&v);
+    let keys = store.wait_held(2).await;
+    store.release(1, true);
+    store.wait_stored(1).await;
+    let version = v.log().version();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!b.is_finished(), "the newer flush waits for the older one");
+    assert_eq!(
+        v.log().version(),
+        version,
+        "no manifest landed out of order"
+    );
+    // GC while the newer batch's segment is uploaded and named by no manifest: kept.
+    let gc = GcConfig {
+        keep_versions_min: 1,
+        retain_window: Duration::ZERO,
+        ..GcConfig::default()
+    };
+    gc_pass(v.log(), &gc, &mut GcState::default())
+        .await
+        .expect("gc pass");
+    assert!(
+        store.inner.head(&keys[1]).await.is_ok(),
+        "GC deleted a segment whose manifest was still to land"
+    );
+    // Reads see the newest data while both batches are in flight.
+    assert_eq!(read(&v, 0).await, block(2).to_vec());
+    assert_eq!(read(&v, 8).await, block(3).to_vec());
+    store.release(0, true);
+    a.await.expect("join a").expect("flush a");
+    b.await.expect("join b").expect("flush b");
+    assert_eq!(stored(&store, 0).await, block(2).to_vec());
+    assert_eq!(stored(&store, 8).await, block(3).to_vec());
+    assert_eq!(read(&v, 0).await, block(2).to_vec());
+}
+
+#[tokio::test]
+async fn a_failed_older_batch_puts_the_newer_one_back_too() {
+    let (store, v) = setup().await;
+    v.write(0, block(1), false).await.expect("write a");
+    v.write(4 * BS as u64, block(4), false)
+        .await
+        .expect("write a2");
+    let a = flush(&v);
+    store.wait_held(1).await;
+    v.write(0, block(2), false).await.expect("write b");
+    v.write(8 * BS as u64, block(3), false)
+        .await
+        .expect("write c");
+    let b = flush(&v);
+    store.wait_held(2).await;
+    store.release(1, true);
+    store.wait_stored(1).await;
+    store.release(0, false);
+    assert!(a.await.expect("join a").is_err(), "the failed batch fails");
+    assert!(
+        b.await.expect("join b").is_err(),
+        "the newer batch must not land without the older one"
+    );
+    // Both batches are dirty again, newest data on top.
+    assert_eq!(read(&v, 0).await, block(2).to_vec());
+    assert_eq!(read(&v, 4).await, block(4).to_vec());
+    assert_eq!(read(&v, 8).await, block(3).to_vec());
+    // The next flush commits all of it.
+    let c = flush(&v);
+    store.wait_held(3).await;
+    store.release(2, true);
+    c.await.expect("join c").expect("flush c");
+    assert_eq!(stored(&store, 0).await, block(2).to_vec());
+    assert_eq!(stored(&store, 4).await, block(4).to_vec());
+    assert_eq!(stored(&store, 8).await, block(3).to_vec());
+}
+
+#[tokio::test]
+async fn a_flush_of_writes_already_in_flight_waits_for_their_batch() {
+    let (store, v) = setup().await;
+    v.write(0, block(1), false).await.expect("write");
+    let a = flush(&v);
+    store.wait_held(1).await;
+    // Nothing new was written: this FLUSH is covered by the batch in flight and must not
+    // return before it lands.
+    let b = flush(&v);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!b.is_finished(), "returned before the batch landed");
+    assert_eq!(store.wait_held(1).await.len(), 1, "no second batch taken");
+    store.release(0, true);
+    a.await.expect("join a").expect("flush a");
+    b.await.expect("join b").expect("flush b");
+    assert_eq!(stored(&store, 0).await, block(1).to_vec());
+}
