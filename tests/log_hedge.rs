@@ -4,76 +4,50 @@
 //! stuck PUT does not keep a commit's other segments from uploading.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use nbds3::log::{BatchEntry, Geometry, Log, LogConfig, OpenMode, Update};
 use nbds3::store::memory::MemoryStore;
-use nbds3::store::{DynStore, ListPage, ObjectMeta, ObjectStore, PutMode, StoreResult};
+use nbds3::store::DynStore;
 
-/// Makes the first PUT of every segment key stall for `stall` (as a request stuck on a
-/// slow connection or server node does) and counts PUTs per key.
-#[derive(Debug)]
-struct StallFirstSegmentPut {
-    inner: DynStore,
-    hedge: bool,
-    stall: Duration,
-    puts: Mutex<HashMap<String, u32>>,
-}
+mod common;
 
-impl StallFirstSegmentPut {
-    fn segment_puts(&self) -> Vec<u32> {
-        let p = self.puts.lock().expect("puts");
-        p.iter()
-            .filter(|(k, _)| k.contains("/segment/"))
-            .map(|(_, n)| *n)
-            .collect()
-    }
-}
+use common::HookedPuts;
 
-#[async_trait]
-impl ObjectStore for StallFirstSegmentPut {
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<()> {
+/// PUTs per key so far.
+type PutCounts = Arc<Mutex<HashMap<String, u32>>>;
+
+/// A store whose first PUT of every segment key stalls for `stall` (as a request stuck on
+/// a slow connection or server node does); counts PUTs per key.
+fn stall_first_segment_put(hedge: bool, stall: Duration) -> (Arc<HookedPuts>, PutCounts) {
+    let puts: PutCounts = Arc::default();
+    let counts = Arc::clone(&puts);
+    let store = HookedPuts::new(Arc::new(MemoryStore::new()), hedge, move |key| {
         let n = {
-            let mut p = self.puts.lock().expect("puts");
+            let mut p = counts.lock().expect("puts");
             let n = p.entry(key.to_string()).or_default();
             *n += 1;
             *n
         };
-        if n == 1 && key.contains("/segment/") {
-            tokio::time::sleep(self.stall).await;
-        }
-        self.inner.put(key, data, mode).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<ListPage> {
-        self.inner.list(prefix, start_after, limit).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn describe(&self) -> String {
-        format!("stall-first-segment-put({})", self.inner.describe())
-    }
-    fn hedge_puts(&self) -> bool {
-        self.hedge
-    }
+        let stalls = n == 1 && key.contains("/segment/");
+        Box::pin(async move {
+            if stalls {
+                tokio::time::sleep(stall).await;
+            }
+            Ok(())
+        })
+    });
+    (Arc::new(store), puts)
+}
+
+fn segment_puts(puts: &PutCounts) -> Vec<u32> {
+    let p = puts.lock().expect("puts");
+    p.iter()
+        .filter(|(k, _)| k.contains("/segment/"))
+        .map(|(_, n)| *n)
+        .collect()
 }
 
 const BS: usize = 4096;
@@ -85,20 +59,11 @@ fn block(lba: u64, round: u64) -> Vec<u8> {
 }
 
 /// Commits `rounds` batches of 16 blocks (one segment each), each segment's first PUT
-/// stalled for `stall`; returns the store, the time taken and the hedge count, after
+/// stalled for `stall`; returns the PUT counts, the time taken and the hedge count, after
 /// checking a fresh reader sees the last round.
-async fn commit_rounds(
-    hedge: bool,
-    stall: Duration,
-    rounds: u64,
-) -> (Arc<StallFirstSegmentPut>, Duration, u64) {
-    let store = Arc::new(StallFirstSegmentPut {
-        inner: Arc::new(MemoryStore::new()),
-        hedge,
-        stall,
-        puts: Mutex::new(HashMap::new()),
-    });
-    let dyn_store: DynStore = store.clone();
+async fn commit_rounds(hedge: bool, stall: Duration, rounds: u64) -> (PutCounts, Duration, u64) {
+    let (store, puts) = stall_first_segment_put(hedge, stall);
+    let dyn_store: DynStore = store;
     let g = Geometry {
         size_bytes: 1 << 20,
         block_size: BS as u32,
@@ -148,18 +113,18 @@ async fn commit_rounds(
             "block {lba} after {rounds} rounds"
         );
     }
-    (store, took, hedged)
+    (puts, took, hedged)
 }
 
 #[tokio::test]
 async fn a_stalled_segment_put_is_raced_and_the_commit_goes_on() {
     let stall = Duration::from_secs(3);
-    let (store, took, hedged) = commit_rounds(true, stall, 3).await;
+    let (puts, took, hedged) = commit_rounds(true, stall, 3).await;
     assert_eq!(hedged, 3, "every stalled PUT got a twin");
     // No latency samples yet: each twin starts after the default delay (1 s), so three
     // commits take ~3 s where waiting out the stalls would take 9.
     assert!(took < 2 * stall, "3 commits took {took:?}");
-    let puts = store.segment_puts();
+    let puts = segment_puts(&puts);
     assert_eq!(puts.len(), 3, "one segment per commit: {puts:?}");
     assert!(
         puts.iter().all(|&n| n == 2),
@@ -170,59 +135,10 @@ async fn a_stalled_segment_put_is_raced_and_the_commit_goes_on() {
 #[tokio::test]
 async fn without_hedging_a_stalled_put_holds_the_commit() {
     let stall = Duration::from_secs(3);
-    let (store, took, hedged) = commit_rounds(false, stall, 1).await;
+    let (puts, took, hedged) = commit_rounds(false, stall, 1).await;
     assert_eq!(hedged, 0);
     assert!(took >= stall, "the commit took {took:?}");
-    assert_eq!(store.segment_puts(), vec![1]);
-}
-
-/// Holds the first segment PUT until the test opens the gate, and counts the segment PUTs
-/// that have started.
-#[derive(Debug)]
-struct GateFirstSegmentPut {
-    inner: DynStore,
-    gate: tokio::sync::Semaphore,
-    started: Mutex<Vec<String>>,
-}
-
-#[async_trait]
-impl ObjectStore for GateFirstSegmentPut {
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<()> {
-        if key.contains("/segment/") {
-            let first = {
-                let mut s = self.started.lock().expect("started");
-                s.push(key.to_string());
-                s.len() == 1
-            };
-            if first {
-                let _ = self.gate.acquire().await.expect("gate");
-            }
-        }
-        self.inner.put(key, data, mode).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<ListPage> {
-        self.inner.list(prefix, start_after, limit).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn describe(&self) -> String {
-        format!("gate-first-segment-put({})", self.inner.describe())
-    }
+    assert_eq!(segment_puts(&puts), vec![1]);
 }
 
 /// A commit of many segments keeps its upload slots busy while one PUT is stuck: every
@@ -230,12 +146,27 @@ impl ObjectStore for GateFirstSegmentPut {
 /// stop after filling the slots once), and the segments are still committed in order.
 #[tokio::test]
 async fn a_stuck_segment_put_does_not_idle_the_other_upload_slots() {
-    let store = Arc::new(GateFirstSegmentPut {
-        inner: Arc::new(MemoryStore::new()),
-        gate: tokio::sync::Semaphore::new(0),
-        started: Mutex::new(Vec::new()),
-    });
-    let dyn_store: DynStore = store.clone();
+    // Holds the first segment PUT until the gate opens; records the segment PUTs started.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started: Arc<Mutex<Vec<String>>> = Arc::default();
+    let store = {
+        let (gate, started) = (Arc::clone(&gate), Arc::clone(&started));
+        HookedPuts::new(Arc::new(MemoryStore::new()), false, move |key| {
+            let first = key.contains("/segment/") && {
+                let mut s = started.lock().expect("started");
+                s.push(key.to_string());
+                s.len() == 1
+            };
+            let gate = Arc::clone(&gate);
+            Box::pin(async move {
+                if first {
+                    let _ = gate.acquire().await.expect("gate");
+                }
+                Ok(())
+            })
+        })
+    };
+    let dyn_store: DynStore = Arc::new(store);
     let g = Geometry {
         size_bytes: 1 << 20,
         block_size: BS as u32,
@@ -276,7 +207,7 @@ async fn a_stuck_segment_put_does_not_idle_the_other_upload_slots() {
     // failure).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let n = store.started.lock().expect("started").len();
+        let n = started.lock().expect("started").len();
         if n == 6 {
             break;
         }
@@ -290,7 +221,7 @@ async fn a_stuck_segment_put_does_not_idle_the_other_upload_slots() {
         !commit.is_finished(),
         "the commit waits for its stuck segment"
     );
-    store.gate.add_permits(1);
+    gate.add_permits(1);
     commit.await.expect("join").expect("commit");
     let reader = Log::open(dyn_store, "u", None, cfg, OpenMode::ReadOnly)
         .await

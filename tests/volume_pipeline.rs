@@ -6,31 +6,75 @@
 //! Each segment PUT is held by the store until the test lets it go (or fail), so every
 //! interleaving below is forced, not timed.
 
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use nbds3::log::gc::{gc_pass, GcConfig, GcState};
 use nbds3::log::{Geometry, Log, LogConfig, OpenMode};
 use nbds3::nbd::{BlockExport, ReadChunk};
 use nbds3::store::memory::MemoryStore;
-use nbds3::store::{DynStore, ListPage, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult};
+use nbds3::store::{DynStore, StoreError};
 use nbds3::volume::{DirtyBudget, PageCache, Volume, VolumeConfig};
 use tokio::sync::oneshot;
 
 const BS: u32 = 4096;
 const SIZE: u64 = 16 << 20;
 
-/// Holds every segment PUT until released: `true` lets it through, `false` fails it.
-#[derive(Debug)]
+mod common;
+
+use common::HookedPuts;
+
+/// Segment PUTs waiting for the test, in arrival order (a sender, until released).
+type Waiting = Arc<Mutex<Vec<(String, Option<oneshot::Sender<bool>>)>>>;
+
+/// A store that holds every segment PUT until the test releases it: `true` lets it
+/// through, `false` fails it.
 struct HeldPuts {
-    inner: DynStore,
-    held: Mutex<Vec<(String, Option<oneshot::Sender<bool>>)>>,
+    store: Arc<HookedPuts>,
+    held: Waiting,
 }
 
 impl HeldPuts {
+    fn new() -> Self {
+        let held: Waiting = Arc::default();
+        let waiting = Arc::clone(&held);
+        let store = HookedPuts::new(Arc::new(MemoryStore::new()), false, move |key| {
+            let rx = key.contains("/segment/").then(|| {
+                let (tx, rx) = oneshot::channel();
+                waiting
+                    .lock()
+                    .expect("held")
+                    .push((key.to_string(), Some(tx)));
+                rx
+            });
+            let key = key.to_string();
+            Box::pin(async move {
+                let ok = match rx {
+                    Some(rx) => rx.await.unwrap_or(false),
+                    None => true,
+                };
+                if ok {
+                    Ok(())
+                } else {
+                    Err(StoreError::Permanent {
+                        key,
+                        reason: "failed by the test".into(),
+                    })
+                }
+            })
+        });
+        Self {
+            store: Arc::new(store),
+            held,
+        }
+    }
+
+    /// The store behind the hook (what a reader sees).
+    fn inner(&self) -> &DynStore {
+        &self.store.inner
+    }
+
     /// Wait until `n` segment PUTs have arrived; their keys in arrival order.
     async fn wait_held(&self, n: usize) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -59,62 +103,16 @@ impl HeldPuts {
     async fn wait_stored(&self, i: usize) {
         let key = self.held.lock().expect("held")[i].0.clone();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.inner.head(&key).await.is_err() {
+        while self.inner().head(&key).await.is_err() {
             assert!(Instant::now() < deadline, "{key} never stored");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
 
-#[async_trait]
-impl ObjectStore for HeldPuts {
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<()> {
-        if key.contains("/segment/") {
-            let (tx, rx) = oneshot::channel();
-            self.held
-                .lock()
-                .expect("held")
-                .push((key.to_string(), Some(tx)));
-            if !rx.await.unwrap_or(false) {
-                return Err(StoreError::Permanent {
-                    key: key.to_string(),
-                    reason: "failed by the test".into(),
-                });
-            }
-        }
-        self.inner.put(key, data, mode).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<ListPage> {
-        self.inner.list(prefix, start_after, limit).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn describe(&self) -> String {
-        format!("held-puts({})", self.inner.describe())
-    }
-}
-
 async fn setup() -> (Arc<HeldPuts>, Arc<Volume>) {
-    let store = Arc::new(HeldPuts {
-        inner: Arc::new(MemoryStore::new()),
-        held: Mutex::new(Vec::new()),
-    });
-    let dyn_store: DynStore = store.clone();
+    let store = Arc::new(HeldPuts::new());
+    let dyn_store: DynStore = store.store.clone();
     let log = Log::open(
         dyn_store,
         "p",
@@ -158,7 +156,7 @@ async fn read(v: &Arc<Volume>, lba: u64) -> Vec<u8> {
 /// What a fresh reader of the store sees at `lba`.
 async fn stored(store: &Arc<HeldPuts>, lba: u64) -> Vec<u8> {
     let r = Log::open(
-        Arc::clone(&store.inner),
+        Arc::clone(store.inner()),
         "p",
         None,
         LogConfig::default(),
@@ -174,21 +172,60 @@ fn flush(v: &Arc<Volume>) -> tokio::task::JoinHandle<Result<(), String>> {
     tokio::spawn(async move { Volume::flush(&v).await.map_err(|e| e.to_string()) })
 }
 
-#[tokio::test]
-async fn a_newer_batch_uploads_early_but_lands_after_the_older_one() {
-    let (store, v) = setup().await;
-    v.write(0, block(1), false).await.expect("write a");
-    let a = flush(&v);
-    store.wait_held(1).await;
-    // Block 0 again and block 8: the second batch uploads while the first is stuck.
-    v.write(0, block(2), false).await.expect("write b");
-    v.write(8 * BS as u64, block(3), false)
+async fn write(v: &Arc<Volume>, lba: u64, seed: u8) {
+    v.write(lba * BS as u64, block(seed), false)
         .await
-        .expect("write c");
-    let b = flush(&v);
+        .expect("write");
+}
+
+/// Blocks `(lba, seed)` as the volume reads them and, if `store` is given, as a fresh
+/// reader of the store sees them.
+async fn expect_blocks(v: &Arc<Volume>, store: Option<&Arc<HeldPuts>>, blocks: &[(u64, u8)]) {
+    for &(lba, seed) in blocks {
+        assert_eq!(
+            read(v, lba).await,
+            block(seed).to_vec(),
+            "volume, block {lba}"
+        );
+        if let Some(store) = store {
+            assert_eq!(
+                stored(store, lba).await,
+                block(seed).to_vec(),
+                "store, block {lba}"
+            );
+        }
+    }
+}
+
+type FlushTask = tokio::task::JoinHandle<Result<(), String>>;
+
+/// Batch A (block 0 = 1, plus `a_also`) is held at its segment PUT; batch B (block 0 = 2,
+/// block 8 = 3) is taken next and its segment stored. Returns both flushes and the held
+/// segment keys (A's first).
+async fn two_batches(
+    store: &Arc<HeldPuts>,
+    v: &Arc<Volume>,
+    a_also: &[(u64, u8)],
+) -> (FlushTask, FlushTask, Vec<String>) {
+    write(v, 0, 1).await;
+    for &(lba, seed) in a_also {
+        write(v, lba, seed).await;
+    }
+    let a = flush(v);
+    store.wait_held(1).await;
+    write(v, 0, 2).await;
+    write(v, 8, 3).await;
+    let b = flush(v);
     let keys = store.wait_held(2).await;
     store.release(1, true);
     store.wait_stored(1).await;
+    (a, b, keys)
+}
+
+#[tokio::test]
+async fn a_newer_batch_uploads_early_but_lands_after_the_older_one() {
+    let (store, v) = setup().await;
+    let (a, b, keys) = two_batches(&store, &v, &[]).await;
     let version = v.log().version();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!b.is_finished(), "the newer flush waits for the older one");
@@ -207,37 +244,21 @@ async fn a_newer_batch_uploads_early_but_lands_after_the_older_one() {
         .await
         .expect("gc pass");
     assert!(
-        store.inner.head(&keys[1]).await.is_ok(),
+        store.inner().head(&keys[1]).await.is_ok(),
         "GC deleted a segment whose manifest was still to land"
     );
     // Reads see the newest data while both batches are in flight.
-    assert_eq!(read(&v, 0).await, block(2).to_vec());
-    assert_eq!(read(&v, 8).await, block(3).to_vec());
+    expect_blocks(&v, None, &[(0, 2), (8, 3)]).await;
     store.release(0, true);
     a.await.expect("join a").expect("flush a");
     b.await.expect("join b").expect("flush b");
-    assert_eq!(stored(&store, 0).await, block(2).to_vec());
-    assert_eq!(stored(&store, 8).await, block(3).to_vec());
-    assert_eq!(read(&v, 0).await, block(2).to_vec());
+    expect_blocks(&v, Some(&store), &[(0, 2), (8, 3)]).await;
 }
 
 #[tokio::test]
 async fn a_failed_older_batch_puts_the_newer_one_back_too() {
     let (store, v) = setup().await;
-    v.write(0, block(1), false).await.expect("write a");
-    v.write(4 * BS as u64, block(4), false)
-        .await
-        .expect("write a2");
-    let a = flush(&v);
-    store.wait_held(1).await;
-    v.write(0, block(2), false).await.expect("write b");
-    v.write(8 * BS as u64, block(3), false)
-        .await
-        .expect("write c");
-    let b = flush(&v);
-    store.wait_held(2).await;
-    store.release(1, true);
-    store.wait_stored(1).await;
+    let (a, b, _) = two_batches(&store, &v, &[(4, 4)]).await;
     store.release(0, false);
     assert!(a.await.expect("join a").is_err(), "the failed batch fails");
     assert!(
@@ -245,23 +266,19 @@ async fn a_failed_older_batch_puts_the_newer_one_back_too() {
         "the newer batch must not land without the older one"
     );
     // Both batches are dirty again, newest data on top.
-    assert_eq!(read(&v, 0).await, block(2).to_vec());
-    assert_eq!(read(&v, 4).await, block(4).to_vec());
-    assert_eq!(read(&v, 8).await, block(3).to_vec());
+    expect_blocks(&v, None, &[(0, 2), (4, 4), (8, 3)]).await;
     // The next flush commits all of it.
     let c = flush(&v);
     store.wait_held(3).await;
     store.release(2, true);
     c.await.expect("join c").expect("flush c");
-    assert_eq!(stored(&store, 0).await, block(2).to_vec());
-    assert_eq!(stored(&store, 4).await, block(4).to_vec());
-    assert_eq!(stored(&store, 8).await, block(3).to_vec());
+    expect_blocks(&v, Some(&store), &[(0, 2), (4, 4), (8, 3)]).await;
 }
 
 #[tokio::test]
 async fn a_flush_of_writes_already_in_flight_waits_for_their_batch() {
     let (store, v) = setup().await;
-    v.write(0, block(1), false).await.expect("write");
+    write(&v, 0, 1).await;
     let a = flush(&v);
     store.wait_held(1).await;
     // Nothing new was written: this FLUSH is covered by the batch in flight and must not
@@ -273,5 +290,5 @@ async fn a_flush_of_writes_already_in_flight_waits_for_their_batch() {
     store.release(0, true);
     a.await.expect("join a").expect("flush a");
     b.await.expect("join b").expect("flush b");
-    assert_eq!(stored(&store, 0).await, block(1).to_vec());
+    expect_blocks(&v, Some(&store), &[(0, 1)]).await;
 }

@@ -98,3 +98,80 @@ pub async fn remove_all(store: &dyn ObjectStore) {
         let _ = store.delete_many(&keys).await;
     }
 }
+
+/// What a [`HookedPuts`] hook returns: the hook's verdict on one PUT, awaited before it.
+pub type PutHookFuture = futures::future::BoxFuture<'static, nbds3::store::StoreResult<()>>;
+
+/// A store that runs a test's hook before every PUT — to hold, delay, count or fail it —
+/// and passes everything to `inner` otherwise: the one wrapper the interleaving tests
+/// share. A hook returning `Err` fails the PUT without storing anything.
+pub struct HookedPuts {
+    pub inner: DynStore,
+    hedge: bool,
+    hook: Box<dyn Fn(&str) -> PutHookFuture + Send + Sync>,
+}
+
+impl HookedPuts {
+    /// `hedge`: what [`ObjectStore::hedge_puts`] answers (whether the log races stalled
+    /// segment PUTs on this store).
+    pub fn new(
+        inner: DynStore,
+        hedge: bool,
+        hook: impl Fn(&str) -> PutHookFuture + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            hedge,
+            hook: Box::new(hook),
+        }
+    }
+}
+
+impl std::fmt::Debug for HookedPuts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HookedPuts({})", self.inner.describe())
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for HookedPuts {
+    async fn put(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+        mode: nbds3::store::PutMode,
+    ) -> nbds3::store::StoreResult<()> {
+        (self.hook)(key).await?;
+        self.inner.put(key, data, mode).await
+    }
+    async fn get(&self, key: &str) -> nbds3::store::StoreResult<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> nbds3::store::StoreResult<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> nbds3::store::StoreResult<nbds3::store::ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> nbds3::store::StoreResult<nbds3::store::ListPage> {
+        self.inner.list(prefix, start_after, limit).await
+    }
+    async fn delete(&self, key: &str) -> nbds3::store::StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        format!("hooked-puts({})", self.inner.describe())
+    }
+    fn hedge_puts(&self) -> bool {
+        self.hedge
+    }
+}
