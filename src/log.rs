@@ -1765,6 +1765,10 @@ impl Log {
         // Uploads finish in any order and a slot is refilled as soon as any one ends (a
         // straggling PUT does not idle the others); results are put back in id (commit)
         // order below. An error returns at once, dropping (cancelling) the rest.
+        if with_ids.is_empty() {
+            // An empty commit (GC's, an install): nothing to queue behind other batches for.
+            return Ok((Vec::new(), Vec::new()));
+        }
         let mut running = futures::stream::FuturesUnordered::new();
         let mut results: Vec<(SegmentRef, Vec<DirEntry>)> = Vec::with_capacity(with_ids.len());
         {
