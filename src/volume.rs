@@ -50,6 +50,9 @@ const DIRTY_RUN_OVERHEAD_BYTES: usize = 64;
 /// Memory is unchanged: every batch is charged to the dirty budget until it lands, and
 /// uploads share the log's slots.
 const FLUSH_PIPELINE_DEPTH: usize = 2;
+/// A FLUSH whose writes were taken by other callers' batches gives up (EIO) when that
+/// many such batches failed in turn, instead of waiting on the next one indefinitely.
+const FLUSH_COVERED_FAILURES_MAX: u32 = 3;
 /// Partial-block writes lock one of these stripes for their read-modify-write.
 const RMW_STRIPES: usize = 64;
 /// Times one read looks the index up again after a frame vanished under it (moved by
@@ -823,6 +826,9 @@ impl Volume {
 
     async fn flush_detached(&self) -> Result<(), VolumeError> {
         let target = self.st().write_gen;
+        // Batches of other callers that covered these writes and then failed: after a few,
+        // report the failure rather than wait on yet another (as one own attempt would).
+        let mut covered = 0;
         loop {
             // Writes taken by a batch in flight: wait for it (group commit). If it fails,
             // its data is back in the dirty set and this caller makes its own attempt.
@@ -841,9 +847,15 @@ impl Volume {
                 }
                 done.await;
             }
+            if covered == FLUSH_COVERED_FAILURES_MAX {
+                return Err(VolumeError::Log(LogError::Internal(
+                    "the flush batches holding these writes failed; they stay dirty".into(),
+                )));
+            }
             if let Some(r) = self.flush_batch(target).await {
                 return r;
             }
+            covered += 1;
         }
     }
 

@@ -292,3 +292,22 @@ async fn a_flush_of_writes_already_in_flight_waits_for_their_batch() {
     b.await.expect("join b").expect("flush b");
     expect_blocks(&v, Some(&store), &[(0, 1)]).await;
 }
+
+#[tokio::test]
+async fn a_flush_whose_covering_batch_failed_makes_its_own_attempt() {
+    let (store, v) = setup().await;
+    write(&v, 0, 1).await;
+    let a = flush(&v);
+    store.wait_held(1).await;
+    // Covered by A's batch: waits for it.
+    let b = flush(&v);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.release(0, false);
+    assert!(a.await.expect("join a").is_err(), "A's batch failed");
+    // B does not inherit A's error: it takes the data put back as a batch of its own.
+    store.wait_held(2).await;
+    assert!(!b.is_finished(), "B returned before its own batch landed");
+    store.release(1, true);
+    b.await.expect("join b").expect("B's own batch lands");
+    expect_blocks(&v, Some(&store), &[(0, 1)]).await;
+}
