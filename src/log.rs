@@ -395,13 +395,6 @@ pub struct Prepared {
     dirs: Vec<Arc<Vec<DirEntry>>>,
 }
 
-impl Prepared {
-    /// Segments uploaded for the batch.
-    pub fn segments(&self) -> usize {
-        self.segs.len()
-    }
-}
-
 /// Segment PUT latencies kept for the hedge delay.
 const PUT_LATENCY_SAMPLES: usize = 64;
 /// Samples needed before the median sets the hedge delay ([`PUT_HEDGE_DELAY_DEFAULT`] until
