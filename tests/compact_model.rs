@@ -19,12 +19,15 @@
 //!   index gate commits in pieces, crashed at each of its store operations, then reopened
 //!   by a new daemon: acknowledged blocks intact, whole pieces only, Ok means all landed.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::HookedPuts;
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -971,57 +974,33 @@ async fn daemon_serves_while_compacting() {
 // ---------------------------------------------------------------------------------------
 // Deterministic interleavings.
 
-/// A store that stops the first PUT under `prefix` after `arm()` until `release()`.
-#[derive(Debug)]
-struct GateStore {
-    inner: DynStore,
-    prefix: String,
+/// Stops the first PUT under a prefix once armed, until one permit is added to `go`.
+struct Gate {
     armed: std::sync::atomic::AtomicBool,
     reached: tokio::sync::Notify,
     go: tokio::sync::Semaphore,
 }
 
-#[async_trait::async_trait]
-impl nbds3::store::ObjectStore for GateStore {
-    async fn put(
-        &self,
-        key: &str,
-        data: Bytes,
-        mode: nbds3::store::PutMode,
-    ) -> nbds3::store::StoreResult<()> {
-        if key.starts_with(&self.prefix) && self.armed.swap(false, Ordering::AcqRel) {
-            self.reached.notify_one();
-            let _permit = self.go.acquire().await;
-        }
-        self.inner.put(key, data, mode).await
-    }
-    async fn get(&self, key: &str) -> nbds3::store::StoreResult<Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> nbds3::store::StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> nbds3::store::StoreResult<nbds3::store::ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> nbds3::store::StoreResult<nbds3::store::ListPage> {
-        self.inner.list(prefix, start_after, limit).await
-    }
-    async fn delete(&self, key: &str) -> nbds3::store::StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn describe(&self) -> String {
-        "gate".into()
-    }
+/// `inner` behind a [`Gate`] on PUTs of keys under `prefix`.
+fn gated(inner: DynStore, prefix: String) -> (DynStore, Arc<Gate>) {
+    let gate = Arc::new(Gate {
+        armed: false.into(),
+        reached: tokio::sync::Notify::new(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    let g = Arc::clone(&gate);
+    let store = HookedPuts::new(inner, false, move |key| {
+        let stop = key.starts_with(&prefix) && g.armed.swap(false, Ordering::AcqRel);
+        let g = Arc::clone(&g);
+        Box::pin(async move {
+            if stop {
+                g.reached.notify_one();
+                let _permit = g.go.acquire().await;
+            }
+            Ok(())
+        })
+    });
+    (Arc::new(store), gate)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1030,14 +1009,7 @@ async fn block_overwritten_during_compaction_keeps_new_data() {
     let blocks = 64u64;
     let keys = ExportKeys::new(NAME).unwrap();
     let inner: DynStore = Arc::new(MemoryStore::new());
-    let gate = Arc::new(GateStore {
-        inner: Arc::clone(&inner),
-        prefix: keys.segment_prefix(),
-        armed: false.into(),
-        reached: tokio::sync::Notify::new(),
-        go: tokio::sync::Semaphore::new(0),
-    });
-    let store: DynStore = gate.clone();
+    let (store, gate) = gated(Arc::clone(&inner), keys.segment_prefix());
     let log = Arc::new(
         Log::open(
             Arc::clone(&store),

@@ -3,10 +3,13 @@
 //! unmap and zero-alloc, reopen (checkpoint + tail replay), geometry, export isolation,
 //! corrupted and missing objects, fencing (including the GC trap) and ambiguous failures.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::HookedPuts;
 use nbds3::format::{self, EntryKind, ExportKeys, FormatError};
 use nbds3::log::index::Val;
 use nbds3::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
@@ -1250,66 +1253,26 @@ async fn landed_but_unacknowledged_batch_survives_a_different_next_batch() {
     assert_matches(&fresh, &model, "fresh").await;
 }
 
-/// A store that runs a hook once, just before the first PUT to a given key is applied.
-#[derive(Debug)]
-struct HookStore {
+/// `inner` with `hook` run once, just before the first PUT to `key` is applied.
+fn hook_before_put(
     inner: DynStore,
     key: String,
-    hook: std::sync::Mutex<Option<HookFn>>,
-}
-
-struct HookFn(Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>);
-impl std::fmt::Debug for HookFn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HookFn")
-    }
-}
-
-#[async_trait::async_trait]
-impl nbds3::store::ObjectStore for HookStore {
-    async fn put(
-        &self,
-        key: &str,
-        data: Bytes,
-        mode: nbds3::store::PutMode,
-    ) -> nbds3::store::StoreResult<()> {
-        let hook = if key == self.key {
-            self.hook.lock().expect("lock").take()
+    hook: impl FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+) -> DynStore {
+    let hook = std::sync::Mutex::new(Some(hook));
+    Arc::new(HookedPuts::new(inner, false, move |k| {
+        let h = if k == key {
+            hook.lock().expect("lock").take()
         } else {
             None
         };
-        if let Some(h) = hook {
-            (h.0)().await;
-        }
-        self.inner.put(key, data, mode).await
-    }
-    async fn get(&self, key: &str) -> nbds3::store::StoreResult<Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> nbds3::store::StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> nbds3::store::StoreResult<nbds3::store::ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> nbds3::store::StoreResult<nbds3::store::ListPage> {
-        self.inner.list(prefix, start_after, limit).await
-    }
-    async fn delete(&self, key: &str) -> nbds3::store::StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn describe(&self) -> String {
-        "hook".into()
-    }
+        Box::pin(async move {
+            if let Some(h) = h {
+                h().await;
+            }
+            Ok(())
+        })
+    }))
 }
 
 /// The GC trap at open: between the opener's LIST and its epoch-claiming PUT, the current
@@ -1335,7 +1298,7 @@ async fn opener_racing_commits_and_gc_does_not_serve_stale_state() {
     let a2 = Arc::clone(&a);
     let inner2 = Arc::clone(&inner);
     let keys2 = keys.clone();
-    let hook = HookFn(Box::new(move || {
+    let hs = hook_before_put(Arc::clone(&inner), keys.manifest(slot), move || {
         Box::pin(async move {
             for i in 0..4u64 {
                 a2.commit(&[data(bs, 1 + i, 1, 10 + 2 * i)])
@@ -1347,11 +1310,6 @@ async fn opener_racing_commits_and_gc_does_not_serve_stale_state() {
                 inner2.delete(&keys2.manifest(v)).await.expect("gc");
             }
         })
-    }));
-    let hs: DynStore = Arc::new(HookStore {
-        inner: Arc::clone(&inner),
-        key: keys.manifest(slot),
-        hook: std::sync::Mutex::new(Some(hook)),
     });
     let b = open_rw(&hs, "race", LogConfig::default())
         .await
