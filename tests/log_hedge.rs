@@ -21,7 +21,7 @@ type PutCounts = Arc<Mutex<HashMap<String, u32>>>;
 
 /// A store whose first PUT of every segment key stalls for `stall` (as a request stuck on
 /// a slow connection or server node does); counts PUTs per key.
-fn stall_first_segment_put(hedge: bool, stall: Duration) -> (Arc<HookedPuts>, PutCounts) {
+fn stall_first_segment_put(hedge: bool, stall: Duration) -> (DynStore, PutCounts) {
     let puts: PutCounts = Arc::default();
     let counts = Arc::clone(&puts);
     let store = HookedPuts::new(Arc::new(MemoryStore::new()), hedge, move |key| {
@@ -62,8 +62,7 @@ fn block(lba: u64, round: u64) -> Vec<u8> {
 /// stalled for `stall`; returns the PUT counts, the time taken and the hedge count, after
 /// checking a fresh reader sees the last round.
 async fn commit_rounds(hedge: bool, stall: Duration, rounds: u64) -> (PutCounts, Duration, u64) {
-    let (store, puts) = stall_first_segment_put(hedge, stall);
-    let dyn_store: DynStore = store;
+    let (dyn_store, puts) = stall_first_segment_put(hedge, stall);
     let g = Geometry {
         size_bytes: 1 << 20,
         block_size: BS as u32,
