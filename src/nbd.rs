@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod mem;
+pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod session;

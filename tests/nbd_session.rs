@@ -1503,3 +1503,66 @@ async fn server_wide_byte_budget_bounds_all_connections_together() {
     }
     drop(triggers);
 }
+
+// ---- payload pool --------------------------------------------------------------------------
+
+/// Pipelined writes through a payload pool: every length the pool keeps (whole 4 KiB steps
+/// up to 128 KiB) reuses buffers the export is done with, the others (odd lengths, longer
+/// payloads) are allocated as before, and every byte reads back as written although
+/// buffers go round with old contents in them.
+#[tokio::test]
+async fn writes_through_a_payload_pool_reuse_buffers_and_keep_every_byte() {
+    use nbds3::nbd::pool::{PayloadPool, POOLED_LEN_MAX};
+    let pool = PayloadPool::new(4 * MIB as usize);
+    let config = SessionConfig {
+        payload_pool: Some(Arc::clone(&pool)),
+        ..SessionConfig::default()
+    };
+    let (mut f, _) = ready_with(config, "disk", false, false).await;
+    let lens = [
+        4096usize,
+        8192,
+        5000,
+        POOLED_LEN_MAX,
+        POOLED_LEN_MAX + 4096,
+        4096,
+    ];
+    let mut want = vec![0u8; 8 * MIB as usize];
+    let mut at = 0usize;
+    let mut cookie = 0u64;
+    for round in 0..4u8 {
+        // A burst of writes in flight together, then their replies.
+        let mut sent = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let data = pattern(round * 16 + i as u8, len);
+            want[at..at + len].copy_from_slice(&data);
+            cookie += 1;
+            f.client.write(0, cookie, at as u64, &data).await;
+            sent.push(cookie);
+            at += len;
+        }
+        for _ in &sent {
+            let (c, err) = f.client.status().await;
+            assert!(sent.contains(&c) && err == 0, "cookie {c} error {err}");
+        }
+    }
+    cookie += 1;
+    f.client.req(0, READ, cookie, 0, at as u32).await;
+    let (err, c, got) = f.client.simple_read(at).await;
+    assert_eq!((err, c), (0, cookie));
+    assert!(
+        got == want[..at],
+        "data read back differs from what was written"
+    );
+    // 4 rounds x 4 pooled payloads (4096, 8192, 128 KiB, 4096): from the second round on,
+    // buffers the export has dropped come back round.
+    let reused = pool.stats.reused.load(Ordering::Relaxed);
+    let allocated = pool.stats.allocated.load(Ordering::Relaxed);
+    assert_eq!(
+        reused + allocated,
+        16,
+        "only pooled lengths go through the pool"
+    );
+    assert!(reused >= 8, "reused {reused}, allocated {allocated}");
+    finish(f).await;
+}

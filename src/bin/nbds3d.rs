@@ -9,6 +9,7 @@ use clap::Parser;
 use nbds3::cli::{check_conditional_put, StoreArgs};
 use nbds3::log::compact::CompactConfig;
 use nbds3::log::{Geometry, LogConfig};
+use nbds3::nbd::pool::PayloadPool;
 use nbds3::nbd::server::{self, Listener, ServerLimits};
 use nbds3::util::{parse_duration, parse_size};
 use nbds3::volume::{Exports, ExportsConfig, VolumeConfig};
@@ -196,10 +197,16 @@ async fn main() -> anyhow::Result<()> {
         },
     );
     nbds3::memory::pin_mmap_threshold(nbds3::memory::MMAP_THRESHOLD_BYTES);
+    // Write payload buffers are recycled: free ones plus those in the dirty set stay near
+    // the dirty bound, which the resident target counts; above the target the trimmer
+    // empties the pool first (see `nbds3::nbd::pool`).
+    let payload_pool = PayloadPool::new(usize::try_from(cli.dirty_max).unwrap_or(usize::MAX));
+    let pool = Arc::clone(&payload_pool);
     nbds3::memory::spawn_trimmer(
         resident_target,
         nbds3::memory::TRIM_FREE_BYTES_MIN,
         nbds3::memory::TRIM_CHECK_INTERVAL,
+        Some(Box::new(move || pool.release_free())),
     );
     tracing::info!(
         resident_target_mib = resident_target >> 20,
@@ -213,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         connections_max: cli.connections_max,
         request_bytes_in_flight_total_max: usize::try_from(cli.inflight_bytes_max)
             .unwrap_or(usize::MAX),
+        payload_pool: Some(payload_pool),
         ..ServerLimits::default()
     };
     let shutdown = async {

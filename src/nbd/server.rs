@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::pool::PayloadPool;
 use super::session::{self, ServerBytes, SessionConfig, Shutdown};
 use super::ExportProvider;
 
@@ -85,6 +86,9 @@ pub struct ServerLimits {
     pub option_bytes_max: u32,
     /// On shutdown: how long sessions get to finish in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// Where WRITE payload buffers are recycled, all connections together (see
+    /// [`super::pool`]); `None`: each payload is its own allocation.
+    pub payload_pool: Option<Arc<PayloadPool>>,
 }
 
 impl Default for ServerLimits {
@@ -98,6 +102,7 @@ impl Default for ServerLimits {
             handshake_timeout_ms: session.handshake_timeout.as_millis() as u64,
             option_bytes_max: session.option_bytes_max,
             shutdown_grace_ms: 30_000,
+            payload_pool: None,
         }
     }
 }
@@ -112,6 +117,7 @@ impl ServerLimits {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             option_bytes_max: self.option_bytes_max,
             server_bytes: Some(ServerBytes::new(self.request_bytes_in_flight_total_max)),
+            payload_pool: self.payload_pool.clone(),
         }
     }
 }

@@ -39,6 +39,7 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use super::pool::PayloadPool;
 use super::proto::{self, *};
 use super::{BlockExport, Errno, ExportError, ExportProvider, ReadChunk, REQUEST_BYTES_MAX};
 
@@ -57,6 +58,9 @@ pub struct SessionConfig {
     /// in-flight requests of all connections together (permits are bytes). `None`: only
     /// the per-connection bound applies.
     pub server_bytes: Option<ServerBytes>,
+    /// Where WRITE payload buffers come from and go back to (shared by every connection
+    /// of a server); `None`: each payload is its own allocation.
+    pub payload_pool: Option<Arc<PayloadPool>>,
 }
 
 /// The server-wide in-flight byte budget, shared by all sessions.
@@ -84,6 +88,7 @@ impl Default for SessionConfig {
             handshake_timeout: Duration::from_secs(30),
             option_bytes_max: 64 * 1024,
             server_bytes: None,
+            payload_pool: None,
         }
     }
 }
@@ -1020,15 +1025,24 @@ where
                 if reader.buffer().len() < len as usize {
                     hand_over(&mut batch);
                 }
-                let mut buf = BytesMut::with_capacity(len as usize);
-                if let Err(e) = read_payload(&mut reader, &mut buf, len as usize).await {
-                    break Err(e.into());
-                }
-                Op::Write {
-                    offset,
-                    data: buf.freeze(),
-                    fua,
-                }
+                let pooled = config
+                    .payload_pool
+                    .as_ref()
+                    .and_then(|p| p.take(len as usize));
+                let data = match pooled {
+                    Some(mut buf) => match reader.read_exact(buf.as_mut()).await {
+                        Ok(_) => buf.freeze(),
+                        Err(e) => break Err(e.into()),
+                    },
+                    None => {
+                        let mut buf = BytesMut::with_capacity(len as usize);
+                        if let Err(e) = read_payload(&mut reader, &mut buf, len as usize).await {
+                            break Err(e.into());
+                        }
+                        buf.freeze()
+                    }
+                };
+                Op::Write { offset, data, fua }
             }
             Command::Flush => Op::Flush,
             Command::Trim => Op::Trim {
