@@ -118,7 +118,7 @@ pub fn note_freed(bytes: u64) {
 /// Memory the daemon keeps free for reuse outside the allocator (recycled buffers): given
 /// back to the allocator, all of it, when the process is above its resident target.
 /// Returns the bytes released.
-pub type ReleaseHook = Box<dyn Fn() -> u64 + Send + Sync>;
+pub type ReleaseHook = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Start the trimmer on the current tokio runtime: every `interval`, or as soon as
 /// [`note_freed`] has seen `TRIM_FREE_BYTES_MIN` released, if the process is resident above
@@ -135,7 +135,6 @@ pub fn spawn_trimmer(
     interval: Duration,
     release: Option<ReleaseHook>,
 ) {
-    let release = std::sync::Arc::new(release);
     tokio::spawn(async move {
         // Nothing to do where the allocator cannot be asked.
         if heap_free_bytes().is_none() {
@@ -150,13 +149,13 @@ pub fn spawn_trimmer(
             }
             FREED_SINCE_CHECK.store(0, Ordering::Relaxed);
             // mallinfo2 walks the arenas' free lists: on the background thread too.
-            let release = std::sync::Arc::clone(&release);
+            let release = release.clone();
             let job = crate::background::run(move || {
                 let before = resident_bytes().unwrap_or(0);
                 if before <= resident_target {
                     return None;
                 }
-                if let Some(r) = release.as_ref() {
+                if let Some(r) = &release {
                     let n = r();
                     if n > 0 {
                         tracing::debug!(bytes = n, "released recycled buffers");
@@ -198,7 +197,7 @@ mod tests {
         let calls = |target: u64| async move {
             let n = Arc::new(AtomicUsize::new(0));
             let seen = Arc::clone(&n);
-            let hook: ReleaseHook = Box::new(move || {
+            let hook: ReleaseHook = Arc::new(move || {
                 seen.fetch_add(1, Ordering::Relaxed);
                 0
             });

@@ -196,6 +196,13 @@ impl<V: RangeValue> RangeMap<V> {
     }
 }
 
+/// Lock a std mutex, taking the data even if a holder panicked: for state a panic cannot
+/// leave half-changed (plain bytes, lists of buffers), so one failed request does not
+/// stop the others.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Parse a size with an optional K/M/G/T suffix (powers of 1024), e.g. `10G`, `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();

@@ -206,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
         resident_target,
         nbds3::memory::TRIM_FREE_BYTES_MIN,
         nbds3::memory::TRIM_CHECK_INTERVAL,
-        Some(Box::new(move || pool.release_free())),
+        Some(Arc::new(move || pool.release_free())),
     );
     tracing::info!(
         resident_target_mib = resident_target >> 20,

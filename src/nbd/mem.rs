@@ -20,6 +20,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
+use crate::util::lock;
+
 use super::{BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO};
 
 const SHARDS: usize = 64;
@@ -75,11 +77,6 @@ pub struct MemExport {
     faults_armed: AtomicBool,
     faults: Mutex<Faults>,
     pub stats: MemStats,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a page lock leaves plain bytes behind; keep serving.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl MemExport {

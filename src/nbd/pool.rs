@@ -29,6 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::util::lock;
+
 /// Payload lengths are pooled in steps of this many bytes.
 pub const POOLED_LEN_STEP: usize = 4096;
 /// Longest payload pooled. Longer payloads (sequential writes) are few per byte written,
@@ -111,7 +113,7 @@ impl PayloadPool {
             }
         };
         Some(PooledBuf {
-            buf: Some(buf),
+            buf,
             pool: Arc::clone(self),
         })
     }
@@ -136,17 +138,12 @@ impl PayloadPool {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave a Vec of buffers inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A payload buffer that goes back to its pool when dropped (or when the last [`Bytes`]
 /// made from it with [`PooledBuf::freeze`] is).
 #[derive(Debug)]
 pub struct PooledBuf {
-    /// `None` only while being dropped.
-    buf: Option<Box<[u8]>>,
+    /// Empty only once dropped (an empty box does not allocate).
+    buf: Box<[u8]>,
     pool: Arc<PayloadPool>,
 }
 
@@ -159,21 +156,20 @@ impl PooledBuf {
 
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
-        self.buf.as_deref().unwrap_or_default()
+        &self.buf
     }
 }
 
 impl AsMut<[u8]> for PooledBuf {
     fn as_mut(&mut self) -> &mut [u8] {
-        self.buf.as_deref_mut().unwrap_or_default()
+        &mut self.buf
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.pool.give_back(b);
-        }
+        // `give_back` ignores the empty box left behind (no pooled length is 0).
+        self.pool.give_back(std::mem::take(&mut self.buf));
     }
 }
 
