@@ -12,10 +12,11 @@ mod common;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use nbds3::store::faulty::{FaultConfig, FaultyStore};
 use nbds3::store::memory::MemoryStore;
-use nbds3::store::s3::S3Options;
-use nbds3::store::{open_url, DynStore};
+use nbds3::store::s3::{S3Options, S3Store};
+use nbds3::store::{open_url, DynStore, ObjectStore, PutMode, StoreError};
 
 use common::S3Kind;
 
@@ -607,4 +608,39 @@ mod cases {
             "probe cleans up"
         );
     }
+}
+
+/// `put` sends the body's CRC32 and an unsigned payload: a server that checks flexible
+/// checksums (SeaweedFS does) must refuse a body that does not match the value declared,
+/// and take the object when it does. Moto accepts a wrong value, so it is not asked.
+#[tokio::test]
+async fn seaweedfs_refuses_a_body_that_does_not_match_its_checksum() {
+    let Some((endpoint, bucket)) = common::s3_test_endpoint(S3Kind::SeaweedFs, "crc32") else {
+        return;
+    };
+    let url = format!("{bucket}/nbds3-test/crc32-{}", common::random_tag());
+    let store = S3Store::open(&url, &common::s3_test_options(&endpoint))
+        .await
+        .expect("open");
+    let body = Bytes::from_static(b"nbds3");
+    let err = store
+        .put_once_declaring_crc32("k", body.clone(), "AAAAAA==")
+        .await
+        .expect_err("a wrong checksum must be refused");
+    assert!(format!("{err}").contains("BadDigest"), "{err}");
+    assert!(matches!(
+        store.get("k").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    store
+        .put_once_declaring_crc32("k", body.clone(), "hRMpZg==")
+        .await
+        .expect("the right checksum is taken");
+    store
+        .put("k2", body.clone(), PutMode::IfAbsent)
+        .await
+        .expect("put");
+    assert_eq!(store.get("k").await.expect("get"), body);
+    assert_eq!(store.get("k2").await.expect("get"), body);
+    common::remove_all(&store).await;
 }
