@@ -735,7 +735,10 @@ pub fn parse_segment(b: &[u8], check_frames: bool) -> FResult<(SegmentFooter, Ve
 pub fn encode_envelope<T: Serialize>(magic: &[u8; 8], v: &T, compress: bool) -> Vec<u8> {
     let raw = encode_bincode(v);
     let (flags, payload) = if compress {
-        match zstd::bulk::compress(&raw, 3) {
+        // Level 1: a checkpoint (the whole page index) is rewritten in the background as the
+        // tail grows. On a 3.9 MB checkpoint of random writes level 3 took twice the CPU
+        // (81 against 163 MB/s) for a 3% smaller object.
+        match zstd::bulk::compress(&raw, 1) {
             Ok(c) if c.len() < raw.len() => (FLAG_ZSTD, c),
             _ => (0, raw.clone()),
         }
