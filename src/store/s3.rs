@@ -155,25 +155,9 @@ fn classify_status(status: u16, code: Option<&str>) -> Class {
 }
 
 /// The `x-amz-checksum-crc32` value of `data`: the CRC-32 (IEEE, as zlib and `crc32fast`)
-/// as 4 big-endian bytes, base64-encoded (RFC 4648, padded).
+/// as 4 big-endian bytes, base64-encoded.
 fn crc32_base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = crc32fast::hash(data).to_be_bytes();
-    // 4 bytes: one full 3-byte group, then one byte left (two characters and "==").
-    let sextets = [
-        b[0] >> 2,
-        (b[0] & 0x03) << 4 | b[1] >> 4,
-        (b[1] & 0x0f) << 2 | b[2] >> 6,
-        b[2] & 0x3f,
-        b[3] >> 2,
-        (b[3] & 0x03) << 4,
-    ];
-    let mut out: String = sextets
-        .iter()
-        .map(|&i| char::from(ALPHABET[i as usize]))
-        .collect();
-    out.push_str("==");
-    out
+    aws_smithy_types::base64::encode(crc32fast::hash(data).to_be_bytes())
 }
 
 /// Status, code and a human reason for an SDK error, plus its class.
