@@ -38,11 +38,13 @@ use crate::nbd::{
     BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO,
 };
 use crate::store::DynStore;
-use crate::util::{RangeMap, RangeValue};
+use crate::util::{BlockRunMap, RangeMap, RangeValue};
 
-/// Memory charged per dirty run on top of its data (map node + bookkeeping), so runs
-/// without data (trims) are bounded too.
-const DIRTY_RUN_OVERHEAD_BYTES: usize = 64;
+/// Memory charged per dirty run on top of its data, so runs without data (trims) are
+/// bounded too: what a one-block run costs in the dirty set's hash map at worst, its
+/// bucket plus control byte at the 7/16 load right after the table doubled (130 bytes; a
+/// longer run's tree entry costs ~100 in a 2/3-full B-tree node).
+const DIRTY_RUN_OVERHEAD_BYTES: usize = (std::mem::size_of::<(u64, Dirty)>() + 1) * 16 / 7;
 /// Flush batches in flight at once: the next batch's segments upload while the previous
 /// one waits for its slowest PUTs, lands its manifest and refreshes the cache (with one at
 /// a time, the upload slots sat idle through all of that: ~0.3 s of every ~1.3 s flush of
@@ -541,7 +543,7 @@ impl PageCache {
 }
 
 struct State {
-    dirty: RangeMap<Dirty>,
+    dirty: BlockRunMap<Dirty>,
     /// Data bytes held by `dirty` (exact).
     dirty_data_bytes: usize,
     /// What `dirty` is charged to the budget: data plus a fixed overhead per run.
@@ -565,7 +567,7 @@ struct InFlight {
     ticket: u64,
     /// The `write_gen` it covers once landed (with every older batch).
     gen: u64,
-    map: Arc<RangeMap<Dirty>>,
+    map: Arc<BlockRunMap<Dirty>>,
     /// What it is charged to the dirty budget.
     bytes: usize,
 }
@@ -632,7 +634,7 @@ impl Volume {
             cfg,
             read_only,
             state: Mutex::new(State {
-                dirty: RangeMap::new(),
+                dirty: BlockRunMap::new(),
                 dirty_data_bytes: 0,
                 dirty_bytes: 0,
                 flushing: std::collections::VecDeque::new(),
@@ -922,9 +924,13 @@ impl Volume {
         };
         // The next batch may be taken from here on (it waits for a pipeline slot).
         drop(admit);
-        let batch: Vec<BatchEntry> = snap
+        // In block order: the one sort the dirty set's hash-kept single blocks need, kept
+        // for the cache update after the commit (in block order, blocks that share a cache
+        // chunk come one after the other: in hash order that update cost half as much again).
+        let runs = snap.sorted();
+        let batch: Vec<BatchEntry> = runs
             .iter()
-            .map(|(lba, blocks, v)| BatchEntry {
+            .map(|&(lba, blocks, v)| BatchEntry {
                 lba,
                 blocks,
                 update: match v {
@@ -993,7 +999,7 @@ impl Volume {
                 // The index now has the new locations; refresh the cache before the batch
                 // stops being visible as flushing (see the module invariants), and before
                 // the next batch lands (it may hold newer data for the same blocks).
-                self.cache_committed(&snap);
+                self.cache_committed(&runs);
                 self.charge_index();
                 let mut st = self.st();
                 let landed = st.flushing.pop_front();
@@ -1031,7 +1037,7 @@ impl Volume {
         let mut released = 0;
         for f in failed.iter().rev() {
             released += f.bytes;
-            for (lba, blocks, v) in f.map.iter() {
+            for (lba, blocks, v) in f.map.iter_unordered() {
                 let mut at = lba;
                 let end = lba + blocks;
                 let mut pieces = Vec::new();
@@ -1077,12 +1083,12 @@ impl Volume {
     /// slice of blocks so readers are not held up by a large batch; correctness does not
     /// need one critical section, because a concurrent cache fill checks the (already
     /// updated) index under the lock and cannot insert an older value.
-    fn cache_committed(&self, snap: &RangeMap<Dirty>) {
+    fn cache_committed(&self, runs: &[(u64, u64, &Dirty)]) {
         let bs = self.bs() as usize;
         let cb = chunk_blocks(bs);
         let mut cache = self.cache.lock();
         let mut done = 0usize;
-        for (lba, blocks, v) in snap.iter() {
+        for &(lba, blocks, v) in runs {
             let mut i = 0;
             while i < blocks {
                 let key = (self.id, lba + i);
