@@ -391,6 +391,7 @@ pub fn unix_ms_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     #[derive(Clone, Debug, PartialEq)]
     struct Off(u64);
@@ -398,6 +399,51 @@ mod tests {
         fn advance(&self, n: u64) -> Self {
             Off(self.0 + n)
         }
+    }
+
+    use proptest::test_runner::TestCaseError;
+
+    /// The replaced pieces of an insert or remove of `s..s+l`: in order, inside the range,
+    /// and together exactly what the range held before, block by block.
+    fn check_replaced(
+        replaced: Vec<(u64, u64, Off)>,
+        s: u64,
+        l: u64,
+        before: &[Option<u64>],
+    ) -> Result<(), TestCaseError> {
+        let mut reported: Vec<Option<u64>> = vec![None; l as usize];
+        let mut prev_end = s;
+        for (k, n, v) in replaced {
+            proptest::prop_assert!(k >= prev_end && n > 0 && k + n <= s + l);
+            prev_end = k + n;
+            for b in k..k + n {
+                reported[(b - s) as usize] = Some(v.0 + (b - k));
+            }
+        }
+        proptest::prop_assert_eq!(reported, before);
+        Ok(())
+    }
+
+    /// Runs (which must come in order, disjoint, none empty) as a per-block model of
+    /// `blocks` blocks.
+    fn per_block<'a>(
+        runs: impl IntoIterator<Item = (u64, u64, Cow<'a, Off>)>,
+        blocks: usize,
+    ) -> Result<Vec<Option<u64>>, TestCaseError> {
+        let mut got: Vec<Option<u64>> = vec![None; blocks];
+        let mut prev_end = 0;
+        for (k, l, v) in runs {
+            proptest::prop_assert!(k >= prev_end && l > 0);
+            prev_end = k + l;
+            for b in k..k + l {
+                got[b as usize] = Some(v.0 + (b - k));
+            }
+        }
+        Ok(got)
+    }
+
+    fn owned(runs: Vec<(u64, u64, Off)>) -> impl Iterator<Item = (u64, u64, Cow<'static, Off>)> {
+        runs.into_iter().map(|(k, l, v)| (k, l, Cow::Owned(v)))
     }
 
     proptest::proptest! {
@@ -419,21 +465,10 @@ mod tests {
                     for b in s..s + l { model[b as usize] = None; }
                     r
                 };
-                let mut reported: Vec<Option<u64>> = vec![None; l as usize];
-                let mut prev_end = s;
-                for (k, n, v) in replaced {
-                    proptest::prop_assert!(k >= prev_end && n > 0 && k + n <= s + l);
-                    prev_end = k + n;
-                    for b in k..k + n { reported[(b - s) as usize] = Some(v.0 + (b - k)); }
-                }
-                proptest::prop_assert_eq!(reported, before);
-                let mut got: Vec<Option<u64>> = vec![None; 100];
-                for (k, l, v) in m.overlapping(0, 100) {
-                    for b in k..k + l { got[b as usize] = Some(v.0 + (b - k)); }
-                }
-                proptest::prop_assert_eq!(&got, &model);
-                let mut prev_end = 0;
-                for (k, l, _) in m.iter() { proptest::prop_assert!(k >= prev_end && l > 0); prev_end = k + l; }
+                check_replaced(replaced, s, l, &before)?;
+                proptest::prop_assert_eq!(&per_block(owned(m.overlapping(0, 100)), 100)?, &model);
+                let listed = m.iter().map(|(k, l, v)| (k, l, Cow::Borrowed(v)));
+                proptest::prop_assert_eq!(&per_block(listed, 100)?, &model);
             }
         }
     }
@@ -450,23 +485,9 @@ mod tests {
                 let before: Vec<Option<u64>> = (s..s + l).map(|b| model[b as usize]).collect();
                 let replaced = m.insert(s, l, Off(tag));
                 for b in s..s + l { model[b as usize] = Some(tag + (b - s)); }
-                let mut reported: Vec<Option<u64>> = vec![None; l as usize];
-                let mut prev_end = s;
-                for (k, n, v) in replaced {
-                    proptest::prop_assert!(k >= prev_end && n > 0 && k + n <= s + l);
-                    prev_end = k + n;
-                    for b in k..k + n { reported[(b - s) as usize] = Some(v.0 + (b - k)); }
-                }
-                proptest::prop_assert_eq!(reported, before);
+                check_replaced(replaced, s, l, &before)?;
                 // Whole range (scans the singles) and short windows (probes them).
-                let mut got: Vec<Option<u64>> = vec![None; 130];
-                let mut prev_end = 0;
-                for (k, l, v) in m.overlapping(0, 130) {
-                    proptest::prop_assert!(k >= prev_end && l > 0);
-                    prev_end = k + l;
-                    for b in k..k + l { got[b as usize] = Some(v.0 + (b - k)); }
-                }
-                proptest::prop_assert_eq!(&got, &model);
+                proptest::prop_assert_eq!(&per_block(owned(m.overlapping(0, 130)), 130)?, &model);
                 for w in (0..128).step_by(5) {
                     let mut prev_end = w;
                     for (k, l, v) in m.overlapping(w, 3) {
@@ -475,14 +496,8 @@ mod tests {
                         for b in k..k + l { proptest::prop_assert_eq!(Some(v.0 + (b - k)), model[b as usize]); }
                     }
                 }
-                let mut got: Vec<Option<u64>> = vec![None; 130];
-                let mut prev_end = 0;
-                for (k, l, v) in m.sorted() {
-                    proptest::prop_assert!(k >= prev_end && l > 0);
-                    prev_end = k + l;
-                    for b in k..k + l { got[b as usize] = Some(v.0 + (b - k)); }
-                }
-                proptest::prop_assert_eq!(&got, &model);
+                let sorted = m.sorted().into_iter().map(|(k, l, v)| (k, l, Cow::Borrowed(v)));
+                proptest::prop_assert_eq!(&per_block(sorted, 130)?, &model);
                 proptest::prop_assert_eq!(m.len(), m.iter_unordered().count());
             }
         }
