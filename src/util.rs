@@ -248,7 +248,7 @@ impl<V: RangeValue> BlockRunMap<V> {
         if len == 0 {
             return;
         }
-        if len == 1 && (self.runs.is_empty() || !self.runs.covers(start)) {
+        if len == 1 && !self.runs.covers(start) {
             if let Some(old) = self.singles.insert(start, v) {
                 f(start, 1, old);
             }
@@ -266,21 +266,30 @@ impl<V: RangeValue> BlockRunMap<V> {
         removed
     }
 
-    /// Remove the one-block runs inside `start..start+len`, handing each to `f`. Probes
-    /// block by block or scans the map, whichever visits fewer entries.
-    fn take_singles(&mut self, start: u64, len: u64, f: &mut impl FnMut(u64, u64, V)) {
-        if self.singles.is_empty() {
-            return;
+    /// The one-block runs inside `start..start+len`, in order. Probes block by block or
+    /// scans the map, whichever visits fewer entries.
+    fn singles_in(&self, start: u64, len: u64) -> Vec<u64> {
+        if self.singles.is_empty() || len == 0 {
+            return Vec::new();
         }
         let end = start.saturating_add(len);
         if len <= self.singles.len() as u64 {
-            for lba in start..end {
-                if let Some(old) = self.singles.remove(&lba) {
-                    f(lba, 1, old);
-                }
-            }
+            (start..end)
+                .filter(|k| self.singles.contains_key(k))
+                .collect()
         } else {
-            for (lba, old) in self.singles.extract_if(|&k, _| k >= start && k < end) {
+            let mut keys: Vec<u64> = (self.singles.keys().copied())
+                .filter(|&k| k >= start && k < end)
+                .collect();
+            keys.sort_unstable();
+            keys
+        }
+    }
+
+    /// Remove the one-block runs inside `start..start+len`, handing each to `f`.
+    fn take_singles(&mut self, start: u64, len: u64, f: &mut impl FnMut(u64, u64, V)) {
+        for lba in self.singles_in(start, len) {
+            if let Some(old) = self.singles.remove(&lba) {
                 f(lba, 1, old);
             }
         }
@@ -289,28 +298,13 @@ impl<V: RangeValue> BlockRunMap<V> {
     /// Runs overlapping `start..start+len`, clipped to it, in order.
     pub fn overlapping(&self, start: u64, len: u64) -> Vec<(u64, u64, V)> {
         let mut out = self.runs.overlapping(start, len);
-        if self.singles.is_empty() || len == 0 {
-            return out;
-        }
         let from_runs = out.len();
-        let end = start.saturating_add(len);
-        if len <= self.singles.len() as u64 {
-            // Probed in order: sorted already.
-            for lba in start..end {
-                if let Some(v) = self.singles.get(&lba) {
-                    out.push((lba, 1, v.clone()));
-                }
-            }
-        } else {
-            out.extend(
-                self.singles
-                    .iter()
-                    .filter(|(&k, _)| k >= start && k < end)
-                    .map(|(&k, v)| (k, 1, v.clone())),
-            );
-            out[from_runs..].sort_unstable_by_key(|r| r.0);
-        }
+        let singles = self.singles_in(start, len);
+        out.extend(
+            (singles.into_iter()).filter_map(|k| self.singles.get(&k).map(|v| (k, 1, v.clone()))),
+        );
         if from_runs > 0 && out.len() > from_runs {
+            // Two sorted lists, disjoint: one merge.
             out.sort_by_key(|r| r.0);
         }
         out
@@ -391,7 +385,7 @@ pub fn unix_ms_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::borrow::Cow;
+    use std::borrow::Borrow;
 
     #[derive(Clone, Debug, PartialEq)]
     struct Off(u64);
@@ -426,8 +420,8 @@ mod tests {
 
     /// Runs (which must come in order, disjoint, none empty) as a per-block model of
     /// `blocks` blocks.
-    fn per_block<'a>(
-        runs: impl IntoIterator<Item = (u64, u64, Cow<'a, Off>)>,
+    fn per_block(
+        runs: impl IntoIterator<Item = (u64, u64, impl Borrow<Off>)>,
         blocks: usize,
     ) -> Result<Vec<Option<u64>>, TestCaseError> {
         let mut got: Vec<Option<u64>> = vec![None; blocks];
@@ -436,14 +430,10 @@ mod tests {
             proptest::prop_assert!(k >= prev_end && l > 0);
             prev_end = k + l;
             for b in k..k + l {
-                got[b as usize] = Some(v.0 + (b - k));
+                got[b as usize] = Some(v.borrow().0 + (b - k));
             }
         }
         Ok(got)
-    }
-
-    fn owned(runs: Vec<(u64, u64, Off)>) -> impl Iterator<Item = (u64, u64, Cow<'static, Off>)> {
-        runs.into_iter().map(|(k, l, v)| (k, l, Cow::Owned(v)))
     }
 
     proptest::proptest! {
@@ -466,9 +456,8 @@ mod tests {
                     r
                 };
                 check_replaced(replaced, s, l, &before)?;
-                proptest::prop_assert_eq!(&per_block(owned(m.overlapping(0, 100)), 100)?, &model);
-                let listed = m.iter().map(|(k, l, v)| (k, l, Cow::Borrowed(v)));
-                proptest::prop_assert_eq!(&per_block(listed, 100)?, &model);
+                proptest::prop_assert_eq!(&per_block(m.overlapping(0, 100), 100)?, &model);
+                proptest::prop_assert_eq!(&per_block(m.iter(), 100)?, &model);
             }
         }
     }
@@ -487,7 +476,7 @@ mod tests {
                 for b in s..s + l { model[b as usize] = Some(tag + (b - s)); }
                 check_replaced(replaced, s, l, &before)?;
                 // Whole range (scans the singles) and short windows (probes them).
-                proptest::prop_assert_eq!(&per_block(owned(m.overlapping(0, 130)), 130)?, &model);
+                proptest::prop_assert_eq!(&per_block(m.overlapping(0, 130), 130)?, &model);
                 for w in (0..128).step_by(5) {
                     let mut prev_end = w;
                     for (k, l, v) in m.overlapping(w, 3) {
@@ -496,8 +485,7 @@ mod tests {
                         for b in k..k + l { proptest::prop_assert_eq!(Some(v.0 + (b - k)), model[b as usize]); }
                     }
                 }
-                let sorted = m.sorted().into_iter().map(|(k, l, v)| (k, l, Cow::Borrowed(v)));
-                proptest::prop_assert_eq!(&per_block(sorted, 130)?, &model);
+                proptest::prop_assert_eq!(&per_block(m.sorted(), 130)?, &model);
                 proptest::prop_assert_eq!(m.len(), m.iter_unordered().count());
             }
         }

@@ -612,8 +612,9 @@ async fn index_charge_follows_compaction() {
 
 /// Single-block writes (kept apart from longer runs in the dirty set), longer writes,
 /// trims and zeroes over the same blocks, with flushes in between and a read and
-/// block-status check against a per-block model every few steps, then a read after a reopen. The dirty
-/// set must answer reads and flush in block order whichever structure holds a block.
+/// block-status check against a per-block model every few steps, then a read after a
+/// reopen. The dirty set must answer reads and flush in block order whichever structure
+/// holds a block.
 #[tokio::test]
 async fn mixed_single_and_run_writes_match_a_model() {
     const BLOCKS: u64 = 96;
