@@ -22,3 +22,14 @@ bench_build() {
     cargo build --release --quiet --bin nbds3d >&2
     echo "$CARGO_TARGET_DIR/release/nbds3d"
 }
+
+# bench_binary [BIN]: print BIN if one is given, else build the daemon of this checkout and
+# print its path. Use it in an assignment, BIN=$(bench_binary "$@"), so that a failed build
+# stops the script (set -e).
+bench_binary() {
+    if [[ $# -gt 0 ]]; then
+        echo "$1"
+    else
+        bench_build
+    fi
+}

@@ -30,11 +30,7 @@ set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 bench_require targets "apt install fio nbdkit libnbd-bin python3-libnbd" fio nbdkit nbdcopy nbdinfo
-if [[ $# -eq 0 ]]; then
-    bin=$(bench_build) # an assignment, so a failed build stops the script (set -e)
-    set -- "$bin"
-fi
-BIN=$1
+BIN=$(bench_binary "$@")
 ROUNDS=${NBDS3_BENCH_ROUNDS:-5}
 RUNTIME=${NBDS3_BENCH_RUNTIME:-8}
 PY=/usr/bin/python3 # Debian's, with the libnbd binding; not a pyenv shim

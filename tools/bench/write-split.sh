@@ -23,11 +23,7 @@ set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 bench_require write-split "apt install fio nbdkit libnbd-bin" fio nbdkit nbdcopy
-if [[ $# -eq 0 ]]; then
-    bin=$(bench_build) # an assignment, so a failed build stops the script (set -e)
-    set -- "$bin"
-fi
-BIN=$1
+BIN=$(bench_binary "$@")
 RUNTIME=${NBDS3_BENCH_RUNTIME:-6}
 ROUNDS=${NBDS3_BENCH_ROUNDS:-2}
 PY=/usr/bin/python3 # Debian's, not a pyenv shim
