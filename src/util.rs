@@ -266,29 +266,29 @@ impl<V: RangeValue> BlockRunMap<V> {
         removed
     }
 
-    /// The one-block runs inside `start..start+len`, in order. Probes block by block or
-    /// scans the map, whichever visits fewer entries.
-    fn singles_in(&self, start: u64, len: u64) -> Vec<u64> {
-        if self.singles.is_empty() || len == 0 {
-            return Vec::new();
-        }
+    /// Blocks of `start..start+len` that may hold a one-block run, in order, for the
+    /// caller to look up once each: every block of the range when it is no longer than the
+    /// map (probing visits fewer entries), else the keys a scan of the map finds in it.
+    /// Probing allocates nothing and looks nothing up here.
+    fn single_keys(&self, start: u64, len: u64) -> impl Iterator<Item = u64> {
         let end = start.saturating_add(len);
-        if len <= self.singles.len() as u64 {
-            (start..end)
-                .filter(|k| self.singles.contains_key(k))
-                .collect()
+        let (probe, found) = if self.singles.is_empty() {
+            (0..0, Vec::new())
+        } else if len <= self.singles.len() as u64 {
+            (start..end, Vec::new())
         } else {
             let mut keys: Vec<u64> = (self.singles.keys().copied())
                 .filter(|&k| k >= start && k < end)
                 .collect();
             keys.sort_unstable();
-            keys
-        }
+            (0..0, keys)
+        };
+        probe.chain(found)
     }
 
     /// Remove the one-block runs inside `start..start+len`, handing each to `f`.
     fn take_singles(&mut self, start: u64, len: u64, f: &mut impl FnMut(u64, u64, V)) {
-        for lba in self.singles_in(start, len) {
+        for lba in self.single_keys(start, len) {
             if let Some(old) = self.singles.remove(&lba) {
                 f(lba, 1, old);
             }
@@ -299,9 +299,9 @@ impl<V: RangeValue> BlockRunMap<V> {
     pub fn overlapping(&self, start: u64, len: u64) -> Vec<(u64, u64, V)> {
         let mut out = self.runs.overlapping(start, len);
         let from_runs = out.len();
-        let singles = self.singles_in(start, len);
         out.extend(
-            (singles.into_iter()).filter_map(|k| self.singles.get(&k).map(|v| (k, 1, v.clone()))),
+            self.single_keys(start, len)
+                .filter_map(|k| self.singles.get(&k).map(|v| (k, 1, v.clone()))),
         );
         if from_runs > 0 && out.len() > from_runs {
             // Two sorted lists, disjoint: one merge.
