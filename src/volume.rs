@@ -87,6 +87,10 @@ const FRAME_FETCHES_PER_READ_MAX: usize = 16;
 /// A frame as a read's fetch returns it.
 type FetchedFrame = Result<Arc<crate::format::Frame>, VolumeError>;
 
+/// Read replies take blocks of frames up to this size by reference; from larger frames
+/// (only compaction writes them, see `frame_blocks_for`) they copy, so what a reply holds
+/// stays within 128 KiB or twice its own length.
+const SLICED_FRAME_BYTES_MAX: u64 = 128 << 10;
 /// Longest GET of neighbouring frames (those at most the store's `request_cost_bytes`
 /// apart) a read makes: a read holds at most 16 x 1 MiB of GET buffers.
 const READ_SPAN_BYTES_MAX: u64 = 1 << 20;
@@ -1412,12 +1416,22 @@ impl Volume {
                         first,
                         l,
                     )?;
+                    // Slices of the frame, no copy (the reply is short-lived), unless the
+                    // frame is far larger than what this read takes of it: a 4 KiB reply
+                    // must not keep a 1 MiB frame (defragmentation's, see
+                    // `frame_blocks_for`) alive while it waits for the socket.
+                    let copy =
+                        frame.data.len() as u64 > SLICED_FRAME_BYTES_MAX.max(2 * l * bs as u64);
                     for i in 0..l {
                         let slot = &mut out[(s + i - lba) as usize];
                         if slot.is_none() {
                             let o = (first + i) as usize * bs;
-                            // A slice of the frame: no copy (the reply is short-lived).
-                            *slot = Some(Some(frame.data.slice(o..o + bs)));
+                            let b = &frame.data[o..o + bs];
+                            *slot = Some(Some(if copy {
+                                Bytes::copy_from_slice(b)
+                            } else {
+                                frame.data.slice(o..o + bs)
+                            }));
                         }
                     }
                 }

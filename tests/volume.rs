@@ -699,3 +699,55 @@ async fn mixed_single_and_run_writes_match_a_model() {
         );
     }
 }
+
+/// Frames larger than the writers' default (compaction cuts up to 1 MiB ones on devices
+/// too large for the index bound): cold reads of single blocks out of them, and of the
+/// whole frame, return the data written.
+#[tokio::test]
+async fn cold_reads_out_of_one_mib_frames_read_back() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let log_cfg = LogConfig {
+        frame_bytes_max: 1 << 20,
+        ..LogConfig::default()
+    };
+    let open_big = |store: DynStore, log_cfg: LogConfig| async move {
+        let log = Log::open(
+            store,
+            "vol",
+            Some(Geometry {
+                size_bytes: SIZE,
+                block_size: BS,
+            }),
+            log_cfg,
+            OpenMode::Writer,
+        )
+        .await
+        .expect("open log");
+        let cfg = VolumeConfig {
+            readahead_bytes_max: 0,
+            ..VolumeConfig::default()
+        };
+        Volume::new(
+            Arc::new(log),
+            cfg.clone(),
+            DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
+            PageCache::new(cfg.cache_bytes_max),
+            false,
+        )
+    };
+    let data = pattern(7, 1 << 20);
+    let v = open_big(Arc::clone(&store), log_cfg.clone()).await;
+    v.write(1 << 20, data.clone(), false).await.unwrap();
+    Volume::flush(&v).await.unwrap();
+    // One run: the whole MiB is one frame.
+    assert_eq!(v.log().index_extents(), 1);
+    drop(v);
+    for (block, blocks) in [(0u64, 1u64), (17, 1), (255, 1), (100, 3), (0, 256)] {
+        // A fresh cache each time: every read is cold.
+        let v = open_big(Arc::clone(&store), log_cfg.clone()).await;
+        let off = block as usize * BS as usize;
+        let len = blocks as usize * BS as usize;
+        let got = flat(v.read((1 << 20) + off as u64, len as u32).await.unwrap());
+        assert_eq!(got, &data[off..off + len], "blocks {block}+{blocks}");
+    }
+}
