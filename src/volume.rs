@@ -30,7 +30,9 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
-use crate::log::compact::{spawn_compactor, CompactConfig, CompactorHandle, CompactorStats};
+use crate::log::compact::{
+    frame_blocks_for, spawn_compactor, CompactConfig, CompactorHandle, CompactorStats,
+};
 use crate::log::index::Val;
 use crate::log::lease::{spawn_lease, LeaseHandle, LEASE_INTERVAL_DEFAULT};
 use crate::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
@@ -1912,9 +1914,32 @@ impl Exports {
             mode,
         )
         .await?;
-        // The index cannot be defragmented below one run per frame of mapped data: say at
-        // open when a device written all over would need more than the cache can give.
-        let floor = index_floor_bytes(log.geometry(), self.cfg.log.frame_bytes_max);
+        // The index cannot be defragmented below one run per frame of mapped data. On a
+        // device too large for its bound at the writers' frame size, compaction cuts
+        // larger frames (`frame_blocks_for`); say so at open, and warn when even the
+        // largest would need more than the cache can give.
+        let g = log.geometry();
+        let bs = u64::from(g.block_size);
+        let base = (self.cfg.log.frame_bytes_max as u64 / bs).max(1);
+        let frame_bytes = match &self.cfg.compact {
+            Some(c) => {
+                let runs_max = c.index_runs_max.unwrap_or(self.index_runs_max_default());
+                let top = (c.defrag_frame_bytes_max as u64 / bs).max(base);
+                frame_blocks_for(g.size_bytes / bs, Some(runs_max), base, top) * bs
+            }
+            None => base * bs,
+        };
+        if frame_bytes > base * bs {
+            tracing::info!(
+                export = name,
+                size_bytes = g.size_bytes,
+                frame_kib = frame_bytes >> 10,
+                "written all over, this export needs frames larger than the writers' to keep \
+                 its page index within --index-max: compaction will cut them (a cold read \
+                 then fetches a whole frame); a larger --cache-size or --index-max avoids it"
+            );
+        }
+        let floor = index_floor_bytes(g, frame_bytes as usize);
         if floor > self.cfg.volume.cache_bytes_max / 4 * 3 {
             tracing::warn!(
                 export = name,

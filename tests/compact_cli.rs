@@ -332,13 +332,10 @@ async fn exit_codes() {
     assert_eq!(compact(dir.path(), &[NAME]).status.code(), Some(5));
 }
 
-/// `--index-max`: an export written as interleaved commits (even blocks, then odd blocks:
-/// every block its own frame, nothing dead) is defragmented to one run per frame; the dry
-/// run says it would, and every block stays.
-#[tokio::test]
-async fn index_max_defragments_the_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_at(dir.path());
+/// An export written as interleaved commits (even blocks, then odd blocks: every block
+/// its own frame, nothing dead) in a fresh directory; returns each block's version.
+async fn interleaved_export(dir: &std::path::Path) -> Vec<u64> {
+    let store = store_at(dir);
     let log = open(&store, OpenMode::Writer).await;
     let mut ids = vec![0u64; BLOCKS as usize];
     for parity in 0..2u64 {
@@ -356,25 +353,57 @@ async fn index_max_defragments_the_index() {
         log.commit(&entries).await.unwrap();
     }
     assert_eq!(log.index_extents(), BLOCKS as usize);
-    drop(log);
-    // 4 KiB of index is ~42 runs; the floor is one run per 128 KiB frame: 1024 / 32 = 32.
-    let out = compact(dir.path(), &[NAME, "--index-max", "4K", "--dry-run"]);
-    assert_eq!(out.status.code(), Some(0));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("would defragment"), "{stdout}");
-    let out = compact(dir.path(), &[NAME, "--index-max", "4K", "--threshold", "1"]);
-    assert_eq!(out.status.code(), Some(0));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("index runs          before 1024, after 32"),
-        "{stdout}"
+    ids
+}
+
+/// `--index-max`: an interleaved export is defragmented to one run per frame; the dry run
+/// says it would, and every block stays. 4 KiB of index is ~42 runs (31 after a pass):
+/// with `--defrag-frame-max 128K` (the writers' frames) it stops at one run per 128 KiB
+/// frame, 1024 / 32 = 32; by default frames may grow to 1 MiB and 256 KiB ones (64
+/// blocks, 16 runs) fit.
+#[tokio::test]
+async fn index_max_defragments_the_index() {
+    for (frame_max, runs, frame_blocks) in [(Some("128K"), 32usize, 32u64), (None, 16, 64)] {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = interleaved_export(dir.path()).await;
+        let store = store_at(dir.path());
+        let mut args = vec![NAME, "--index-max", "4K"];
+        if let Some(f) = frame_max {
+            args.extend(["--defrag-frame-max", f]);
+        }
+        let out = compact(dir.path(), &[&args[..], &["--dry-run"]].concat());
+        assert_eq!(out.status.code(), Some(0));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("would defragment"), "{stdout}");
+        let out = compact(dir.path(), &[&args[..], &["--threshold", "1"]].concat());
+        assert_eq!(out.status.code(), Some(0));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("index runs          before 1024, after {runs}")),
+            "{stdout}"
+        );
+        let log = open(&store, OpenMode::ReadOnly).await;
+        assert_eq!(log.index_extents(), runs);
+        let layout = log.lookup(0, BLOCKS);
+        assert!(
+            layout
+                .iter()
+                .all(|&(lba, n, _)| lba % frame_blocks == 0 && n == frame_blocks),
+            "{layout:?}"
+        );
+        drop(log);
+        assert_content(&store, &ids).await;
+        // Without the flag nothing is rewritten (no segment has dead blocks).
+        let out = compact(dir.path(), &[NAME, "--threshold", "1"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("0 compaction passes"));
+    }
+    // A frame limit the format does not allow is a usage error.
+    let dir = tempfile::tempdir().unwrap();
+    interleaved_export(dir.path()).await;
+    let out = compact(
+        dir.path(),
+        &[NAME, "--index-max", "4K", "--defrag-frame-max", "8M"],
     );
-    let log = open(&store, OpenMode::ReadOnly).await;
-    assert_eq!(log.index_extents(), 32);
-    drop(log);
-    assert_content(&store, &ids).await;
-    // Without the flag nothing is rewritten (no segment has dead blocks).
-    let out = compact(dir.path(), &[NAME, "--threshold", "1"]);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 compaction passes"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

@@ -232,6 +232,9 @@ fn aggressive_compact_cfg(rng: &mut StdRng, deterministic: bool) -> CompactConfi
         // Low enough that most passes also defragment: rewrites by LBA stretch get the
         // same crash and fault checking as rewrites by segment.
         index_runs_max: Some(12),
+        // Above the writers' frames (at most 4 blocks here), so on devices too large for
+        // that bound passes also cut larger frames, under the same checking.
+        defrag_frame_bytes_max: 16 * 512,
     }
 }
 
@@ -868,8 +871,11 @@ async fn daemon_serves_while_compacting() {
                 // Passes race the writers: that is the point of this test.
                 pass_idle: Duration::ZERO,
                 pass_idle_wait_max: Duration::ZERO,
-                // Scattered writes over 2048 blocks: defragmenting races the writers too.
+                // Scattered writes over 2048 blocks: defragmenting races the writers too,
+                // in frames of up to 64 KiB (one run per 16 KiB frame would be 512 runs,
+                // too many for this bound, so passes cut 64 KiB frames).
                 index_runs_max: Some(200),
+                defrag_frame_bytes_max: 64 << 10,
             }),
         },
     );
@@ -1264,6 +1270,124 @@ async fn defrag_rewrites_fragmented_stretches_into_whole_frames() {
     }
 }
 
+/// A device too large for its index bound at the writers' frame size: one run per frame
+/// would still be too many, so passes cut larger frames (powers of two of the writers', up
+/// to `defrag_frame_bytes_max`) until the index fits. Every block reads back, from this log
+/// and after a reopen, and a later pass finds nothing to do (the larger frames are not
+/// split again). With larger frames not allowed, the same passes stop at the floor and say
+/// so.
+#[tokio::test]
+async fn defrag_cuts_larger_frames_when_the_device_outgrows_the_bound() {
+    let bs = 512usize;
+    let blocks = 1024u64;
+    for top_blocks in [64u64, 8] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let log = Log::open(
+            Arc::clone(&store),
+            NAME,
+            Some(Geometry {
+                size_bytes: blocks * bs as u64,
+                block_size: bs as u32,
+            }),
+            LogConfig {
+                frame_bytes_max: 8 * bs,
+                ..LogConfig::default()
+            },
+            OpenMode::Writer,
+        )
+        .await
+        .unwrap();
+        // Every 4th block per commit: every block mapped, each its own run.
+        let mut model = vec![Blk::Hole; blocks as usize];
+        let mut id = 0;
+        for k in 0..4u64 {
+            let batch: Vec<(u64, u64, Blk)> = (0..blocks / 4)
+                .map(|i| {
+                    id += 1;
+                    (i * 4 + k, 1, Blk::Data(id))
+                })
+                .collect();
+            log.commit(&to_batch(bs, &batch, &vec![0; batch.len()]))
+                .await
+                .unwrap();
+            apply(&mut model, &batch);
+        }
+        assert_eq!(log.index_extents(), blocks as usize);
+        // Bound 40 runs (30 after a pass): 8-block frames need 128, 16-block 64, 32-block
+        // 32, 64-block frames 16.
+        let cfg = CompactConfig {
+            dead_fraction_min: 1.0,
+            small_segment_bytes: 0,
+            index_runs_max: Some(40),
+            defrag_frame_bytes_max: top_blocks as usize * bs,
+            ..CompactConfig::default()
+        };
+        assert_eq!(
+            compact::frame_blocks_for(blocks, cfg.index_runs_max, 8, top_blocks),
+            top_blocks
+        );
+        let mut last = compact::PassReport::default();
+        for _ in 0..20 {
+            last = compact::compact_pass(&log, &cfg, None).await.unwrap();
+            if last.version.is_none() {
+                break;
+            }
+        }
+        assert_eq!(last.version, None, "passes never settled: {last:?}");
+        log.check_accounting().unwrap();
+        let runs: Vec<(u64, u64, Option<Val>)> = log.lookup(0, blocks);
+        if top_blocks == 8 {
+            // One run per writers' frame is the floor, over the bound: reported.
+            assert_eq!(log.index_extents(), 128, "{runs:?}");
+            assert!(last.index_at_floor, "{last:?}");
+        } else {
+            assert_eq!(log.index_extents(), 16, "{runs:?}");
+            assert!(!last.index_at_floor, "{last:?}");
+            // Each run is one whole 64-block frame, aligned to 64 blocks.
+            for &(lba, n, v) in &runs {
+                assert_eq!((lba % 64, n), (0, 64), "{runs:?}");
+                assert!(
+                    matches!(
+                        v,
+                        Some(Val::Frame {
+                            block_in_frame: 0,
+                            ..
+                        })
+                    ),
+                    "{runs:?}"
+                );
+            }
+            // Settled: planning again finds nothing, at the same frame size.
+            let plan = compact::plan_pass(&log, &cfg, None);
+            assert!(plan.is_empty(), "{plan:?}");
+            assert_eq!(plan.frame_blocks, 64);
+        }
+        let data = log.read_blocks(0, blocks).await.unwrap();
+        let kinds: Vec<Option<Val>> = (0..blocks).map(|b| log.lookup(b, 1)[0].2).collect();
+        matches(&model, bs, &data, &kinds).unwrap();
+        // Single blocks out of the large frames read back too.
+        for b in [0u64, 63, 64, 500, 1023] {
+            let one = log.read_blocks(b, 1).await.unwrap();
+            let b = b as usize;
+            assert_eq!(one, &data[b * bs..(b + 1) * bs], "block {b}");
+        }
+        let runs_now = log.index_extents();
+        drop(log);
+        let (data, kinds) = observe(&store, bs, blocks).await;
+        matches(&model, bs, &data, &kinds).unwrap();
+        let reopened = Log::open(
+            Arc::clone(&store),
+            NAME,
+            None,
+            LogConfig::default(),
+            OpenMode::ReadOnly,
+        )
+        .await
+        .unwrap();
+        assert_eq!(reopened.index_extents(), runs_now);
+    }
+}
+
 /// Exports over `store` whose compactor would never pass on its own while writers are busy
 /// (`pass_idle` far longer than the test): any pass during the writes comes from the index
 /// gate's urgency, and any bound on the index from its stall.
@@ -1275,8 +1399,14 @@ fn gated_exports(store: &DynStore, size: u64, index_runs_max: usize) -> Arc<Expo
         index_runs_max,
         64 * 4096,
         Duration::from_millis(20),
+        GATED_FRAME_BYTES,
     )
 }
+
+/// The largest frame the gated exports' passes cut: their writers' own (32 KiB), so the
+/// index floor stays at one run per 32 KiB (see `frame_blocks_for`) unless a test says
+/// otherwise.
+const GATED_FRAME_BYTES: usize = 32 << 10;
 
 fn gated_exports_with(
     store: &DynStore,
@@ -1284,6 +1414,7 @@ fn gated_exports_with(
     index_runs_max: usize,
     dirty_bytes_max: u64,
     flush_interval: Duration,
+    defrag_frame_bytes_max: usize,
 ) -> Arc<Exports> {
     Exports::new(
         Arc::clone(store),
@@ -1294,7 +1425,7 @@ fn gated_exports_with(
             },
             log: LogConfig {
                 segment_bytes_max: 256 << 10,
-                frame_bytes_max: 32 << 10,
+                frame_bytes_max: GATED_FRAME_BYTES,
                 ..LogConfig::default()
             },
             volume: VolumeConfig {
@@ -1311,6 +1442,7 @@ fn gated_exports_with(
                 pass_idle: Duration::from_secs(30),
                 pass_idle_wait_max: Duration::from_secs(60),
                 index_runs_max: Some(index_runs_max),
+                defrag_frame_bytes_max,
                 ..CompactConfig::default()
             }),
         },
@@ -1439,6 +1571,7 @@ async fn index_stays_bounded_when_one_flush_holds_more_runs_than_the_bound() {
         max,
         8192 * bs as u64,
         Duration::from_secs(600),
+        GATED_FRAME_BYTES,
     );
     let vol = exports.volume(NAME).await.unwrap();
     let export = exports.open(NAME).await.unwrap();
@@ -1484,34 +1617,57 @@ async fn index_stays_bounded_when_one_flush_holds_more_runs_than_the_bound() {
 }
 
 /// A device whose layout needs more runs than the bound allows (every frame-sized window
-/// holds one run, so nothing is left to join): the gate must see that and let flushes
-/// through, not hold writers until its safety timeout.
+/// holds one run, so nothing is left to join): with frames no larger than the writers'
+/// allowed, the gate must see that and let flushes through, not hold writers until its
+/// safety timeout. With larger frames allowed (the default), the same device does fit:
+/// passes cut larger frames and the index ends within the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn index_gate_lets_flushes_through_at_the_layout_floor() {
-    let store: DynStore = Arc::new(MemoryStore::new());
     let bs = 4096usize;
     let frame_blocks = 8u64; // frame_bytes_max 32 KiB
     let frames = 64u64;
     let blocks = frame_blocks * frames;
     let max = 4usize;
-    let exports = gated_exports(&store, blocks * bs as u64, max);
-    let vol = exports.volume(NAME).await.unwrap();
-    let export = exports.open(NAME).await.unwrap();
-    // One whole frame per flush, each window written once: one run per window, 64 runs,
-    // far over the stall level (12) and impossible to lower.
-    let start = Instant::now();
-    for f in 0..frames {
-        write_first_version(&export, bs, f * frame_blocks, frame_blocks).await;
+    for defrag_frame_bytes_max in [GATED_FRAME_BYTES, 1 << 20] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let exports = gated_exports_with(
+            &store,
+            blocks * bs as u64,
+            max,
+            64 * 4096,
+            Duration::from_millis(20),
+            defrag_frame_bytes_max,
+        );
+        let vol = exports.volume(NAME).await.unwrap();
+        let export = exports.open(NAME).await.unwrap();
+        // One whole frame per flush, each window written once: one run per window, 64
+        // runs, far over the stall level (12), impossible to lower at 32 KiB frames.
+        let start = Instant::now();
+        for f in 0..frames {
+            write_first_version(&export, bs, f * frame_blocks, frame_blocks).await;
+        }
+        let took = start.elapsed();
+        let runs = vol.log().index_extents();
+        eprintln!(
+            "frames up to {defrag_frame_bytes_max}: {frames} flushes in {took:?}; \
+             index {runs} runs (bound {max})"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "flushes were held at the layout floor for {took:?}"
+        );
+        if defrag_frame_bytes_max == GATED_FRAME_BYTES {
+            assert_eq!(runs, frames as usize, "one run per frame-sized window");
+        } else {
+            // Passes the gate made urgent cut frames of up to 1 MiB (256 blocks: 2 runs
+            // would do): the index is back under the urgent level, far below the floor
+            // of 32 KiB frames.
+            let urgent = compact::INDEX_URGENT_FACTOR * max;
+            assert!(runs <= urgent, "{runs} runs, urgent level {urgent}");
+        }
+        let expected = vec![1u64; blocks as usize];
+        check_versions_then_reopen(&exports, &export, &store, bs, &expected).await;
     }
-    let took = start.elapsed();
-    let runs = vol.log().index_extents();
-    eprintln!("{frames} flushes in {took:?}; index {runs} runs (bound {max})");
-    assert_eq!(runs, frames as usize, "one run per frame-sized window");
-    assert!(
-        took < Duration::from_secs(20),
-        "flushes were held at the layout floor for {took:?}"
-    );
-    exports.close_all().await.unwrap();
 }
 
 /// A FLUSH the index gate commits in pieces, crashed at every store operation it makes
@@ -1536,7 +1692,14 @@ async fn piecewise_flush_crashed_at_every_step_keeps_every_acknowledged_block() 
             let store: DynStore = faulty.clone();
             // Dirty bound far over the data: only the FLUSH below commits version 2.
             let size = blocks * bs as u64;
-            let exports = gated_exports_with(&store, size, max, 4 * size, Duration::from_secs(600));
+            let exports = gated_exports_with(
+                &store,
+                size,
+                max,
+                4 * size,
+                Duration::from_secs(600),
+                GATED_FRAME_BYTES,
+            );
             let vol = exports.volume(NAME).await.unwrap();
             let export = exports.open(NAME).await.unwrap();
             for lba in (0..blocks).step_by(64) {
@@ -1567,7 +1730,14 @@ async fn piecewise_flush_crashed_at_every_step_keeps_every_acknowledged_block() 
             // The process dies here: whatever its tasks still try fails on the crashed
             // store. A new daemon opens the export from what the store holds.
             drop((export, vol, exports));
-            let exports = gated_exports_with(&mem, size, max, 4 * size, Duration::from_secs(600));
+            let exports = gated_exports_with(
+                &mem,
+                size,
+                max,
+                4 * size,
+                Duration::from_secs(600),
+                GATED_FRAME_BYTES,
+            );
             let export = exports.open(NAME).await.unwrap();
             let mut second = Vec::new();
             for lba in 0..blocks {

@@ -113,6 +113,19 @@ fn index_peak(logs: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The fewest index runs any committed pass left.
+fn index_low(logs: &str) -> u64 {
+    logs.lines()
+        .filter(|l| l.contains("compaction pass committed"))
+        .filter_map(|l| {
+            l.split_once("index_runs_after=")
+                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
 fn index_stays_bounded_under_fio_randwrite(backend: Backend) {
     let test = "index_stays_bounded_under_fio_randwrite";
     let Some(ctx) = setup(test, backend) else {
@@ -122,9 +135,10 @@ fn index_stays_bounded_under_fio_randwrite(backend: Backend) {
         return;
     }
     // --index-max 48K is 512 runs, the floor of this 64 MiB device once written all over
-    // (one run per 128 KiB frame). Flushes wait above 3 x 512 less the runs a 1 MiB dirty
-    // set can add (2 x 252), and one batch adds at most that: the index stays under
-    // 3 x 512 + 2 x 252 = 2040.
+    // at 128 KiB frames: more than three quarters of the bound, so passes cut 256 KiB
+    // frames (256 runs; the daemon says so at open). Flushes wait above 3 x 512 less the
+    // runs a 1 MiB dirty set can add (2 x 252), and one batch adds at most that: the index
+    // stays under 3 x 512 + 2 x 252 = 2040.
     // --compact-idle 60s: without the gate, no pass would run during the writes.
     let mut d = ctx.daemon(&[
         "--default-size",
@@ -197,6 +211,19 @@ fn index_stays_bounded_under_fio_randwrite(backend: Backend) {
         ctx.name
     );
     assert!(defrags > 0, "{}: no pass defragmented", ctx.name);
+    assert!(
+        logs.contains("needs frames larger than the writers'"),
+        "{}: the daemon did not say this export needs larger frames",
+        ctx.name
+    );
+    // Some pass left fewer runs than one per 128 KiB frame: it cut larger ones.
+    let low = index_low(&logs);
+    eprintln!("{}: index low {low} runs after a pass", ctx.name);
+    assert!(
+        low < 512,
+        "{}: no pass went below one run per 128 KiB frame ({low})",
+        ctx.name
+    );
     assert!(
         peak <= 2040,
         "{}: the index reached {peak} runs (bound 512, gate at 3 x)",

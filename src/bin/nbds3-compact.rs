@@ -75,6 +75,10 @@ struct Cli {
     /// the export's page index needs at most this much memory.
     #[arg(long, value_parser = parse_size)]
     index_max: Option<u64>,
+    /// Largest frame a pass cuts when the export is too large for --index-max at the
+    /// writers' 128 KiB frames (up to 4M; a cold read fetches a whole frame).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    defrag_frame_max: u64,
     /// Manifest versions garbage collection keeps (at least 1).
     #[arg(long, default_value_t = 8)]
     keep_versions: u64,
@@ -228,6 +232,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         dead_fraction_min: cli.threshold,
         pass_bytes_max: cli.pass_bytes.max(1),
         index_runs_max: cli.index_max.map(nbds3::volume::index_runs_in),
+        defrag_frame_bytes_max: usize::try_from(cli.defrag_frame_max).unwrap_or(usize::MAX),
         gc: GcConfig {
             keep_versions_min: cli.keep_versions,
             retain_window: cli.retain,

@@ -89,6 +89,10 @@ struct Cli {
     /// stretches into whole frames (default: a quarter of --cache-size).
     #[arg(long, value_parser = parse_size)]
     index_max: Option<u64>,
+    /// Largest frame compaction cuts when a device is too large for --index-max at the
+    /// writers' 128 KiB frames (up to 4M; a cold read fetches a whole frame).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    defrag_frame_max: u64,
     /// Run no background compaction or garbage collection.
     #[arg(long)]
     no_compactor: bool,
@@ -119,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         pass_idle: cli.compact_idle,
         pass_idle_wait_max: cli.compact_interval.saturating_mul(6),
         index_runs_max: cli.index_max.map(nbds3::volume::index_runs_in),
+        defrag_frame_bytes_max: usize::try_from(cli.defrag_frame_max).unwrap_or(usize::MAX),
         gc_interval: cli.gc_interval,
         gc: nbds3::log::gc::GcConfig {
             keep_versions_min: cli.gc_keep_versions,
@@ -129,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
     });
     if let Some(c) = &compact {
         c.validate()
-            .map_err(|e| anyhow::anyhow!("--compact-*/--gc-* flags: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("--compact-*/--gc-*/--defrag-frame-max flags: {e}"))?;
     }
 
     let store = cli.store.open().await.context("opening the store")?;

@@ -49,7 +49,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::gc::{self, GcConfig, GcReport, GcState};
 use super::index::{Index, SegStat, Val};
 use super::{check_frame_covers, read_segment_directory, Log, LogError, OpenMode};
-use crate::format::{DirEntry, EntryKind, SegmentBuilder, SegmentRef};
+use crate::format::{DirEntry, EntryKind, SegmentBuilder, SegmentRef, FRAME_RAW_BYTES_MAX};
 use crate::store::{DynStore, ListPage, ObjectMeta, ObjectStore, PutMode, StoreResult};
 use crate::util::RangeValue;
 
@@ -105,6 +105,14 @@ pub struct CompactConfig {
     /// three quarters of this. Bounds the index's memory where the write pattern would
     /// otherwise make it grow (scattered small writes). `None`: never.
     pub index_runs_max: Option<usize>,
+    /// Largest frame a pass writes when the device's mapped data, cut into frames of the
+    /// log's `frame_bytes_max`, would need more than three quarters of `index_runs_max`
+    /// runs (a device too large for its index bound): passes then cut frames of twice,
+    /// four times … that size, up to this, so the index fits again. The price is read
+    /// amplification: a cold read of one block fetches and checks its whole frame.
+    /// Never more than [`FRAME_RAW_BYTES_MAX`]; at most the log's `frame_bytes_max`
+    /// switches this off.
+    pub defrag_frame_bytes_max: usize,
 }
 
 impl Default for CompactConfig {
@@ -121,9 +129,16 @@ impl Default for CompactConfig {
             pass_idle: Duration::from_secs(1),
             pass_idle_wait_max: Duration::from_secs(60),
             index_runs_max: None,
+            defrag_frame_bytes_max: DEFRAG_FRAME_BYTES_MAX,
         }
     }
 }
+
+/// Default [`CompactConfig::defrag_frame_bytes_max`]: 8 × the writers' 128 KiB frames, so
+/// a fully defragmented device needs one index run per MiB (~96 KiB of index per GiB
+/// mapped, not 768 KiB), while a cold 4 KiB read fetches at most 1 MiB (the length of one
+/// ranged GET of neighbouring frames on reads anyway).
+pub const DEFRAG_FRAME_BYTES_MAX: usize = 1 << 20;
 
 impl CompactConfig {
     pub fn validate(&self) -> CompactResult<()> {
@@ -137,6 +152,12 @@ impl CompactConfig {
             return Err(CompactError::Invalid(
                 "pass_bytes_max and reads_in_flight_max must be positive".into(),
             ));
+        }
+        if self.defrag_frame_bytes_max == 0 || self.defrag_frame_bytes_max > FRAME_RAW_BYTES_MAX {
+            return Err(CompactError::Invalid(format!(
+                "defrag frame size {} is not in 1..={FRAME_RAW_BYTES_MAX}",
+                self.defrag_frame_bytes_max
+            )));
         }
         if self.gc.keep_versions_min == 0 {
             return Err(CompactError::Invalid(
@@ -179,6 +200,10 @@ pub struct PassPlan {
     /// The index is over `index_runs_max` and no stretch can be joined: every
     /// frame-sized window holds one run at most. Defragmentation cannot lower it.
     pub index_at_floor: bool,
+    /// Blocks per frame this pass cuts (and per defragmentation window): the log's
+    /// `frame_bytes_max`, or a power-of-two multiple of it when the device is too large
+    /// for the index bound at that size ([`frame_blocks_for`]).
+    pub frame_blocks: u64,
 }
 
 impl PassPlan {
@@ -261,7 +286,8 @@ fn plan_fragments(idx: &Index, frame_blocks: u64, count_max: usize) -> Vec<Fragm
 pub fn plan_pass(log: &Log, cfg: &CompactConfig, budget_bytes: Option<u64>) -> PassPlan {
     let bs = log.geometry().block_size as u64;
     let seg_raw_max = log.config().segment_bytes_max as u64;
-    let frame_blocks = (log.config().frame_bytes_max as u64 / bs).max(1);
+    let base_blocks = (log.config().frame_bytes_max as u64 / bs).max(1);
+    let top_blocks = (cfg.defrag_frame_bytes_max as u64 / bs).max(base_blocks);
     log.with_index(|idx| {
         // Far over the index bound (flushes may be waiting on it, see `IndexGate`),
         // victims get a quarter of the budget and defragmentation the rest.
@@ -270,9 +296,36 @@ pub fn plan_pass(log: &Log, cfg: &CompactConfig, budget_bytes: Option<u64>) -> P
             .is_some_and(|max| idx.map.len() > max.saturating_mul(INDEX_URGENT_FACTOR));
         let victims_budget = budget_bytes.map(|b| if urgent { b / 4 } else { b });
         let mut plan = plan_from_index(idx, bs, seg_raw_max, cfg, victims_budget);
-        plan_defrag(&mut plan, idx, bs, frame_blocks, cfg, budget_bytes);
+        let mapped: u64 = idx.segs.values().map(|s| s.blocks_live).sum();
+        plan.frame_blocks = frame_blocks_for(mapped, cfg.index_runs_max, base_blocks, top_blocks);
+        plan_defrag(&mut plan, idx, bs, top_blocks, cfg, budget_bytes);
         plan
     })
+}
+
+/// Blocks per frame for a pass over an index mapping `mapped` data blocks: `base` (the
+/// log's frames) while one run per such frame fits in three quarters of `runs_max`, else
+/// the least power-of-two multiple of it that fits, at most `top`.
+///
+/// Why frames grow rather than the bound giving way: defragmentation cannot bring the
+/// index below one run per frame of mapped data, so on a device large enough for that
+/// floor to pass the bound, memory would follow the device's size, not the budget. Why
+/// powers of two of the base: a window of the larger size holds whole windows of the
+/// smaller ones, so frames cut at one level stay single runs at every level below it
+/// (a pass at a lower level, once the index shrank, finds nothing fragmented there and
+/// leaves them alone); and every pass cuts at the same level, so an ordinary pass does
+/// not split what a defragmenting one joined.
+pub fn frame_blocks_for(mapped: u64, runs_max: Option<usize>, base: u64, top: u64) -> u64 {
+    let base = base.max(1);
+    let Some(max) = runs_max else {
+        return base;
+    };
+    let fits = (max as u64 * 3 / 4).max(1);
+    let mut fb = base;
+    while mapped.div_ceil(fb) > fits && fb.saturating_mul(2) <= top {
+        fb *= 2;
+    }
+    fb
 }
 
 /// Add fragmented stretches to `plan` while the index has more than
@@ -282,7 +335,7 @@ fn plan_defrag(
     plan: &mut PassPlan,
     idx: &Index,
     bs: u64,
-    frame_blocks: u64,
+    top_blocks: u64,
     cfg: &CompactConfig,
     budget_bytes: Option<u64>,
 ) {
@@ -297,12 +350,23 @@ fn plan_defrag(
     let left = budget_bytes
         .unwrap_or(u64::MAX)
         .saturating_sub(plan.live_raw_bytes);
-    let frame_bytes = frame_blocks * bs;
-    // At least one stretch, so a pass always makes progress (as with victims).
-    let count_max = (left / frame_bytes).clamp(1, excess.min(1 << 20)) as usize;
+    // The pass's own frame size first; where nothing is fragmented at that size (holes
+    // and zeroed runs can split the mapped data into more runs than its size suggests),
+    // the next larger one, up to the largest allowed.
+    let mut frame_blocks = plan.frame_blocks.max(1);
+    let found = loop {
+        let frame_bytes = frame_blocks * bs;
+        // At least one stretch, so a pass always makes progress (as with victims).
+        let count_max = (left / frame_bytes).clamp(1, excess.min(1 << 20)) as usize;
+        let found = plan_fragments(idx, frame_blocks, count_max);
+        if !found.is_empty() || frame_blocks.saturating_mul(2) > top_blocks {
+            break found;
+        }
+        frame_blocks *= 2;
+    };
+    plan.frame_blocks = frame_blocks;
     let mut saved = 0u64;
     let mut used = 0u64;
-    let found = plan_fragments(idx, frame_blocks, count_max);
     plan.index_at_floor = found.is_empty();
     for f in found {
         let raw = f.blocks * bs;
@@ -611,7 +675,7 @@ pub async fn compact_pass(
     let jobs = cut_jobs(
         pieces,
         bs,
-        log.config().frame_bytes_max,
+        plan.frame_blocks as usize * bs,
         log.config().segment_bytes_max,
     );
 
@@ -1599,6 +1663,29 @@ mod tests {
             .map(|f| (f[0].lba, f.iter().map(|p| p.blocks).sum()))
             .collect();
         assert_eq!(frames, vec![(0, 4), (4, 4), (10, 2), (12, 4), (16, 4)]);
+    }
+
+    /// The README's figures: with the default 256M cache (index bound 64 MiB at 96 bytes a
+    /// run) frames stay at 128 KiB up to 64 GiB mapped, then double, up to 1 MiB past
+    /// 256 GiB, and stop there.
+    #[test]
+    fn frames_grow_with_the_mapped_data_in_powers_of_two() {
+        let runs_max = Some(crate::volume::index_runs_in(64 << 20));
+        let gib = |g: u64| g << 18; // 4 KiB blocks
+        let (base, top) = (32, 256);
+        let f = |mapped| frame_blocks_for(mapped, runs_max, base, top);
+        assert_eq!(f(0), 32);
+        assert_eq!(f(gib(63)), 32);
+        assert_eq!(f(gib(65)), 64);
+        assert_eq!(f(gib(127)), 64);
+        assert_eq!(f(gib(129)), 128);
+        assert_eq!(f(gib(257)), 256);
+        assert_eq!(f(gib(10 << 10)), 256);
+        // No bound, or no room above the writers' frames: always the writers' frames.
+        assert_eq!(frame_blocks_for(gib(1000), None, base, top), 32);
+        assert_eq!(frame_blocks_for(gib(1000), runs_max, base, base), 32);
+        // A limit between two powers of two: the lower one.
+        assert_eq!(frame_blocks_for(gib(1000), runs_max, base, 200), 128);
     }
 
     #[test]
