@@ -382,6 +382,22 @@ pub fn unix_ms_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Log through `tracing` to stderr, at the level `RUST_LOG` says (else `default`), for the
+/// binaries. Colours only on a terminal (and without `NO_COLOR`): a log redirected to a
+/// file or a journal gets plain `key=value` text that grep and log shippers can read.
+pub fn init_stderr_logging(default: &str) {
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! `nbds3-compact` end to end on a file store: a dry run changes no byte of the store, a
 //! real run reclaims space and keeps every block, a fresh daemon lease makes it refuse
 //! (and `--force` fences that daemon), and each failure class has its own exit code.
+//! Also: the daemon's log is plain text when stderr is not a terminal.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -406,4 +407,31 @@ async fn index_max_defragments_the_index() {
         &[NAME, "--index-max", "4K", "--defrag-frame-max", "8M"],
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// Logs redirected away from a terminal (a file, a pipe, a journal) are plain text: no
+/// colour escapes between a field's name and its value, so `grep index_runs_after=` works.
+#[test]
+fn daemon_logs_plain_text_when_stderr_is_not_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nbds3d"))
+        .args(["--listen", "127.0.0.1:0", "--store"])
+        .arg(format!("file://{}", dir.path().display()))
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("resident_target_mib="), "{line:?}");
+    assert!(
+        !line.contains('\x1b'),
+        "colour escapes in a piped log: {line:?}"
+    );
 }

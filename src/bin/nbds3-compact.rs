@@ -466,13 +466,7 @@ async fn dry_run(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    nbds3::util::init_stderr_logging("warn");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::from(EXIT_OK),

@@ -259,13 +259,7 @@ fn report_error(json: bool, e: &InspectError) -> i32 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    nbds3::util::init_stderr_logging("warn");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
