@@ -1437,7 +1437,16 @@ impl Volume {
                         }
                     }
                 }
-                self.fill_cache_from_frame(f.seg, f.frame_offset, &frame);
+                // Of a frame larger than the writers' (compaction's, see
+                // `frame_blocks_for`), only the 128 KiB-aligned stretch around what was
+                // read: caching a whole 1 MiB frame for every cold 4 KiB read would evict
+                // 256 blocks' worth of other data each time (half of a 2M cache) and copy
+                // a MiB. Readahead still caches whole frames.
+                let window = (frame.data.len() as u64 > SLICED_FRAME_BYTES_MAX).then(|| {
+                    let w = (SLICED_FRAME_BYTES_MAX / bs as u64).max(1);
+                    (lba / w * w)..(lba + n).div_ceil(w) * w
+                });
+                self.fill_cache_from_frame(f.seg, f.frame_offset, &frame, window);
             }
             if let Some((e, moved)) = failed {
                 if !moved || relookups >= READ_RELOOKUPS_MAX {
@@ -1451,12 +1460,27 @@ impl Volume {
 
     /// Put every block of a fetched frame that the index still maps to it into the cache
     /// (checked under the cache lock; see the module invariants).
-    fn fill_cache_from_frame(&self, seg: u64, frame_offset: u64, frame: &crate::format::Frame) {
+    /// `window`: only blocks in this range (`None`: the whole frame).
+    fn fill_cache_from_frame(
+        &self,
+        seg: u64,
+        frame_offset: u64,
+        frame: &crate::format::Frame,
+        window: Option<std::ops::Range<u64>>,
+    ) {
         let bs = self.bs() as usize;
+        let end = frame.first_lba.saturating_add(frame.blocks as u64);
+        let (mut from, mut to) = (frame.first_lba, end);
+        if let Some(w) = window {
+            (from, to) = (from.max(w.start), to.min(w.end));
+        }
+        if from >= to {
+            return;
+        }
         let mut cache = self.cache.lock();
         // Look the index up under the cache lock: a commit updates the index before the
         // cache, so a block is inserted only where the index still points at this frame.
-        for (s, l, v) in self.log.lookup(frame.first_lba, frame.blocks as u64) {
+        for (s, l, v) in self.log.lookup(from, to - from) {
             if let Some(Val::Frame {
                 seg: vs,
                 frame_offset: vo,
@@ -1640,7 +1664,7 @@ impl Volume {
         let mut first_err = None;
         for ((seg, off), r) in keys.into_iter().zip(self.fetch_frames(need).await) {
             match r {
-                Ok(frame) => self.fill_cache_from_frame(seg, off, &frame),
+                Ok(frame) => self.fill_cache_from_frame(seg, off, &frame, None),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }

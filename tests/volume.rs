@@ -702,7 +702,8 @@ async fn mixed_single_and_run_writes_match_a_model() {
 
 /// Frames larger than the writers' default (compaction cuts up to 1 MiB ones on devices
 /// too large for the index bound): cold reads of single blocks out of them, and of the
-/// whole frame, return the data written.
+/// whole frame, return the data written; a cold read caches only the 128 KiB-aligned
+/// stretch around what it read, not the whole frame.
 #[tokio::test]
 async fn cold_reads_out_of_one_mib_frames_read_back() {
     let store: DynStore = Arc::new(MemoryStore::new());
@@ -727,27 +728,40 @@ async fn cold_reads_out_of_one_mib_frames_read_back() {
             readahead_bytes_max: 0,
             ..VolumeConfig::default()
         };
-        Volume::new(
+        let cache = PageCache::new(cfg.cache_bytes_max);
+        let v = Volume::new(
             Arc::new(log),
             cfg.clone(),
             DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
-            PageCache::new(cfg.cache_bytes_max),
+            Arc::clone(&cache),
             false,
-        )
+        );
+        (v, cache)
     };
     let data = pattern(7, 1 << 20);
-    let v = open_big(Arc::clone(&store), log_cfg.clone()).await;
+    let (v, _) = open_big(Arc::clone(&store), log_cfg.clone()).await;
     v.write(1 << 20, data.clone(), false).await.unwrap();
     Volume::flush(&v).await.unwrap();
     // One run: the whole MiB is one frame.
     assert_eq!(v.log().index_extents(), 1);
     drop(v);
-    for (block, blocks) in [(0u64, 1u64), (17, 1), (255, 1), (100, 3), (0, 256)] {
+    // (first block, blocks, cached bytes after the read: the 32-block windows it touched)
+    for (block, blocks, cached) in [
+        (0u64, 1u64, 128 << 10),
+        (17, 1, 128 << 10),
+        (255, 1, 128 << 10),
+        (30, 3, 256 << 10),
+        (0, 256, 1 << 20),
+    ] {
         // A fresh cache each time: every read is cold.
-        let v = open_big(Arc::clone(&store), log_cfg.clone()).await;
+        let (v, cache) = open_big(Arc::clone(&store), log_cfg.clone()).await;
+        let index = cache.usage().index_bytes;
         let off = block as usize * BS as usize;
         let len = blocks as usize * BS as usize;
         let got = flat(v.read((1 << 20) + off as u64, len as u32).await.unwrap());
         assert_eq!(got, &data[off..off + len], "blocks {block}+{blocks}");
+        let usage = cache.usage();
+        assert_eq!(usage.index_bytes, index);
+        assert_eq!(usage.chunk_bytes, cached, "blocks {block}+{blocks}");
     }
 }
