@@ -86,6 +86,15 @@ const CHECKPOINT_BUILD_BYTES_PER_EXTENT: usize = 2 * INDEX_BYTES_PER_EXTENT;
 const CACHE_UPDATE_BLOCKS_PER_LOCK: usize = 256;
 /// Frames one read (or readahead) fetches from the store at once.
 const FRAME_FETCHES_PER_READ_MAX: usize = 16;
+/// Frame fetches in flight at once across every volume sharing a page cache (the daemon):
+/// a read takes a permit per fetch it runs concurrently, all at once, and keeps them until
+/// its fetched frames are in hand. What bounds the memory of cold reads: each fetch holds
+/// at most one GET of `READ_SPAN_BYTES_MAX` (or one larger frame) and the frames decoded
+/// from it, where before only each request was bounded, and 128 cold 4 KiB reads in
+/// flight on one connection could hold 128 such fetches (with compaction's 1 MiB frames,
+/// ~256 MiB). 64: four reads' full fan-out, and more concurrent GETs than a 2-core
+/// machine decodes.
+pub const FRAME_FETCHES_MAX: usize = 64;
 /// A frame as a read's fetch returns it.
 type FetchedFrame = Result<Arc<crate::format::Frame>, VolumeError>;
 
@@ -290,6 +299,9 @@ impl DirtyBudget {
 /// data already handed out never changes.
 pub struct PageCache {
     inner: Mutex<CacheInner>,
+    /// Frame fetches (GETs and their decoding) of all volumes sharing this cache:
+    /// [`FRAME_FETCHES_MAX`] permits.
+    fetches: tokio::sync::Semaphore,
 }
 
 /// See [`PageCache::usage`].
@@ -524,6 +536,7 @@ impl PageCache {
                 bytes_max,
                 index_bytes: 0,
             }),
+            fetches: tokio::sync::Semaphore::new(FRAME_FETCHES_MAX),
         })
     }
     /// What the cache holds now: chunk bytes and the page-index bytes charged to it.
@@ -1508,6 +1521,11 @@ impl Volume {
     async fn fetch_frames(&self, frames: Vec<(u64, u64, u32)>) -> Vec<FetchedFrame> {
         let gap = self.log.store().request_cost_bytes();
         let spans = crate::log::plan_frame_spans(&frames, gap, READ_SPAN_BYTES_MAX);
+        // All of this read's permits in one acquisition: a read holding some while
+        // waiting for more could wait forever on others doing the same. Never closed, so
+        // the error arm cannot happen; it would only mean no bound, not a failed read.
+        let want = spans.len().clamp(1, FRAME_FETCHES_PER_READ_MAX) as u32;
+        let _slots = self.cache.fetches.acquire_many(want).await.ok();
         let frames = &frames;
         let fetched: Vec<Vec<(usize, FetchedFrame)>> = futures::stream::iter(spans)
             .map(|span| async move {

@@ -765,3 +765,38 @@ async fn cold_reads_out_of_one_mib_frames_read_back() {
         assert_eq!(usage.chunk_bytes, cached, "blocks {block}+{blocks}");
     }
 }
+
+/// Cold reads of many volumes' clients at once share one bound on frame fetches in flight
+/// (`FRAME_FETCHES_MAX`, per page cache): 200 concurrent 4 KiB reads of blocks in 200
+/// different segments never have more GETs in flight than that, yet more than one read's
+/// own fan-out (so the bound is the shared one), and every read returns its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cold_reads_share_the_fetch_bound() {
+    let (counter, store) = counted_store();
+    let n = 200u64;
+    write_every_other_block(&store, n, true).await;
+    let v = open(&store, VolumeConfig::default()).await;
+    let before = counter.total.load(std::sync::atomic::Ordering::SeqCst);
+    let reads: Vec<_> = (0..n)
+        .map(|i| {
+            let v = Arc::clone(&v);
+            tokio::spawn(async move { (i, flat(v.read(i * 8192, 4096).await.unwrap())) })
+        })
+        .collect();
+    for r in reads {
+        let (i, got) = r.await.unwrap();
+        assert_eq!(got, pattern(i as u8, 4096), "block {}", 2 * i);
+    }
+    let gets = counter.total.load(std::sync::atomic::Ordering::SeqCst) - before;
+    let max = counter.max.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(gets, n as usize, "one GET per segment");
+    assert!(
+        max <= nbds3::volume::FRAME_FETCHES_MAX,
+        "{max} GETs in flight at once, over {}",
+        nbds3::volume::FRAME_FETCHES_MAX
+    );
+    assert!(
+        max > 16,
+        "only {max} GETs in flight at once: reads did not overlap"
+    );
+}
