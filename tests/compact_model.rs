@@ -127,9 +127,9 @@ fn random_batch(rng: &mut StdRng, blocks: u64, next_id: &mut u64) -> Vec<(u64, u
     out
 }
 
-/// Read the whole export through a fresh read-only log on `store` and return it per block.
-async fn observe(store: &DynStore, bs: usize, blocks: u64) -> (Vec<u8>, Vec<Option<Val>>) {
-    let log = Log::open(
+/// A fresh read-only log on `store` (its index rebuilt from the checkpoint and tail).
+async fn open_read_only(store: &DynStore) -> Log {
+    Log::open(
         Arc::clone(store),
         NAME,
         None,
@@ -137,7 +137,12 @@ async fn observe(store: &DynStore, bs: usize, blocks: u64) -> (Vec<u8>, Vec<Opti
         OpenMode::ReadOnly,
     )
     .await
-    .expect("reopen read-only");
+    .expect("reopen read-only")
+}
+
+/// Read the whole export through a fresh read-only log on `store` and return it per block.
+async fn observe(store: &DynStore, bs: usize, blocks: u64) -> (Vec<u8>, Vec<Option<Val>>) {
+    let log = open_read_only(store).await;
     log.check_accounting().expect("live-block accounting");
     let data = log.read_blocks(0, blocks).await.expect("read back");
     let mut kinds = vec![None; blocks as usize];
@@ -1172,6 +1177,57 @@ async fn background_passes_wait_for_an_idle_export_but_not_forever() {
     handle.close().await;
 }
 
+/// A log over `store` (`blocks` blocks of `bs` bytes, writers' frames of `frame_blocks`)
+/// written in four commits, each every 4th block (offset by the commit number): every
+/// block is mapped, each its own run, in four fully live segments (no dead data, so
+/// ordinary compaction has nothing to do). Returns it with its model.
+async fn scattered_log(
+    store: &DynStore,
+    bs: usize,
+    blocks: u64,
+    frame_blocks: usize,
+) -> (Log, Vec<Blk>) {
+    let log = Log::open(
+        Arc::clone(store),
+        NAME,
+        Some(Geometry {
+            size_bytes: blocks * bs as u64,
+            block_size: bs as u32,
+        }),
+        LogConfig {
+            frame_bytes_max: frame_blocks * bs,
+            ..LogConfig::default()
+        },
+        OpenMode::Writer,
+    )
+    .await
+    .unwrap();
+    let mut model = vec![Blk::Hole; blocks as usize];
+    let mut id = 0;
+    for k in 0..4u64 {
+        let batch: Vec<(u64, u64, Blk)> = (0..blocks / 4)
+            .map(|i| {
+                id += 1;
+                (i * 4 + k, 1, Blk::Data(id))
+            })
+            .collect();
+        log.commit(&to_batch(bs, &batch, &vec![0; batch.len()]))
+            .await
+            .unwrap();
+        apply(&mut model, &batch);
+    }
+    assert_eq!(log.index_extents(), blocks as usize);
+    (log, model)
+}
+
+/// The store holds `model` (read through a fresh read-only log); returns the index runs
+/// a fresh open builds (from the checkpoint, runs joined again).
+async fn store_reads_back(store: &DynStore, model: &[Blk], bs: usize, blocks: u64) -> usize {
+    let (data, kinds) = observe(store, bs, blocks).await;
+    matches(model, bs, &data, &kinds).unwrap();
+    open_read_only(store).await.index_extents()
+}
+
 /// Scattered writes leave adjacent blocks in different frames, one index run each. With the
 /// index over `index_runs_max`, a pass rewrites the most fragmented stretches as whole
 /// frames: the run count drops to what the layout needs, every block reads back, and the
@@ -1182,39 +1238,7 @@ async fn defrag_rewrites_fragmented_stretches_into_whole_frames() {
     let blocks = 256u64;
     for bounded in [false, true] {
         let store: DynStore = Arc::new(MemoryStore::new());
-        let log = Log::open(
-            Arc::clone(&store),
-            NAME,
-            Some(Geometry {
-                size_bytes: blocks * bs as u64,
-                block_size: bs as u32,
-            }),
-            LogConfig {
-                frame_bytes_max: 16 * bs,
-                ..LogConfig::default()
-            },
-            OpenMode::Writer,
-        )
-        .await
-        .unwrap();
-        // Four commits, each writing every 4th block (offset by the commit number): every
-        // block is mapped, each its own run, in four fully live segments (no dead data, so
-        // ordinary compaction has nothing to do).
-        let mut model = vec![Blk::Hole; blocks as usize];
-        let mut id = 0;
-        for k in 0..4u64 {
-            let batch: Vec<(u64, u64, Blk)> = (0..blocks / 4)
-                .map(|i| {
-                    id += 1;
-                    (i * 4 + k, 1, Blk::Data(id))
-                })
-                .collect();
-            log.commit(&to_batch(bs, &batch, &vec![0; batch.len()]))
-                .await
-                .unwrap();
-            apply(&mut model, &batch);
-        }
-        assert_eq!(log.index_extents(), blocks as usize);
+        let (log, model) = scattered_log(&store, bs, blocks, 16).await;
         let cfg = CompactConfig {
             dead_fraction_min: 1.0,
             small_segment_bytes: 0,
@@ -1255,18 +1279,7 @@ async fn defrag_rewrites_fragmented_stretches_into_whole_frames() {
         let kinds: Vec<Option<Val>> = (0..blocks).map(|b| log.lookup(b, 1)[0].2).collect();
         matches(&model, bs, &data, &kinds).unwrap();
         drop(log);
-        let (data, kinds) = observe(&store, bs, blocks).await;
-        matches(&model, bs, &data, &kinds).unwrap();
-        let reopened = Log::open(
-            Arc::clone(&store),
-            NAME,
-            None,
-            LogConfig::default(),
-            OpenMode::ReadOnly,
-        )
-        .await
-        .unwrap();
-        assert_eq!(reopened.index_extents(), 46);
+        assert_eq!(store_reads_back(&store, &model, bs, blocks).await, 46);
     }
 }
 
@@ -1282,37 +1295,7 @@ async fn defrag_cuts_larger_frames_when_the_device_outgrows_the_bound() {
     let blocks = 1024u64;
     for top_blocks in [64u64, 8] {
         let store: DynStore = Arc::new(MemoryStore::new());
-        let log = Log::open(
-            Arc::clone(&store),
-            NAME,
-            Some(Geometry {
-                size_bytes: blocks * bs as u64,
-                block_size: bs as u32,
-            }),
-            LogConfig {
-                frame_bytes_max: 8 * bs,
-                ..LogConfig::default()
-            },
-            OpenMode::Writer,
-        )
-        .await
-        .unwrap();
-        // Every 4th block per commit: every block mapped, each its own run.
-        let mut model = vec![Blk::Hole; blocks as usize];
-        let mut id = 0;
-        for k in 0..4u64 {
-            let batch: Vec<(u64, u64, Blk)> = (0..blocks / 4)
-                .map(|i| {
-                    id += 1;
-                    (i * 4 + k, 1, Blk::Data(id))
-                })
-                .collect();
-            log.commit(&to_batch(bs, &batch, &vec![0; batch.len()]))
-                .await
-                .unwrap();
-            apply(&mut model, &batch);
-        }
-        assert_eq!(log.index_extents(), blocks as usize);
+        let (log, model) = scattered_log(&store, bs, blocks, 8).await;
         // Bound 40 runs (30 after a pass): 8-block frames need 128, 16-block 64, 32-block
         // 32, 64-block frames 16.
         let cfg = CompactConfig {
@@ -1373,18 +1356,7 @@ async fn defrag_cuts_larger_frames_when_the_device_outgrows_the_bound() {
         }
         let runs_now = log.index_extents();
         drop(log);
-        let (data, kinds) = observe(&store, bs, blocks).await;
-        matches(&model, bs, &data, &kinds).unwrap();
-        let reopened = Log::open(
-            Arc::clone(&store),
-            NAME,
-            None,
-            LogConfig::default(),
-            OpenMode::ReadOnly,
-        )
-        .await
-        .unwrap();
-        assert_eq!(reopened.index_extents(), runs_now);
+        assert_eq!(store_reads_back(&store, &model, bs, blocks).await, runs_now);
     }
 }
 
@@ -1692,14 +1664,17 @@ async fn piecewise_flush_crashed_at_every_step_keeps_every_acknowledged_block() 
             let store: DynStore = faulty.clone();
             // Dirty bound far over the data: only the FLUSH below commits version 2.
             let size = blocks * bs as u64;
-            let exports = gated_exports_with(
-                &store,
-                size,
-                max,
-                4 * size,
-                Duration::from_secs(600),
-                GATED_FRAME_BYTES,
-            );
+            let daemon = |store: &DynStore| {
+                gated_exports_with(
+                    store,
+                    size,
+                    max,
+                    4 * size,
+                    Duration::from_secs(600),
+                    GATED_FRAME_BYTES,
+                )
+            };
+            let exports = daemon(&store);
             let vol = exports.volume(NAME).await.unwrap();
             let export = exports.open(NAME).await.unwrap();
             for lba in (0..blocks).step_by(64) {
@@ -1730,14 +1705,7 @@ async fn piecewise_flush_crashed_at_every_step_keeps_every_acknowledged_block() 
             // The process dies here: whatever its tasks still try fails on the crashed
             // store. A new daemon opens the export from what the store holds.
             drop((export, vol, exports));
-            let exports = gated_exports_with(
-                &mem,
-                size,
-                max,
-                4 * size,
-                Duration::from_secs(600),
-                GATED_FRAME_BYTES,
-            );
+            let exports = daemon(&mem);
             let export = exports.open(NAME).await.unwrap();
             let mut second = Vec::new();
             for lba in 0..blocks {

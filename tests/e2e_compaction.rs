@@ -12,7 +12,7 @@
 #[macro_use]
 mod e2e;
 
-use e2e::{cmd, defrag_passes, need_bins, need_python_nbd, secs, setup, Backend};
+use e2e::{cmd, defrag_passes, need_bins, need_python_nbd, pass_values, secs, setup, Backend};
 
 e2e_tests!(
     reads_racing_writes_compaction_and_gc,
@@ -98,30 +98,15 @@ fn reads_racing_writes_compaction_and_gc(backend: Backend) {
 
 /// The largest page index any compaction pass reported (`index_runs_before/after`).
 fn index_peak(logs: &str) -> u64 {
-    logs.lines()
-        .filter(|l| l.contains("compaction pass committed"))
-        .flat_map(|l| {
-            ["index_runs_before=", "index_runs_after="]
-                .into_iter()
-                .filter_map(move |k| {
-                    l.split_once(k)
-                        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-                        .and_then(|n| n.parse::<u64>().ok())
-                })
-        })
+    pass_values(logs, "index_runs_before")
+        .chain(pass_values(logs, "index_runs_after"))
         .max()
         .unwrap_or(0)
 }
 
 /// The fewest index runs any committed pass left.
 fn index_low(logs: &str) -> u64 {
-    logs.lines()
-        .filter(|l| l.contains("compaction pass committed"))
-        .filter_map(|l| {
-            l.split_once("index_runs_after=")
-                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse::<u64>().ok())
-        })
+    pass_values(logs, "index_runs_after")
         .min()
         .unwrap_or(u64::MAX)
 }

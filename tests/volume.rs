@@ -25,6 +25,15 @@ async fn open_with_cache(
     cfg: VolumeConfig,
     cache: Arc<PageCache>,
 ) -> Arc<Volume> {
+    open_with_log(store, cfg, cache, LogConfig::default()).await
+}
+
+async fn open_with_log(
+    store: &DynStore,
+    cfg: VolumeConfig,
+    cache: Arc<PageCache>,
+    log_cfg: LogConfig,
+) -> Arc<Volume> {
     let log = Log::open(
         Arc::clone(store),
         "vol",
@@ -32,7 +41,7 @@ async fn open_with_cache(
             size_bytes: SIZE,
             block_size: BS,
         }),
-        LogConfig::default(),
+        log_cfg,
         OpenMode::Writer,
     )
     .await
@@ -712,30 +721,12 @@ async fn cold_reads_out_of_one_mib_frames_read_back() {
         ..LogConfig::default()
     };
     let open_big = |store: DynStore, log_cfg: LogConfig| async move {
-        let log = Log::open(
-            store,
-            "vol",
-            Some(Geometry {
-                size_bytes: SIZE,
-                block_size: BS,
-            }),
-            log_cfg,
-            OpenMode::Writer,
-        )
-        .await
-        .expect("open log");
         let cfg = VolumeConfig {
             readahead_bytes_max: 0,
             ..VolumeConfig::default()
         };
         let cache = PageCache::new(cfg.cache_bytes_max);
-        let v = Volume::new(
-            Arc::new(log),
-            cfg.clone(),
-            DirtyBudget::new(cfg.dirty_bytes_max, cfg.dirty_high_water_ratio),
-            Arc::clone(&cache),
-            false,
-        );
+        let v = open_with_log(&store, cfg, Arc::clone(&cache), log_cfg).await;
         (v, cache)
     };
     let data = pattern(7, 1 << 20);

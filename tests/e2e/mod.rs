@@ -844,16 +844,21 @@ fn wait_timeout_ref(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
+/// The values of field `key` (`key=N`) on the "compaction pass committed" lines of a
+/// daemon log, in order (lines without it are skipped).
+pub fn pass_values<'a>(logs: &'a str, key: &'a str) -> impl Iterator<Item = u64> + 'a {
+    let key = format!("{key}=");
+    logs.lines()
+        .filter(|l| l.contains("compaction pass committed"))
+        .filter_map(move |l| {
+            l.split_once(key.as_str())
+                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+}
+
 /// Committed compaction passes in a daemon log that defragmented the page index
 /// (`fragments=N` with N > 0 on the "compaction pass committed" line).
 pub fn defrag_passes(logs: &str) -> usize {
-    logs.lines()
-        .filter(|l| l.contains("compaction pass committed"))
-        .filter(|l| {
-            l.split_once("fragments=")
-                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
-        })
-        .count()
+    pass_values(logs, "fragments").filter(|&n| n > 0).count()
 }

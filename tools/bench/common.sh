@@ -33,3 +33,15 @@ bench_binary() {
         bench_build
     fi
 }
+
+# bench_workdir NAME: make a temp dir, $WORK, and at exit stop the daemon whose pid is in
+# $PID (if any) and remove $WORK. Call it as a statement, not in $(...): it sets globals.
+bench_workdir() {
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-$1.XXXXXX")
+    PID=""
+    trap bench_cleanup EXIT
+}
+bench_cleanup() {
+    [[ -n ${PID:-} ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+    rm -rf "$WORK"
+}

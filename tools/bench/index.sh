@@ -31,13 +31,7 @@ RUNTIME=${NBDS3_BENCH_RUNTIME:-20}
 SETTLE=${NBDS3_BENCH_SETTLE:-30}
 PORT=10961
 URI="nbd://127.0.0.1:$PORT/x"
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-index.XXXXXX")
-PID=""
-cleanup() {
-    [[ -n $PID ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir index
 
 start() { # start STORE LOG ARGS...: the daemon, waited for
     local store=$1 log=$2

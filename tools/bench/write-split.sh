@@ -27,16 +27,10 @@ BIN=$(bench_binary "$@")
 RUNTIME=${NBDS3_BENCH_RUNTIME:-6}
 ROUNDS=${NBDS3_BENCH_ROUNDS:-2}
 PY=/usr/bin/python3 # Debian's, not a pyenv shim
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-split.XXXXXX")
-PID=""
-cleanup() {
-    [[ -n $PID ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir split
 head -c 1G /dev/urandom >"$WORK/src.img"
 STORE=$(mktemp -d "${NBDS3_BENCH_STORE_DIR:-$WORK}/nbds3-split-store.XXXXXX")
-trap 'cleanup; rm -rf "$STORE"' EXIT
+trap 'bench_cleanup; rm -rf "$STORE"' EXIT
 # The stat file of the block device holding the store (a disk or a partition), if any.
 DISK_STAT="/sys/class/block/$(basename "$(df --output=source "$STORE" | tail -1)")/stat"
 [[ -r $DISK_STAT ]] || DISK_STAT=""
