@@ -1360,6 +1360,9 @@ impl Volume {
         // lookup finds the blocks' new home.
         let mut relookups = 0;
         let mut missed = false;
+        // The 128 KiB-aligned stretch around this read (see where frames fill the cache).
+        let w = (SLICED_FRAME_BYTES_MAX / bs as u64).max(1);
+        let read_window = (lba / w * w)..(lba + n).div_ceil(w) * w;
         while out.iter().any(|s| s.is_none()) {
             let mut frames: Vec<FrameNeed> = Vec::new();
             let mut by_frame: HashMap<FrameKey, usize> = HashMap::new();
@@ -1455,10 +1458,8 @@ impl Volume {
                 // read: caching a whole 1 MiB frame for every cold 4 KiB read would evict
                 // 256 blocks' worth of other data each time (half of a 2M cache) and copy
                 // a MiB. Readahead still caches whole frames.
-                let window = (frame.data.len() as u64 > SLICED_FRAME_BYTES_MAX).then(|| {
-                    let w = (SLICED_FRAME_BYTES_MAX / bs as u64).max(1);
-                    (lba / w * w)..(lba + n).div_ceil(w) * w
-                });
+                let window =
+                    (frame.data.len() as u64 > SLICED_FRAME_BYTES_MAX).then(|| read_window.clone());
                 self.fill_cache_from_frame(f.seg, f.frame_offset, &frame, window);
             }
             if let Some((e, moved)) = failed {
@@ -1966,7 +1967,7 @@ impl Exports {
         let frame_bytes = match &self.cfg.compact {
             Some(c) => {
                 let runs_max = c.index_runs_max.unwrap_or(self.index_runs_max_default());
-                let top = (c.defrag_frame_bytes_max as u64 / bs).max(base);
+                let (base, top) = c.frame_blocks_limits(self.cfg.log.frame_bytes_max, bs);
                 frame_blocks_for(g.size_bytes / bs, Some(runs_max), base, top) * bs
             }
             None => base * bs,

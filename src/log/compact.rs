@@ -141,6 +141,15 @@ impl Default for CompactConfig {
 pub const DEFRAG_FRAME_BYTES_MAX: usize = 1 << 20;
 
 impl CompactConfig {
+    /// In blocks of `bs` bytes: the writers' frames (`log_frame_bytes`) and the largest
+    /// frames a pass may cut (`defrag_frame_bytes_max`, never below the writers'), the
+    /// `base` and `top` of [`frame_blocks_for`].
+    pub fn frame_blocks_limits(&self, log_frame_bytes: usize, bs: u64) -> (u64, u64) {
+        let bs = bs.max(1);
+        let base = (log_frame_bytes as u64 / bs).max(1);
+        (base, (self.defrag_frame_bytes_max as u64 / bs).max(base))
+    }
+
     pub fn validate(&self) -> CompactResult<()> {
         if !(0.0..=1.0).contains(&self.dead_fraction_min) {
             return Err(CompactError::Invalid(format!(
@@ -286,8 +295,7 @@ fn plan_fragments(idx: &Index, frame_blocks: u64, count_max: usize) -> Vec<Fragm
 pub fn plan_pass(log: &Log, cfg: &CompactConfig, budget_bytes: Option<u64>) -> PassPlan {
     let bs = log.geometry().block_size as u64;
     let seg_raw_max = log.config().segment_bytes_max as u64;
-    let base_blocks = (log.config().frame_bytes_max as u64 / bs).max(1);
-    let top_blocks = (cfg.defrag_frame_bytes_max as u64 / bs).max(base_blocks);
+    let (base_blocks, top_blocks) = cfg.frame_blocks_limits(log.config().frame_bytes_max, bs);
     log.with_index(|idx| {
         // Far over the index bound (flushes may be waiting on it, see `IndexGate`),
         // victims get a quarter of the budget and defragmentation the rest.
