@@ -114,6 +114,26 @@ fn qemu_io_patterns_survive_restart(backend: Backend) {
     session.extend(m.reads());
     qemu_io(&ctx, &d.uri(), &session);
 
+    // qemu ≥ 8.2 asks for extended headers (option 11) and gets them: the I/O above went
+    // through 32-byte headers and extended reply chunks. (Older qemu does not ask.)
+    let mut c = cmd("qemu-io");
+    c.args([
+        "-f",
+        "raw",
+        "-r",
+        "--trace",
+        "nbd_receive_option_reply",
+        "-c",
+    ])
+    .arg(&m.reads()[0])
+    .arg(d.uri());
+    let out = ctx.run_status(&mut c, secs(60));
+    assert!(out.status.success(), "{}: qemu-io failed", ctx.name);
+    let trace = String::from_utf8_lossy(&out.stderr);
+    if let Some(line) = trace.lines().find(|l| l.contains("option reply 11")) {
+        assert!(line.contains("(ack)"), "{}: {line}", ctx.name);
+    }
+
     d.stop();
     d.restart();
     qemu_io(&ctx, &d.uri(), &m.reads());

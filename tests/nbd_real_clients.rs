@@ -129,7 +129,7 @@ async fn qemu_io_and_qemu_img() {
     }
     let s = serve().await;
     let uri = format!("{}/disk", s.tcp);
-    // qemu asks for extended headers first and must fall back when we refuse them.
+    // qemu ≥ 8.2 asks for extended headers first, and gets them.
     let cmds = [
         "write -P 0x55 0 64k",
         "write -P 0xaa 1M 4k",
@@ -165,8 +165,9 @@ async fn qemu_io_and_qemu_img() {
     )
     .await;
     assert!(!stdout(&out).contains("Pattern verification failed"));
-    // Extended headers, explicitly: qemu ≥ 8.2 asks (option 11), gets ERR_UNSUP, falls back
-    // to compact headers and still does I/O. Older qemu never asks; nothing to check then.
+    // Extended headers, explicitly: qemu ≥ 8.2 asks (option 11) and gets them, so every
+    // command above went out in 32-byte headers and came back in extended chunks. Older
+    // qemu never asks; then this run covered compact headers only.
     let out = run(
         "qemu-io",
         &[
@@ -182,10 +183,26 @@ async fn qemu_io_and_qemu_img() {
     .await;
     let trace = String::from_utf8_lossy(&out.stderr);
     if let Some(line) = trace.lines().find(|l| l.contains("option reply 11")) {
-        assert!(line.contains("unsupported"), "{line}");
+        assert!(line.contains("(ack)"), "{line}");
         assert!(!stdout(&out).contains("Pattern verification failed"));
+        // Block status through BLOCK_STATUS_EXT: data exactly where it was written.
+        let map = stdout(&run("qemu-img", &["map", "--output=json", "-f", "raw", &uri]).await);
+        let data: Vec<&str> = map
+            .lines()
+            .filter(|l| l.contains("\"data\": true"))
+            .collect();
+        assert!(
+            data.iter()
+                .any(|l| l.contains("\"start\": 4096, \"length\": 61440")),
+            "{map}"
+        );
+        assert!(
+            data.iter()
+                .any(|l| l.contains("\"start\": 1048576, \"length\": 4096")),
+            "{map}"
+        );
     } else {
-        eprintln!("note: this qemu does not request extended headers; fallback not exercised");
+        eprintln!("note: this qemu does not request extended headers; they were not exercised");
     }
     let info = stdout(&run("qemu-img", &["info", "--output=json", &uri]).await);
     assert!(info.contains("\"virtual-size\": 1073741824"), "{info}");

@@ -26,6 +26,8 @@ const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_MAGIC: u32 = 0x6744_6698;
 const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
+const EXT_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+const EXT_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 const C_FIXED: u32 = 1;
 const C_NO_ZEROES: u32 = 2;
@@ -49,6 +51,7 @@ const ERR_UNSUP: u32 = 0x8000_0001;
 const ERR_INVALID: u32 = 0x8000_0003;
 const ERR_UNKNOWN: u32 = 0x8000_0006;
 const ERR_TOO_BIG: u32 = 0x8000_0009;
+const ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
 
 const T_HAS_FLAGS: u16 = 1;
 const T_READ_ONLY: u16 = 2;
@@ -76,11 +79,13 @@ const F_NO_HOLE: u16 = 2;
 const F_DF: u16 = 4;
 const F_REQ_ONE: u16 = 8;
 const F_FAST_ZERO: u16 = 16;
+const F_PAYLOAD_LEN: u16 = 32;
 
 const CH_NONE: u16 = 0;
 const CH_DATA: u16 = 1;
 const CH_HOLE: u16 = 2;
 const CH_BLOCK_STATUS: u16 = 5;
+const CH_BLOCK_STATUS_EXT: u16 = 6;
 const CH_ERROR: u16 = 0x8001;
 
 const EPERM: u32 = 1;
@@ -94,6 +99,8 @@ const MAX_REQ: u32 = 32 * 1024 * 1024;
 
 struct Client {
     s: DuplexStream,
+    /// Extended headers negotiated: 32-byte requests, and only extended reply chunks.
+    extended: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +108,8 @@ struct Chunk {
     flags: u16,
     kind: u16,
     cookie: u64,
+    /// The request offset an extended chunk echoes (`None` in a compact chunk).
+    offset: Option<u64>,
     payload: Vec<u8>,
 }
 
@@ -217,24 +226,58 @@ impl Client {
     }
 
     async fn req(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32) {
-        let mut m = Vec::with_capacity(28);
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        self.req64(flags, cmd, cookie, offset, len.into()).await;
+    }
+
+    /// A request in the negotiated header form (a 64-bit length needs extended headers).
+    async fn req64(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64) {
+        let mut m = Vec::with_capacity(32);
+        let magic = if self.extended {
+            EXT_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        m.extend_from_slice(&magic.to_be_bytes());
         m.extend_from_slice(&flags.to_be_bytes());
         m.extend_from_slice(&cmd.to_be_bytes());
         m.extend_from_slice(&cookie.to_be_bytes());
         m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
+        if self.extended {
+            m.extend_from_slice(&len.to_be_bytes());
+        } else {
+            m.extend_from_slice(&u32::try_from(len).expect("compact length").to_be_bytes());
+        }
         self.send(&m).await;
     }
 
     async fn write(&mut self, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
-        self.req(flags, WRITE, cookie, offset, data.len() as u32)
+        self.req64(flags, WRITE, cookie, offset, data.len() as u64)
             .await;
         self.send(data).await;
     }
 
     async fn reply(&mut self) -> Reply {
-        match self.u32().await {
+        let magic = self.u32().await;
+        assert_eq!(
+            magic == EXT_REPLY_MAGIC,
+            self.extended,
+            "reply magic {magic:#x} does not match the negotiated headers"
+        );
+        match magic {
+            EXT_REPLY_MAGIC => {
+                let flags = self.u16().await;
+                let kind = self.u16().await;
+                let cookie = self.u64().await;
+                let offset = self.u64().await;
+                let len = self.u64().await as usize;
+                Reply::Chunk(Chunk {
+                    flags,
+                    kind,
+                    cookie,
+                    offset: Some(offset),
+                    payload: self.bytes(len).await,
+                })
+            }
             SIMPLE_MAGIC => Reply::Simple {
                 error: self.u32().await,
                 cookie: self.u64().await,
@@ -248,6 +291,7 @@ impl Client {
                     flags,
                     kind,
                     cookie,
+                    offset: None,
                     payload: self.bytes(len).await,
                 })
             }
@@ -350,6 +394,30 @@ fn assemble(offset: u64, len: usize, chunks: &[Chunk]) -> Result<Vec<u8>, u32> {
     Ok(out)
 }
 
+/// A BLOCK_STATUS_EXT chunk: context id and 64-bit (length, flags) descriptors.
+fn extents64(chunk: &Chunk) -> (u32, Vec<(u64, u64)>) {
+    assert_eq!(chunk.kind, CH_BLOCK_STATUS_EXT);
+    let p = &chunk.payload;
+    assert!(
+        p.len() >= 24 && (p.len() - 8).is_multiple_of(16),
+        "{}",
+        p.len()
+    );
+    let id = u32::from_be_bytes(p[..4].try_into().unwrap());
+    let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+    assert_eq!(count * 16, p.len() - 8, "descriptor count");
+    let ext = p[8..]
+        .chunks(16)
+        .map(|e| {
+            (
+                u64::from_be_bytes(e[..8].try_into().unwrap()),
+                u64::from_be_bytes(e[8..].try_into().unwrap()),
+            )
+        })
+        .collect();
+    (id, ext)
+}
+
 fn extents(chunk: &Chunk) -> (u32, Vec<(u32, u32)>) {
     assert_eq!(chunk.kind, CH_BLOCK_STATUS);
     let p = &chunk.payload;
@@ -401,7 +469,10 @@ fn start_with(provider: Arc<MemProvider>, config: SessionConfig) -> Fixture {
     ));
     let disk = provider.export("disk").expect("disk export");
     Fixture {
-        client: Client { s: client_end },
+        client: Client {
+            s: client_end,
+            extended: false,
+        },
         provider,
         disk,
         session,
@@ -615,11 +686,6 @@ async fn unsupported_options_are_refused_and_parsing_continues() {
     f.client.greet(C_FIXED | C_NO_ZEROES).await;
     assert_eq!(f.client.final_reply(999, b"whatever").await, ERR_UNSUP);
     assert_eq!(f.client.final_reply(OPT_STARTTLS, &[]).await, ERR_UNSUP);
-    // qemu asks for extended headers first; UNSUP is what makes it fall back.
-    assert_eq!(
-        f.client.final_reply(OPT_EXTENDED_HEADERS, &[]).await,
-        ERR_UNSUP
-    );
     assert_eq!(
         f.client.final_reply(OPT_STRUCTURED, b"x").await,
         ERR_INVALID
@@ -970,6 +1036,206 @@ async fn block_status_reports_allocation() {
     finish(f).await;
 }
 
+// ---- extended headers ---------------------------------------------------------------------
+
+/// `provider()`'s disk plus an 8 GiB sparse export, for lengths past 4 GiB.
+fn big_provider() -> Arc<MemProvider> {
+    Arc::new(
+        MemProvider::new()
+            .with_export("disk", MemExport::new(DISK_BYTES, 4096))
+            .with_export("big", MemExport::new(8 << 30, 4096)),
+    )
+}
+
+/// Handshake with extended headers (no separate structured-reply option: they include
+/// it), `base:allocation` when `meta`, then GO on `name`.
+async fn ready_extended(provider: Arc<MemProvider>, name: &str, meta: bool) -> (Fixture, u16) {
+    let mut f = start_with(provider, SessionConfig::default());
+    f.client.greet(C_FIXED | C_NO_ZEROES).await;
+    assert_eq!(
+        f.client.final_reply(OPT_EXTENDED_HEADERS, &[]).await,
+        REP_ACK
+    );
+    if meta {
+        let r = f
+            .client
+            .meta(OPT_SET_META, name, &["base:allocation"])
+            .await;
+        assert_eq!(r.len(), 2, "{r:?}");
+    }
+    let (_, flags) = f.client.go(name).await;
+    f.client.extended = true;
+    (f, flags)
+}
+
+#[tokio::test]
+async fn extended_headers_are_negotiated_as_the_spec_says() {
+    let mut f = start();
+    f.client.greet(C_FIXED | C_NO_ZEROES).await;
+    assert_eq!(
+        f.client.final_reply(OPT_EXTENDED_HEADERS, b"x").await,
+        ERR_INVALID
+    );
+    // Structured replies first, then the upgrade: allowed.
+    assert_eq!(f.client.final_reply(OPT_STRUCTURED, &[]).await, REP_ACK);
+    assert_eq!(
+        f.client.final_reply(OPT_EXTENDED_HEADERS, &[]).await,
+        REP_ACK
+    );
+    assert_eq!(
+        f.client.final_reply(OPT_EXTENDED_HEADERS, &[]).await,
+        ERR_INVALID
+    );
+    // Back to compact headers: refused with the spec's own error.
+    assert_eq!(
+        f.client.final_reply(OPT_STRUCTURED, &[]).await,
+        ERR_EXT_HEADER_REQD
+    );
+    let r = f
+        .client
+        .meta(OPT_SET_META, "disk", &["base:allocation"])
+        .await;
+    assert_eq!(r.last().unwrap().0, REP_ACK, "{r:?}");
+    let (_, tflags) = f.client.go("disk").await;
+    assert_eq!(tflags & T_DF, T_DF);
+    f.client.extended = true;
+    // Every reply is an extended chunk, even a plain success (no simple replies).
+    f.client.req(0, FLUSH, 1, 0, 0).await;
+    let Reply::Chunk(c) = f.client.reply().await else {
+        panic!("simple reply with extended headers");
+    };
+    assert_eq!(
+        (c.kind, c.flags, c.cookie, c.offset),
+        (CH_NONE, 1, 1, Some(0))
+    );
+    assert!(c.payload.is_empty());
+    assert_eq!(finish(f).await, SessionEnd::Disconnected);
+}
+
+#[tokio::test]
+async fn extended_headers_serve_every_command() {
+    let (mut f, tflags) = ready_extended(big_provider(), "disk", true).await;
+    assert_eq!(tflags & T_DF, T_DF);
+    let data = pattern(3, 8192);
+    f.client.write(F_FUA, 1, 4096, &data).await;
+    assert_eq!(f.client.status().await, (1, 0));
+    // PAYLOAD_LEN is redundant on a WRITE, and allowed there.
+    f.client.write(F_PAYLOAD_LEN, 2, 65536, &data[..4096]).await;
+    assert_eq!(f.client.status().await, (2, 0));
+    // Hole, data, hole: every chunk echoes the request's offset in its header.
+    f.client.req(0, READ, 3, 0, 16384).await;
+    let chunks = f.client.chunks(3).await;
+    assert!(chunks.iter().all(|c| c.offset == Some(0)), "{chunks:?}");
+    assert!(chunks.iter().any(|c| c.kind == CH_HOLE), "{chunks:?}");
+    let mut want = vec![0u8; 16384];
+    want[4096..12288].copy_from_slice(&data);
+    assert_eq!(assemble(0, 16384, &chunks), Ok(want));
+    f.client.req(F_DF, READ, 4, 65536, 4096).await;
+    let chunks = f.client.chunks(4).await;
+    assert_eq!(chunks[0].offset, Some(65536));
+    assert_eq!(assemble(65536, 4096, &chunks), Ok(data[..4096].to_vec()));
+    f.client.req(0, TRIM, 5, 4096, 4096).await;
+    assert_eq!(f.client.status().await, (5, 0));
+    f.client.req(F_NO_HOLE, ZEROES, 6, MIB, 8192).await;
+    assert_eq!(f.client.status().await, (6, 0));
+    f.client.req(0, CACHE, 7, 0, 65536).await;
+    assert_eq!(f.client.status().await, (7, 0));
+    f.client.req(0, FLUSH, 8, 0, 0).await;
+    assert_eq!(f.client.status().await, (8, 0));
+    // Block status is BLOCK_STATUS_EXT (64-bit descriptors) and nothing else.
+    f.client.req(0, BLOCK_STATUS, 9, 0, 16384).await;
+    let chunks = f.client.chunks(9).await;
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].offset, Some(0));
+    let (id, ext) = extents64(&chunks[0]);
+    assert_eq!(id, 1);
+    assert_eq!(ext, [(8192, 3), (4096, 0), (4096, 3)]);
+    f.client.req(F_REQ_ONE, BLOCK_STATUS, 10, MIB, 1000).await;
+    let (_, ext) = extents64(&f.client.chunks(10).await[0]);
+    assert_eq!(ext, [(1000, 2)]);
+    // Errors are extended error chunks.
+    f.client.req(0, READ, 11, DISK_BYTES, 4096).await;
+    let chunks = f.client.chunks(11).await;
+    assert_eq!(chunks[0].offset, Some(DISK_BYTES));
+    assert_eq!(assemble(DISK_BYTES, 4096, &chunks), Err(EINVAL));
+    f.client.write(0, 12, DISK_BYTES, &data[..512]).await;
+    assert_eq!(f.client.status().await, (12, ENOSPC));
+    finish(f).await;
+}
+
+#[tokio::test]
+async fn extended_headers_carry_lengths_past_4_gib() {
+    const GIB: u64 = 1 << 30;
+    let (mut f, _) = ready_extended(big_provider(), "big", true).await;
+    f.client.write(0, 1, 5 * GIB, &pattern(9, 4096)).await;
+    assert_eq!(f.client.status().await, (1, 0));
+    // Block status over 6 GiB: answered, covering at most what was asked.
+    f.client.req64(0, BLOCK_STATUS, 2, 0, 6 * GIB).await;
+    let (_, ext) = extents64(&f.client.chunks(2).await[0]);
+    let covered: u64 = ext.iter().map(|e| e.0).sum();
+    assert!(covered > 0 && covered <= 6 * GIB, "{ext:?}");
+    // One TRIM of 6 GiB reaches the block at 5 GiB.
+    f.client.req64(0, TRIM, 3, 0, 6 * GIB).await;
+    assert_eq!(f.client.status().await, (3, 0));
+    f.client.req(0, READ, 4, 5 * GIB, 4096).await;
+    let chunks = f.client.chunks(4).await;
+    assert_eq!(assemble(5 * GIB, 4096, &chunks), Ok(vec![0; 4096]));
+    f.client
+        .req64(F_REQ_ONE, BLOCK_STATUS, 5, 5 * GIB, 4096)
+        .await;
+    let (_, ext) = extents64(&f.client.chunks(5).await[0]);
+    assert_eq!(ext, [(4096, 3)]);
+    // WRITE_ZEROES of 5 GiB; one reaching past the end is ENOSPC.
+    f.client.req64(0, ZEROES, 6, GIB, 5 * GIB).await;
+    assert_eq!(f.client.status().await, (6, 0));
+    f.client.req64(0, ZEROES, 7, 4 * GIB, 5 * GIB).await;
+    assert_eq!(f.client.status().await, (7, ENOSPC));
+    // READ and CACHE stay within the advertised 32 MiB.
+    f.client
+        .req64(0, READ, 8, 0, u64::from(MAX_REQ) + 4096)
+        .await;
+    assert_eq!(assemble(0, 0, &f.client.chunks(8).await), Err(EINVAL));
+    f.client.req64(0, CACHE, 9, 0, 5 * GIB).await;
+    assert_eq!(f.client.status().await, (9, EINVAL));
+    // A request may announce a payload; this server takes one only with a WRITE, so it
+    // refuses the request, skips the payload, and the stream stays in sync.
+    f.client.req64(F_PAYLOAD_LEN, BLOCK_STATUS, 10, 0, 12).await;
+    f.client.send(&[0u8; 12]).await;
+    assert_eq!(f.client.status().await, (10, EINVAL));
+    f.client.req64(F_PAYLOAD_LEN, 99, 11, 0, 5).await;
+    f.client.send(&[1u8; 5]).await;
+    assert_eq!(f.client.status().await, (11, EINVAL));
+    f.client.req(0, FLUSH, 12, 0, 0).await;
+    assert_eq!(f.client.status().await, (12, 0));
+    finish(f).await;
+}
+
+#[tokio::test]
+async fn a_compact_request_after_extended_headers_ends_the_session() {
+    let (mut f, _) = ready_extended(provider(), "disk", false).await;
+    f.client.extended = false;
+    f.client.req(0, FLUSH, 1, 0, 0).await;
+    // (28 bytes: the server reads 32 before it can judge the magic.)
+    f.client.req(0, FLUSH, 2, 0, 0).await;
+    f.client.expect_eof().await;
+    assert!(matches!(
+        f.session.await.unwrap(),
+        Err(SessionError::Protocol(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_refused_payload_too_large_to_skip_ends_the_session() {
+    let (mut f, _) = ready_extended(provider(), "disk", false).await;
+    let length = (1u64 << 32) + 1;
+    f.client.req64(0, WRITE, 1, 0, length).await;
+    f.client.expect_eof().await;
+    assert!(matches!(
+        f.session.await.unwrap(),
+        Err(SessionError::PayloadTooLarge { length: l }) if l == length
+    ));
+}
+
 // ---- concurrency --------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1152,7 +1418,10 @@ async fn export_panics_and_bad_answers_become_eio() {
         SessionConfig::default(),
         Shutdown::never(),
     ));
-    let mut c = Client { s: client_end };
+    let mut c = Client {
+        s: client_end,
+        extended: false,
+    };
     c.greet(C_FIXED | C_NO_ZEROES).await;
     // A provider error on LIST is an error reply, not a dropped connection.
     assert!(c.final_reply(OPT_LIST, &[]).await & 0x8000_0000 != 0);
@@ -1309,6 +1578,11 @@ async fn server_closes_connections_above_the_limit() {
 /// Feed `bytes` to a session (optionally after a successful GO) and close: the session must
 /// end on its own, without panicking, whatever the bytes were.
 fn survive(bytes: Vec<u8>, after_go: bool) {
+    survive_with(bytes, after_go, false)
+}
+
+/// `survive`, with extended headers negotiated before GO when `extended`.
+fn survive_with(bytes: Vec<u8>, after_go: bool, extended: bool) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1317,7 +1591,12 @@ fn survive(bytes: Vec<u8>, after_go: bool) {
         let mut f = start();
         f.client.greet(C_FIXED | C_NO_ZEROES).await;
         if after_go {
-            assert_eq!(f.client.final_reply(OPT_STRUCTURED, &[]).await, REP_ACK);
+            let option = if extended {
+                OPT_EXTENDED_HEADERS
+            } else {
+                OPT_STRUCTURED
+            };
+            assert_eq!(f.client.final_reply(option, &[]).await, REP_ACK);
             f.client.go("disk").await;
         }
         let Fixture {
@@ -1382,6 +1661,34 @@ proptest::proptest! {
             }
         }
         survive(bytes, true);
+    }
+
+    #[test]
+    fn garbage_extended_requests_never_panic(
+        headers in proptest::collection::vec(
+            (0u16..64, 0u16..10, proptest::prelude::any::<u64>(), proptest::prelude::any::<u64>(), 0u8..3),
+            1..12,
+        ),
+    ) {
+        let mut bytes = Vec::new();
+        for (flags, cmd, offset, len, shape) in headers {
+            // Mostly plausible requests, some with wild offsets and lengths.
+            let (offset, len) = match shape {
+                0 => (offset % (DISK_BYTES + 8192), len % 70_000),
+                1 => (offset % (DISK_BYTES + 8192), len),
+                _ => (offset, len % 70_000),
+            };
+            bytes.extend_from_slice(&EXT_REQUEST_MAGIC.to_be_bytes());
+            bytes.extend_from_slice(&flags.to_be_bytes());
+            bytes.extend_from_slice(&cmd.to_be_bytes());
+            bytes.extend_from_slice(&7u64.to_be_bytes());
+            bytes.extend_from_slice(&offset.to_be_bytes());
+            bytes.extend_from_slice(&len.to_be_bytes());
+            if (cmd == WRITE || flags & F_PAYLOAD_LEN != 0) && len < 70_000 {
+                bytes.resize(bytes.len() + len as usize, 0x5a);
+            }
+        }
+        survive_with(bytes, true, true);
     }
 }
 
@@ -1469,7 +1776,10 @@ async fn server_wide_byte_budget_bounds_all_connections_together() {
             shutdown,
         )));
         triggers.push(trigger);
-        let mut c = Client { s: client_end };
+        let mut c = Client {
+            s: client_end,
+            extended: false,
+        };
         c.greet(C_FIXED | C_NO_ZEROES).await;
         c.go("disk").await;
         clients.push(c);

@@ -9,9 +9,11 @@
 //!   check round trips and the test clients do not need a second codec.
 //! - Values are big-endian (network order), as the spec requires.
 //!
-//! Numbers come from the protocol document (`doc/proto.md` in NetworkBlockDevice/nbd), plus
-//! `NBD_OPT_EXTENDED_HEADERS` (11) from the extended-headers extension, which this server
-//! refuses with `NBD_REP_ERR_UNSUP` so clients fall back to compact headers.
+//! Numbers come from the protocol document (`doc/proto.md` in NetworkBlockDevice/nbd),
+//! including its extended headers (`NBD_OPT_EXTENDED_HEADERS`): 32-byte requests with 64-bit
+//! lengths and 32-byte reply chunks that echo the request's offset, and
+//! `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`. Reply encoders take a [`ReplyTo`], which says which of
+//! the two chunk headers a connection uses.
 
 use bytes::{Buf, BufMut};
 
@@ -26,6 +28,10 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Request magic once extended headers are negotiated (32-byte header, 64-bit length).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Reply chunk magic once extended headers are negotiated (32-byte header).
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // ---- handshake flags ----------------------------------------------------------------------
 
@@ -113,6 +119,9 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers only: the length field is the payload's length (WRITE always has one;
+/// BLOCK_STATUS only with `NBD_FLAG_BLOCK_STAT_PAYLOAD`, which this server does not offer).
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// The commands this server implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +186,8 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// BLOCK_STATUS with 64-bit lengths and flags: the only form allowed with extended headers.
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
@@ -195,8 +206,12 @@ pub const OPTION_HEADER_BYTES: usize = 16;
 pub const OPTION_REPLY_HEADER_BYTES: usize = 20;
 /// Bytes in a (compact) transmission request header.
 pub const REQUEST_HEADER_BYTES: usize = 28;
+/// Bytes in an extended transmission request header.
+pub const EXTENDED_REQUEST_HEADER_BYTES: usize = 32;
 pub const SIMPLE_REPLY_BYTES: usize = 16;
 pub const CHUNK_HEADER_BYTES: usize = 20;
+/// Bytes in an extended reply chunk header.
+pub const EXTENDED_CHUNK_HEADER_BYTES: usize = 32;
 /// The spec's limit on any string (export names, error messages, context names).
 pub const STRING_BYTES_MAX: usize = 4096;
 /// Context id this server assigns to `base:allocation` in NBD_OPT_SET_META_CONTEXT.
@@ -602,25 +617,36 @@ pub fn encode_export_name_reply(
 
 // ---- transmission -------------------------------------------------------------------------
 
-/// A compact (28-byte) request header. `command` is kept raw so unknown commands can be
-/// answered with EINVAL instead of failing the decode.
+/// A request header, compact (28 bytes, 32-bit length) or extended (32 bytes, 64-bit
+/// length). `command` is kept raw so unknown commands can be answered with EINVAL instead
+/// of failing the decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
     pub flags: u16,
     pub command: u16,
     pub cookie: u64,
     pub offset: u64,
-    pub length: u32,
+    pub length: u64,
 }
 
 impl RequestHeader {
+    /// The compact form; `length` must fit in 32 bits (it is truncated otherwise).
     pub fn encode(&self, buf: &mut impl BufMut) {
         buf.put_u32(REQUEST_MAGIC);
         buf.put_u16(self.flags);
         buf.put_u16(self.command);
         buf.put_u64(self.cookie);
         buf.put_u64(self.offset);
-        buf.put_u32(self.length);
+        buf.put_u32(self.length as u32);
+    }
+
+    pub fn encode_extended(&self, buf: &mut impl BufMut) {
+        buf.put_u32(EXTENDED_REQUEST_MAGIC);
+        buf.put_u16(self.flags);
+        buf.put_u16(self.command);
+        buf.put_u64(self.cookie);
+        buf.put_u64(self.offset);
+        buf.put_u64(self.length);
     }
 
     pub fn decode(bytes: &[u8; REQUEST_HEADER_BYTES]) -> Result<Self, ProtocolError> {
@@ -637,7 +663,29 @@ impl RequestHeader {
             command: r.u16()?,
             cookie: r.u64()?,
             offset: r.u64()?,
-            length: r.u32()?,
+            length: r.u32()?.into(),
+        })
+    }
+
+    /// Once extended headers are negotiated every request must be in this form: a compact
+    /// magic is a bad magic (the stream cannot be resynchronised).
+    pub fn decode_extended(
+        bytes: &[u8; EXTENDED_REQUEST_HEADER_BYTES],
+    ) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(bytes, "extended request header");
+        let magic = r.u32()?;
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(ProtocolError::BadMagic {
+                expected: EXTENDED_REQUEST_MAGIC.into(),
+                got: magic.into(),
+            });
+        }
+        Ok(Self {
+            flags: r.u16()?,
+            command: r.u16()?,
+            cookie: r.u64()?,
+            offset: r.u64()?,
+            length: r.u64()?,
         })
     }
 }
@@ -708,6 +756,74 @@ impl ChunkHeader {
     }
 }
 
+/// An extended reply chunk header; `length` payload bytes follow it. `offset` echoes the
+/// request's offset whatever the chunk's type (its payload says which bytes it is about).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtendedChunkHeader {
+    pub flags: u16,
+    pub reply_type: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl ExtendedChunkHeader {
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        buf.put_u32(EXTENDED_REPLY_MAGIC);
+        buf.put_u16(self.flags);
+        buf.put_u16(self.reply_type);
+        buf.put_u64(self.cookie);
+        buf.put_u64(self.offset);
+        buf.put_u64(self.length);
+    }
+
+    pub fn decode(bytes: &[u8; EXTENDED_CHUNK_HEADER_BYTES]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(bytes, "extended reply header");
+        let magic = r.u32()?;
+        if magic != EXTENDED_REPLY_MAGIC {
+            return Err(ProtocolError::BadMagic {
+                expected: EXTENDED_REPLY_MAGIC.into(),
+                got: magic.into(),
+            });
+        }
+        Ok(Self {
+            flags: r.u16()?,
+            reply_type: r.u16()?,
+            cookie: r.u64()?,
+            offset: r.u64()?,
+            length: r.u64()?,
+        })
+    }
+}
+
+/// Which request a reply answers, and in which chunk header: compact (structured replies)
+/// or extended (which also carries the request's offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub cookie: u64,
+    /// The request's offset, echoed in extended headers.
+    pub offset: u64,
+    pub extended: bool,
+}
+
+impl ReplyTo {
+    pub fn compact(cookie: u64) -> Self {
+        Self {
+            cookie,
+            offset: 0,
+            extended: false,
+        }
+    }
+
+    pub fn extended(cookie: u64, offset: u64) -> Self {
+        Self {
+            cookie,
+            offset,
+            extended: true,
+        }
+    }
+}
+
 fn done_flag(done: bool) -> u16 {
     if done {
         REPLY_FLAG_DONE
@@ -716,96 +832,121 @@ fn done_flag(done: bool) -> u16 {
     }
 }
 
+/// A chunk header of the connection's form. Compact headers have a 32-bit length; every
+/// chunk this server builds is far below that (reads are capped at 32 MiB), and it
+/// saturates rather than wraps.
+fn put_chunk_header(buf: &mut impl BufMut, to: ReplyTo, flags: u16, reply_type: u16, length: u64) {
+    if to.extended {
+        ExtendedChunkHeader {
+            flags,
+            reply_type,
+            cookie: to.cookie,
+            offset: to.offset,
+            length,
+        }
+        .encode(buf);
+    } else {
+        ChunkHeader {
+            flags,
+            reply_type,
+            cookie: to.cookie,
+            length: u32::try_from(length).unwrap_or(u32::MAX),
+        }
+        .encode(buf);
+    }
+}
+
 /// Header and offset of an OFFSET_DATA chunk; the caller writes `data_len` data bytes next.
 /// `data_len` must be at least 1 and at most `u32::MAX - 8`.
 pub fn encode_offset_data_header(
     buf: &mut impl BufMut,
-    cookie: u64,
+    to: ReplyTo,
     offset: u64,
     data_len: u32,
     done: bool,
 ) {
     debug_assert!((1..=u32::MAX - 8).contains(&data_len));
-    ChunkHeader {
-        flags: done_flag(done),
-        reply_type: REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        length: data_len.saturating_add(8),
-    }
-    .encode(buf);
+    put_chunk_header(
+        buf,
+        to,
+        done_flag(done),
+        REPLY_TYPE_OFFSET_DATA,
+        u64::from(data_len) + 8,
+    );
     buf.put_u64(offset);
 }
 
-/// A complete OFFSET_HOLE chunk; `hole_len` must be nonzero.
+/// A complete OFFSET_HOLE chunk; `hole_len` must be nonzero. (Its length stays 32 bits
+/// with extended headers too: a read is never longer than the maximum payload.)
 pub fn encode_offset_hole(
     buf: &mut impl BufMut,
-    cookie: u64,
+    to: ReplyTo,
     offset: u64,
     hole_len: u32,
     done: bool,
 ) {
     debug_assert!(hole_len != 0);
-    ChunkHeader {
-        flags: done_flag(done),
-        reply_type: REPLY_TYPE_OFFSET_HOLE,
-        cookie,
-        length: 12,
-    }
-    .encode(buf);
+    put_chunk_header(buf, to, done_flag(done), REPLY_TYPE_OFFSET_HOLE, 12);
     buf.put_u64(offset);
     buf.put_u32(hole_len);
 }
 
-/// A complete BLOCK_STATUS chunk for one context; `extents` (length, flags) must be nonempty.
+/// A complete block status chunk for one context; `extents` (length, flags) must be
+/// nonempty. With extended headers it is a BLOCK_STATUS_EXT chunk (64-bit descriptors and
+/// a descriptor count), the only form the spec allows there.
 pub fn encode_block_status(
     buf: &mut impl BufMut,
-    cookie: u64,
+    to: ReplyTo,
     context_id: u32,
     extents: &[(u32, u32)],
     done: bool,
 ) {
     debug_assert!(!extents.is_empty());
-    let length = 4usize.saturating_add(extents.len().saturating_mul(8));
-    ChunkHeader {
-        flags: done_flag(done),
-        reply_type: REPLY_TYPE_BLOCK_STATUS,
-        cookie,
-        length: u32::try_from(length).unwrap_or(u32::MAX),
-    }
-    .encode(buf);
-    buf.put_u32(context_id);
-    for (len, flags) in extents {
-        buf.put_u32(*len);
-        buf.put_u32(*flags);
+    let n = extents.len() as u64;
+    if to.extended {
+        put_chunk_header(
+            buf,
+            to,
+            done_flag(done),
+            REPLY_TYPE_BLOCK_STATUS_EXT,
+            8 + 16 * n,
+        );
+        buf.put_u32(context_id);
+        buf.put_u32(u32::try_from(extents.len()).unwrap_or(u32::MAX));
+        for (len, flags) in extents {
+            buf.put_u64(u64::from(*len));
+            buf.put_u64(u64::from(*flags));
+        }
+    } else {
+        put_chunk_header(buf, to, done_flag(done), REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
+        buf.put_u32(context_id);
+        for (len, flags) in extents {
+            buf.put_u32(*len);
+            buf.put_u32(*flags);
+        }
     }
 }
 
 /// A complete ERROR chunk (always final here: this server sends one error per reply).
 /// The message is clipped to the spec's 4096-byte limit.
-pub fn encode_error_chunk(buf: &mut impl BufMut, cookie: u64, error: u32, message: &str) {
+pub fn encode_error_chunk(buf: &mut impl BufMut, to: ReplyTo, error: u32, message: &str) {
     debug_assert!(error != 0);
     let message = clip_message(message);
-    ChunkHeader {
-        flags: REPLY_FLAG_DONE,
-        reply_type: REPLY_TYPE_ERROR,
-        cookie,
-        length: 6 + message.len() as u32,
-    }
-    .encode(buf);
+    put_chunk_header(
+        buf,
+        to,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        6 + message.len() as u64,
+    );
     buf.put_u32(error);
     buf.put_u16(message.len() as u16);
     buf.put_slice(message.as_bytes());
 }
 
 /// A NONE chunk, which always carries DONE.
-pub fn encode_none_chunk(buf: &mut impl BufMut, cookie: u64) {
-    ChunkHeader {
-        flags: REPLY_FLAG_DONE,
-        reply_type: REPLY_TYPE_NONE,
-        cookie,
-        length: 0,
-    }
-    .encode(buf);
+pub fn encode_none_chunk(buf: &mut impl BufMut, to: ReplyTo) {
+    put_chunk_header(buf, to, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
 }
 
 /// A decoded structured reply chunk payload.
@@ -823,6 +964,10 @@ pub enum ChunkPayload {
     BlockStatus {
         context_id: u32,
         extents: Vec<(u32, u32)>,
+    },
+    BlockStatusExt {
+        context_id: u32,
+        extents: Vec<(u64, u64)>,
     },
     Error {
         error: u32,
@@ -883,6 +1028,24 @@ impl ChunkPayload {
                     extents,
                 }
             }
+            REPLY_TYPE_BLOCK_STATUS_EXT => {
+                let context_id = r.u32()?;
+                let count = r.u32()? as usize;
+                if count == 0 || r.bytes.len() != count.saturating_mul(16) {
+                    return Err(ProtocolError::Invalid {
+                        what: "BLOCK_STATUS_EXT",
+                        detail: "descriptor count zero or not matching the length",
+                    });
+                }
+                let mut extents = Vec::with_capacity(count);
+                while !r.bytes.is_empty() {
+                    extents.push((r.u64()?, r.u64()?));
+                }
+                ChunkPayload::BlockStatusExt {
+                    context_id,
+                    extents,
+                }
+            }
             REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
                 let error = r.u32()?;
                 let message_len = r.u16()? as usize;
@@ -935,6 +1098,48 @@ mod tests {
     }
 
     #[test]
+    fn golden_extended_request_header_and_reply_chunk() {
+        let header = RequestHeader {
+            flags: CMD_FLAG_FUA,
+            command: CMD_TRIM,
+            cookie: 0x0102_0304_0506_0708,
+            offset: 4096,
+            length: 5 << 30,
+        };
+        let mut buf = Vec::new();
+        header.encode_extended(&mut buf);
+        assert_eq!(
+            buf,
+            [
+                0x21, 0xe4, 0x1c, 0x71, 0, 1, 0, 4, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10,
+                0, 0, 0, 0, 1, 0x40, 0, 0, 0
+            ]
+        );
+        assert_eq!(
+            RequestHeader::decode_extended(buf[..].try_into().unwrap()).unwrap(),
+            header
+        );
+        // A compact request where an extended one is due cannot be parsed.
+        let mut compact = Vec::new();
+        RequestHeader {
+            length: 512,
+            ..header
+        }
+        .encode(&mut compact);
+        compact.extend_from_slice(&[0; 4]);
+        assert!(RequestHeader::decode_extended(compact[..].try_into().unwrap()).is_err());
+        let mut buf = Vec::new();
+        encode_none_chunk(&mut buf, ReplyTo::extended(9, 4096));
+        assert_eq!(
+            buf,
+            [
+                0x6e, 0x8a, 0x27, 0x8c, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0x10,
+                0, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+    }
+
+    #[test]
     fn golden_greeting_and_export_name_reply() {
         let mut buf = Vec::new();
         encode_greeting(&mut buf, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
@@ -956,7 +1161,7 @@ mod tests {
         assert!(clipped.len() <= STRING_BYTES_MAX);
         assert!(clipped.len() >= STRING_BYTES_MAX - 1);
         let mut buf = Vec::new();
-        encode_error_chunk(&mut buf, 1, 22, &long);
+        encode_error_chunk(&mut buf, ReplyTo::compact(1), 22, &long);
         let header = ChunkHeader::decode(buf[..20].try_into().unwrap()).unwrap();
         assert_eq!(header.length as usize, buf.len() - 20);
         let payload = ChunkPayload::decode(header.reply_type, &buf[20..]).unwrap();
@@ -977,12 +1182,17 @@ mod tests {
 
     proptest! {
         #[test]
-        fn request_header_round_trip(flags: u16, command: u16, cookie: u64, offset: u64, length: u32) {
-            let h = RequestHeader { flags, command, cookie, offset, length };
+        fn request_header_round_trip(flags: u16, command: u16, cookie: u64, offset: u64, length: u32, long: u64) {
+            let h = RequestHeader { flags, command, cookie, offset, length: length.into() };
             let mut buf = Vec::new();
             h.encode(&mut buf);
             prop_assert_eq!(buf.len(), REQUEST_HEADER_BYTES);
             prop_assert_eq!(RequestHeader::decode(buf[..].try_into().unwrap()).unwrap(), h);
+            let h = RequestHeader { length: long, ..h };
+            let mut buf = Vec::new();
+            h.encode_extended(&mut buf);
+            prop_assert_eq!(buf.len(), EXTENDED_REQUEST_HEADER_BYTES);
+            prop_assert_eq!(RequestHeader::decode_extended(buf[..].try_into().unwrap()).unwrap(), h);
         }
 
         #[test]
@@ -1057,28 +1267,47 @@ mod tests {
             message in name(),
             done: bool,
         ) {
-            let decode = |buf: &[u8]| {
-                let header = ChunkHeader::decode(buf[..CHUNK_HEADER_BYTES].try_into().unwrap()).unwrap();
-                assert_eq!(header.length as usize, buf.len() - CHUNK_HEADER_BYTES);
-                assert_eq!(header.cookie, cookie);
-                (header.flags, ChunkPayload::decode(header.reply_type, &buf[CHUNK_HEADER_BYTES..]).unwrap())
-            };
-            let mut buf = Vec::new();
-            encode_offset_data_header(&mut buf, cookie, offset, data.len() as u32, done);
-            buf.extend_from_slice(&data);
-            prop_assert_eq!(decode(&buf), (done_flag(done), ChunkPayload::OffsetData { offset, data: data.clone() }));
-            let mut buf = Vec::new();
-            encode_offset_hole(&mut buf, cookie, offset, hole, done);
-            prop_assert_eq!(decode(&buf), (done_flag(done), ChunkPayload::OffsetHole { offset, length: hole }));
-            let mut buf = Vec::new();
-            encode_block_status(&mut buf, cookie, 7, &extents, done);
-            prop_assert_eq!(decode(&buf), (done_flag(done), ChunkPayload::BlockStatus { context_id: 7, extents: extents.clone() }));
-            let mut buf = Vec::new();
-            encode_error_chunk(&mut buf, cookie, error, &message);
-            prop_assert_eq!(decode(&buf), (REPLY_FLAG_DONE, ChunkPayload::Error { error, message: message.clone() }));
-            let mut buf = Vec::new();
-            encode_none_chunk(&mut buf, cookie);
-            prop_assert_eq!(decode(&buf), (REPLY_FLAG_DONE, ChunkPayload::None));
+            for extended in [false, true] {
+                let to = ReplyTo { cookie, offset: offset ^ 1, extended };
+                let decode = |buf: &[u8]| {
+                    let (flags, reply_type, body) = if extended {
+                        let n = EXTENDED_CHUNK_HEADER_BYTES;
+                        let h = ExtendedChunkHeader::decode(buf[..n].try_into().unwrap()).unwrap();
+                        assert_eq!(h.length as usize, buf.len() - n);
+                        assert_eq!((h.cookie, h.offset), (cookie, offset ^ 1));
+                        (h.flags, h.reply_type, &buf[n..])
+                    } else {
+                        let n = CHUNK_HEADER_BYTES;
+                        let h = ChunkHeader::decode(buf[..n].try_into().unwrap()).unwrap();
+                        assert_eq!(h.length as usize, buf.len() - n);
+                        assert_eq!(h.cookie, cookie);
+                        (h.flags, h.reply_type, &buf[n..])
+                    };
+                    (flags, ChunkPayload::decode(reply_type, body).unwrap())
+                };
+                let mut buf = Vec::new();
+                encode_offset_data_header(&mut buf, to, offset, data.len() as u32, done);
+                buf.extend_from_slice(&data);
+                prop_assert_eq!(decode(&buf), (done_flag(done), ChunkPayload::OffsetData { offset, data: data.clone() }));
+                let mut buf = Vec::new();
+                encode_offset_hole(&mut buf, to, offset, hole, done);
+                prop_assert_eq!(decode(&buf), (done_flag(done), ChunkPayload::OffsetHole { offset, length: hole }));
+                let mut buf = Vec::new();
+                encode_block_status(&mut buf, to, 7, &extents, done);
+                let status = if extended {
+                    let wide = extents.iter().map(|&(l, f)| (u64::from(l), u64::from(f))).collect();
+                    ChunkPayload::BlockStatusExt { context_id: 7, extents: wide }
+                } else {
+                    ChunkPayload::BlockStatus { context_id: 7, extents: extents.clone() }
+                };
+                prop_assert_eq!(decode(&buf), (done_flag(done), status));
+                let mut buf = Vec::new();
+                encode_error_chunk(&mut buf, to, error, &message);
+                prop_assert_eq!(decode(&buf), (REPLY_FLAG_DONE, ChunkPayload::Error { error, message: message.clone() }));
+                let mut buf = Vec::new();
+                encode_none_chunk(&mut buf, to);
+                prop_assert_eq!(decode(&buf), (REPLY_FLAG_DONE, ChunkPayload::None));
+            }
         }
 
         #[test]
@@ -1092,13 +1321,16 @@ mod tests {
             let _ = parse_string(&bytes);
             let _ = ChunkPayload::decode(t, &bytes);
             for reply_type in [REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
-                               REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_OFFSET] {
+                               REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_BLOCK_STATUS_EXT, REPLY_TYPE_ERROR,
+                               REPLY_TYPE_ERROR_OFFSET] {
                 let _ = ChunkPayload::decode(reply_type, &bytes);
             }
-            let mut fixed = [0u8; 28];
-            let n = bytes.len().min(28);
+            let mut fixed = [0u8; 32];
+            let n = bytes.len().min(32);
             fixed[..n].copy_from_slice(&bytes[..n]);
-            let _ = RequestHeader::decode(&fixed);
+            let _ = RequestHeader::decode_extended(&fixed);
+            let _ = ExtendedChunkHeader::decode(&fixed);
+            let _ = RequestHeader::decode(fixed[..28].try_into().unwrap());
             let _ = OptionHeader::decode(fixed[..16].try_into().unwrap());
             let _ = OptionReplyHeader::decode(fixed[..20].try_into().unwrap());
             let _ = SimpleReply::decode(fixed[..16].try_into().unwrap());
@@ -1111,6 +1343,10 @@ mod tests {
             fixed[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
             fixed[4..].copy_from_slice(&rest);
             prop_assert!(RequestHeader::decode(&fixed).is_ok());
+            let mut wide = [0u8; 32];
+            wide[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+            wide[4..28].copy_from_slice(&rest);
+            prop_assert!(RequestHeader::decode_extended(&wide).is_ok());
         }
     }
 }

@@ -13,9 +13,15 @@
 //! - Every request is validated (command, flags, range with `checked_add`, size limits,
 //!   read-only) before any I/O, so exports only see requests inside the device and
 //!   `len <= REQUEST_BYTES_MAX` (TRIM / WRITE_ZEROES are split into pieces that size).
-//! - The byte stream stays parseable after any bad request: a WRITE's payload is always
-//!   consumed (read, or discarded for oversized/invalid ones) before the next header. Only
-//!   a bad request magic or an I/O error ends the connection.
+//! - The byte stream stays parseable after any bad request: a WRITE's payload (or, with
+//!   extended headers, any request's payload announced by `NBD_CMD_FLAG_PAYLOAD_LEN`) is
+//!   always consumed (read, or discarded for oversized/invalid ones) before the next header.
+//!   Only a bad request magic, a payload too large to skip ([`SKIP_BYTES_MAX`]) or an I/O
+//!   error ends the connection.
+//! - Once extended headers are negotiated every request header is the 32-byte form and
+//!   every reply is a 32-byte extended chunk (no simple replies); lengths of TRIM,
+//!   WRITE_ZEROES and BLOCK_STATUS may then pass 4 GiB, READ, WRITE and CACHE stay within
+//!   the advertised 32 MiB.
 //! - All chunks of one reply are encoded by the single writer task from one message, so
 //!   replies never interleave; replies to different requests go out in completion order.
 //! - Memory is bounded per connection: at most `requests_in_flight_max` requests and
@@ -102,6 +108,11 @@ const ZERO_COPY_MIN_BYTES: usize = 2048;
 /// Buffers per vectored write (Linux's IOV_MAX is 1024).
 const IOVECS_PER_WRITE_MAX: usize = 512;
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+/// Largest payload of a refused request that is read and dropped to stay in sync; a longer
+/// one ends the connection. 4 GiB: what a compact header can announce (only extended
+/// headers can claim more, and a client sending that much past the advertised 32 MiB
+/// maximum has broken the protocol anyway).
+pub const SKIP_BYTES_MAX: u64 = 1 << 32;
 
 /// Tells sessions the server is shutting down: stop reading, finish in-flight, close.
 #[derive(Debug, Clone)]
@@ -160,6 +171,8 @@ pub enum SessionError {
     Io(#[from] io::Error),
     #[error("protocol violation: {0}")]
     Protocol(#[from] ProtocolError),
+    #[error("refused request announces a {length}-byte payload, more than can be skipped")]
+    PayloadTooLarge { length: u64 },
     #[error("handshake did not finish within {0:?}")]
     HandshakeTimeout(Duration),
     #[error("client sent unknown flags {flags:#x}")]
@@ -214,6 +227,7 @@ where
     tracing::Span::current().record("export", negotiated.name.as_str());
     tracing::debug!(
         structured = negotiated.structured,
+        extended_headers = negotiated.extended,
         base_allocation = negotiated.base_allocation,
         flags = negotiated.transmission_flags,
         "entering transmission"
@@ -230,6 +244,8 @@ struct Negotiated {
     name: String,
     export: Arc<dyn BlockExport>,
     structured: bool,
+    /// Extended headers (implies `structured`): 32-byte requests and reply chunks.
+    extended: bool,
     /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
     base_allocation: bool,
     transmission_flags: u16,
@@ -281,6 +297,17 @@ fn option_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) 
     option_reply(out, option, reply_type, clip_message(message).as_bytes());
 }
 
+/// Read and drop the payload of a refused request, if it is not too long to skip.
+async fn skip_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    length: u64,
+) -> Result<(), SessionError> {
+    if length > SKIP_BYTES_MAX {
+        return Err(SessionError::PayloadTooLarge { length });
+    }
+    discard(reader, length).await.map_err(SessionError::from)
+}
+
 /// Read and drop `len` bytes.
 async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
     let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
@@ -323,6 +350,7 @@ where
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
     let mut structured = false;
+    let mut extended = false;
     // Export name for which `base:allocation` was selected by the last SET_META_CONTEXT.
     let mut meta_export: Option<String> = None;
     let mut data = Vec::new();
@@ -397,6 +425,7 @@ where
                     name,
                     export,
                     structured,
+                    extended,
                     base_allocation,
                     transmission_flags: flags,
                 }));
@@ -440,13 +469,26 @@ where
                 option_error(&mut out, option, REP_ERR_UNSUP, "TLS is not supported");
             }
             OPT_EXTENDED_HEADERS => {
-                // The extension tells clients to fall back to compact headers on UNSUP.
-                option_error(
-                    &mut out,
-                    option,
-                    REP_ERR_UNSUP,
-                    "extended headers are not supported",
-                );
+                if !data.is_empty() {
+                    option_error(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    );
+                } else if extended {
+                    option_error(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        "extended headers already negotiated",
+                    );
+                } else {
+                    // Extended headers include structured replies (the spec).
+                    extended = true;
+                    structured = true;
+                    option_reply(&mut out, option, REP_ACK, &[]);
+                }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -455,6 +497,14 @@ where
                         option,
                         REP_ERR_INVALID,
                         "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else if extended {
+                    // Asking for the compact form after the extended one: the spec's answer.
+                    option_error(
+                        &mut out,
+                        option,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
                     );
                 } else {
                     structured = true;
@@ -497,6 +547,7 @@ where
                         name: request.name,
                         export,
                         structured,
+                        extended,
                         base_allocation,
                         transmission_flags: flags,
                     }));
@@ -645,7 +696,7 @@ enum Op {
     },
     BlockStatus {
         offset: u64,
-        len: u32,
+        len: u64,
         req_one: bool,
     },
 }
@@ -719,7 +770,7 @@ impl Spares {
 
 /// A reply plus the permits that bound it; the permits drop once it is written.
 struct Outgoing {
-    cookie: u64,
+    to: ReplyTo,
     body: Body,
     _request_permit: OwnedSemaphorePermit,
     _bytes_permit: Option<OwnedSemaphorePermit>,
@@ -744,7 +795,11 @@ fn validate(
     size_bytes: u64,
     read_only: bool,
 ) -> Result<(), Rejected> {
-    let flags = header.flags;
+    let mut flags = header.flags;
+    if negotiated.extended && command == Command::Write {
+        // Redundant on a WRITE (its length is always the payload's), so allowed.
+        flags &= !CMD_FLAG_PAYLOAD_LEN;
+    }
     if flags & !command.flags_allowed() != 0 {
         return Err(reject(
             Errno::Inval,
@@ -754,12 +809,11 @@ fn validate(
     if flags & CMD_FLAG_DF != 0 && !negotiated.structured {
         return Err(reject(Errno::Inval, "DF needs structured replies"));
     }
-    let len = u64::from(header.length);
     let in_range = header
         .offset
-        .checked_add(len)
+        .checked_add(header.length)
         .is_some_and(|end| end <= size_bytes);
-    let oversized = header.length > REQUEST_BYTES_MAX;
+    let oversized = header.length > u64::from(REQUEST_BYTES_MAX);
     match command {
         Command::Read | Command::Cache => {
             if oversized {
@@ -838,6 +892,11 @@ where
     let size_bytes = export.size_bytes();
     let read_only = export.read_only();
     let structured = negotiated.structured;
+    let header_bytes = if negotiated.extended {
+        EXTENDED_REQUEST_HEADER_BYTES
+    } else {
+        REQUEST_HEADER_BYTES
+    };
     let requests = Arc::new(Semaphore::new(
         config
             .requests_in_flight_max
@@ -881,7 +940,7 @@ where
                 break Err(e.into());
             }
         }
-        if batch.len() >= INLINE_BATCH_MAX || reader.buffer().len() < REQUEST_HEADER_BYTES {
+        if batch.len() >= INLINE_BATCH_MAX || reader.buffer().len() < header_bytes {
             hand_over(&mut batch);
         }
         // Take the request slot before reading, so a full queue pushes back on the socket.
@@ -900,38 +959,51 @@ where
                 }
             }
         };
-        let mut raw = [0u8; REQUEST_HEADER_BYTES];
-        let read = if reader.buffer().len() >= REQUEST_HEADER_BYTES
-            && !shutdown.is_triggered()
-            && !tx.is_closed()
-        {
-            // Already buffered: nothing to wait for, so no need to watch the shutdown
-            // signal and the writer while waiting (registering and dropping those two
-            // waiters on every request was 2.5% of the instructions of 4 KiB writes).
-            raw.copy_from_slice(&reader.buffer()[..REQUEST_HEADER_BYTES]);
-            std::pin::Pin::new(&mut reader).consume(REQUEST_HEADER_BYTES);
-            Ok(REQUEST_HEADER_BYTES)
-        } else {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
-                _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
-                r = reader.read_exact(&mut raw) => r,
-            }
-        };
+        let mut raw = [0u8; EXTENDED_REQUEST_HEADER_BYTES];
+        let read =
+            if reader.buffer().len() >= header_bytes && !shutdown.is_triggered() && !tx.is_closed()
+            {
+                // Already buffered: nothing to wait for, so no need to watch the shutdown
+                // signal and the writer while waiting (registering and dropping those two
+                // waiters on every request was 2.5% of the instructions of 4 KiB writes).
+                raw[..header_bytes].copy_from_slice(&reader.buffer()[..header_bytes]);
+                std::pin::Pin::new(&mut reader).consume(header_bytes);
+                Ok(header_bytes)
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+                    _ = tx.closed() => break Ok(SessionEnd::WriterClosed),
+                    r = reader.read_exact(&mut raw[..header_bytes]) => r,
+                }
+            };
         match read {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(SessionEnd::Eof),
             Err(e) => break Err(e.into()),
         }
-        let header = match RequestHeader::decode(&raw) {
+        let decoded = if negotiated.extended {
+            RequestHeader::decode_extended(&raw)
+        } else {
+            let mut compact = [0u8; REQUEST_HEADER_BYTES];
+            compact.copy_from_slice(&raw[..REQUEST_HEADER_BYTES]);
+            RequestHeader::decode(&compact)
+        };
+        let header = match decoded {
             Ok(h) => h,
             // Without a valid magic the stream cannot be resynchronised.
             Err(e) => break Err(e.into()),
         };
+        let to = if negotiated.extended {
+            ReplyTo::extended(header.cookie, header.offset)
+        } else {
+            ReplyTo::compact(header.cookie)
+        };
+        // A payload follows a WRITE, and with extended headers any request flagged so.
+        let announces_payload = negotiated.extended && header.flags & CMD_FLAG_PAYLOAD_LEN != 0;
         let reply_now = |batch: &mut Vec<Outgoing>, body: Body, permit: OwnedSemaphorePermit| {
             batch.push(Outgoing {
-                cookie: header.cookie,
+                to,
                 body,
                 _request_permit: permit,
                 _bytes_permit: None,
@@ -940,6 +1012,12 @@ where
         };
         let Some(command) = Command::from_u16(header.command) else {
             tracing::debug!(command = header.command, "unknown command");
+            if announces_payload {
+                hand_over(&mut batch);
+                if let Err(e) = skip_payload(&mut reader, header.length).await {
+                    break Err(e);
+                }
+            }
             reply_now(
                 &mut batch,
                 Body::error(Errno::Inval, "unknown command"),
@@ -959,12 +1037,12 @@ where
                 reason = r.message,
                 "request rejected"
             );
-            if command == Command::Write {
+            if command == Command::Write || announces_payload {
                 // The payload follows regardless; consume it to stay in sync. Up to 4 GiB
                 // may be skipped this way, streamed through a small buffer.
                 hand_over(&mut batch);
-                if let Err(e) = discard(&mut reader, header.length.into()).await {
-                    break Err(e.into());
+                if let Err(e) = skip_payload(&mut reader, header.length).await {
+                    break Err(e);
                 }
             }
             reply_now(&mut batch, Body::error(r.errno, r.message), request_permit);
@@ -1018,7 +1096,8 @@ where
         let op = match command {
             Command::Read => Op::Read {
                 offset,
-                len,
+                // Validated: at most REQUEST_BYTES_MAX.
+                len: len as u32,
                 df: flags & CMD_FLAG_DF != 0,
             },
             Command::Write => {
@@ -1045,23 +1124,16 @@ where
                 Op::Write { offset, data, fua }
             }
             Command::Flush => Op::Flush,
-            Command::Trim => Op::Trim {
-                offset,
-                len: len.into(),
-                fua,
-            },
+            Command::Trim => Op::Trim { offset, len, fua },
             Command::WriteZeroes => Op::WriteZeroes {
                 offset,
-                len: len.into(),
+                len,
                 fua,
                 // FAST_ZERO needs nothing: zeroing only touches metadata, so it is always
                 // faster than writing, and the spec then says to just do it.
                 no_hole: flags & CMD_FLAG_NO_HOLE != 0,
             },
-            Command::Cache => Op::Cache {
-                offset,
-                len: len.into(),
-            },
+            Command::Cache => Op::Cache { offset, len },
             Command::BlockStatus => Op::BlockStatus {
                 offset,
                 len,
@@ -1089,7 +1161,7 @@ where
                 tracing::warn!(cookie, request = op_name, error = %message, "request failed with EIO");
             }
             Outgoing {
-                cookie,
+                to,
                 body,
                 _request_permit: request_permit,
                 _bytes_permit: bytes_permit,
@@ -1202,8 +1274,8 @@ async fn execute(export: &dyn BlockExport, op: Op, size_bytes: u64) -> Body {
             req_one,
         } => {
             // The length is only a hint; asking for less keeps the export's contract.
-            let ask = len.min(REQUEST_BYTES_MAX);
-            match export.block_status(offset, ask.into()).await {
+            let ask = len.min(u64::from(REQUEST_BYTES_MAX));
+            match export.block_status(offset, ask).await {
                 Ok(extents) => {
                     let available = size_bytes.saturating_sub(offset);
                     match clip_extents(extents, len, available, req_one) {
@@ -1247,7 +1319,7 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
 /// stop at the first extent that reaches the requested length.
 fn clip_extents(
     extents: Vec<(u32, u32)>,
-    requested: u32,
+    requested: u64,
     available: u64,
     req_one: bool,
 ) -> Option<Vec<(u32, u32)>> {
@@ -1263,12 +1335,13 @@ fn clip_extents(
             continue;
         }
         if req_one {
-            let len = len.min(u64::from(requested)) as u32;
+            // At most the extent's own (32-bit) length.
+            let len = len.min(requested) as u32;
             return Some(vec![(len, flags)]);
         }
         out.push((len as u32, flags));
         covered += len;
-        if covered >= u64::from(requested) {
+        if covered >= requested {
             break;
         }
     }
@@ -1400,13 +1473,13 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             };
             for reply in one.into_iter().chain(many.drain(..)) {
                 let Outgoing {
-                    cookie,
+                    to,
                     body,
                     _request_permit,
                     _bytes_permit,
                     _server_permit,
                 } = reply;
-                encode_reply(&mut q, cookie, body, structured);
+                encode_reply(&mut q, to, body, structured);
                 written.hold(_request_permit, _bytes_permit, _server_permit);
                 if q.is_full() {
                     q.write_to(&mut writer).await?;
@@ -1462,12 +1535,17 @@ impl HeldPermits {
     }
 }
 
-fn encode_reply(q: &mut OutQueue, cookie: u64, body: Body, structured: bool) {
+/// Encode one reply: simple replies without structured replies, else chunks in the
+/// connection's header form (`to`); with extended headers even a plain success is a chunk
+/// (NONE), as the spec allows no simple replies there.
+fn encode_reply(q: &mut OutQueue, to: ReplyTo, body: Body, structured: bool) {
+    let cookie = to.cookie;
     match body {
+        Body::Ok if to.extended => proto::encode_none_chunk(q.buf(), to),
         Body::Ok => SimpleReply { error: 0, cookie }.encode(q.buf()),
         Body::Error { errno, message } => {
             if structured {
-                encode_error_chunk(q.buf(), cookie, errno as u32, &message);
+                encode_error_chunk(q.buf(), to, errno as u32, &message);
             } else {
                 SimpleReply {
                     error: errno as u32,
@@ -1477,7 +1555,7 @@ fn encode_reply(q: &mut OutQueue, cookie: u64, body: Body, structured: bool) {
             }
         }
         Body::BlockStatus { extents } => {
-            encode_block_status(q.buf(), cookie, BASE_ALLOCATION_ID, &extents, true);
+            encode_block_status(q.buf(), to, BASE_ALLOCATION_ID, &extents, true);
         }
         Body::Read { offset, chunks, df } => {
             if !structured {
@@ -1490,14 +1568,14 @@ fn encode_reply(q: &mut OutQueue, cookie: u64, body: Body, structured: bool) {
             let chunks: Vec<&ReadChunk> = chunks.iter().filter(|c| !c.is_empty()).collect();
             let total: u32 = chunks.iter().map(|c| c.len()).sum();
             if chunks.is_empty() {
-                proto::encode_none_chunk(q.buf(), cookie);
+                proto::encode_none_chunk(q.buf(), to);
             } else if df && chunks.len() > 1 {
                 // One content chunk only: a hole if it is all hole, else data with the
                 // holes written out as zeros.
                 if chunks.iter().all(|c| matches!(c, ReadChunk::Hole(_))) {
-                    encode_offset_hole(q.buf(), cookie, offset, total, true);
+                    encode_offset_hole(q.buf(), to, offset, total, true);
                 } else {
-                    encode_offset_data_header(q.buf(), cookie, offset, total, true);
+                    encode_offset_data_header(q.buf(), to, offset, total, true);
                     for chunk in chunks {
                         q.push_chunk(chunk);
                     }
@@ -1507,11 +1585,9 @@ fn encode_reply(q: &mut OutQueue, cookie: u64, body: Body, structured: bool) {
                 let mut at = offset;
                 for (i, chunk) in chunks.into_iter().enumerate() {
                     match chunk {
-                        ReadChunk::Hole(n) => {
-                            encode_offset_hole(q.buf(), cookie, at, *n, i == last)
-                        }
+                        ReadChunk::Hole(n) => encode_offset_hole(q.buf(), to, at, *n, i == last),
                         data => {
-                            encode_offset_data_header(q.buf(), cookie, at, data.len(), i == last);
+                            encode_offset_data_header(q.buf(), to, at, data.len(), i == last);
                             q.push_chunk(data);
                         }
                     }
