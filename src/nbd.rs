@@ -1,5 +1,6 @@
 //! NBD server side: the wire codec (`proto`, no I/O), one session per connection
-//! (`session`: handshake, then pipelined transmission), and the accept loop (`server`).
+//! (`session`: handshake, then pipelined transmission), the accept loop (`server`), and TLS
+//! for STARTTLS (`tls`).
 //!
 //! This layer knows nothing about S3 or the log: it talks to an [`ExportProvider`] that hands
 //! out one shared [`BlockExport`] per export name. Every request is validated here (range,
@@ -16,6 +17,7 @@ pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 /// Largest READ/WRITE payload accepted (advertised as the maximum block size).
 pub const REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;

@@ -435,3 +435,42 @@ fn daemon_logs_plain_text_when_stderr_is_not_a_terminal() {
         "colour escapes in a piped log: {line:?}"
     );
 }
+
+/// TLS flags: a missing or unreadable certificate or key stops the daemon at start with a
+/// message naming the file (never a daemon that silently serves in clear), and a key
+/// without a certificate is a usage error.
+#[test]
+fn daemon_refuses_to_start_with_a_bad_tls_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nbds3d"))
+            .args(["--listen", "127.0.0.1:0", "--store", &store])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (g, m) = (garbage.to_str().unwrap(), missing.to_str().unwrap());
+    for (args, needle) in [
+        (vec!["--tls-cert", m, "--tls-key", g], "missing.pem"),
+        (vec!["--tls-cert", g, "--tls-key", g], "garbage.pem"),
+    ] {
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("TLS") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    let out = run(&["--tls-key", g]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

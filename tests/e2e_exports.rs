@@ -5,18 +5,22 @@
 //!   store, NBD_OPT_LIST must name them, and all of it must survive a restart.
 //! - A second daemon opening an export fences the first: the first one's FLUSH must fail
 //!   (never a silent drop), and none of its later writes may reach the store.
+//! - With `--tls-cert`/`--tls-key`/`--tls-client-ca`, only TLS clients holding a certificate
+//!   from the CA reach the device (libnbd and qemu), across a restart.
 
 #[macro_use]
 mod e2e;
+mod pki;
 
 use std::fs;
 use std::path::Path;
 
-use e2e::{need_python_nbd, setup, Backend, Repl};
+use e2e::{cmd, need_bins, need_python_nbd, secs, setup, Backend, Repl};
 
 e2e_tests!(
     exports_are_isolated_listed_and_survive_restart,
-    second_daemon_fences_the_first
+    second_daemon_fences_the_first,
+    tls_with_client_certificates_end_to_end
 );
 
 const NAMES: &[&str] = &[
@@ -179,4 +183,101 @@ fn second_daemon_fences_the_first(backend: Backend) {
     r.ok("read 8192 4096 0");
     drop(r);
     d2.stop();
+}
+
+fn tls_with_client_certificates_end_to_end(backend: Backend) {
+    let test = "tls_with_client_certificates_end_to_end";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_bins(&ctx.name, &["openssl", "nbdcopy", "nbdinfo", "qemu-io"]) {
+        return;
+    }
+    let pki = pki::make();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let (cert, key, ca) = (s(&pki.server_cert), s(&pki.server_key), s(&pki.ca_cert));
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "64M",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+    ]);
+    assert!(
+        d.logs().contains("tls=\"required, client certificates\""),
+        "{}",
+        d.log_tail(5)
+    );
+    let tls_uri = |d: &e2e::Daemon, dir: &Path| {
+        format!(
+            "{}?tls-certificates={}",
+            d.uri().replacen("nbd://", "nbds://", 1),
+            dir.display()
+        )
+    };
+    // 8 MiB of noise in over TLS, flushed.
+    let src = ctx.scratch.join("src.img");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..8 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(&src, &bytes).unwrap();
+    ctx.run(
+        cmd("nbdcopy")
+            .arg("--flush")
+            .arg(&src)
+            .arg(tls_uri(&d, &pki.client_cert)),
+        secs(120),
+    );
+    // Without TLS, or without a certificate from the CA, nothing is served.
+    for uri in [
+        d.uri(),
+        tls_uri(&d, &pki.client_anon),
+        tls_uri(&d, &pki.client_stranger),
+    ] {
+        let out = ctx.run_status(cmd("nbdinfo").arg(&uri), secs(60));
+        assert!(!out.status.success(), "{}: {uri} was served", ctx.name);
+    }
+    // qemu with the client certificate: a pattern over TLS (and extended headers).
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        pki.client_cert.display()
+    );
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=disk,tls-creds=tls0",
+        d.port
+    );
+    ctx.run(
+        cmd("qemu-io")
+            .args(["--object", &object, "--image-opts", "-t", "writeback"])
+            .args(["-c", "write -P 0x6b 16M 1M", "-c", "flush"])
+            .arg(&image),
+        secs(120),
+    );
+    // After a restart the same clients read it all back.
+    d.stop();
+    d.restart();
+    let back = ctx.scratch.join("back.img");
+    ctx.run(
+        cmd("nbdcopy").arg(tls_uri(&d, &pki.client_cert)).arg(&back),
+        secs(120),
+    );
+    let got = fs::read(&back).unwrap();
+    assert_eq!(got.len(), 64 << 20);
+    assert!(
+        got[..8 << 20] == bytes[..],
+        "{}: data differs after restart",
+        ctx.name
+    );
+    assert!(got[16 << 20..17 << 20].iter().all(|&b| b == 0x6b));
+    assert!(got[8 << 20..16 << 20].iter().all(|&b| b == 0));
+    d.stop();
 }

@@ -11,8 +11,11 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod pki;
+
 use nbds3::nbd::mem::{MemExport, MemProvider};
 use nbds3::nbd::server::{self, Listener, ServerLimits};
+use nbds3::nbd::tls::{self, TlsConfig, TlsMode};
 use tokio::process::Command;
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,6 +32,10 @@ struct Served {
 }
 
 async fn serve() -> Served {
+    serve_with(None).await
+}
+
+async fn serve_with(tls: Option<TlsConfig>) -> Served {
     let provider = MemProvider::new()
         .with_export("disk", MemExport::new(1 << 30, 4096))
         .with_export("ro", MemExport::new(64 << 20, 4096).with_read_only(true));
@@ -41,7 +48,10 @@ async fn serve() -> Served {
     let server = tokio::spawn(server::run(
         vec![Listener::Tcp(tcp), Listener::Unix(unix_listener)],
         Arc::new(provider),
-        ServerLimits::default(),
+        ServerLimits {
+            tls,
+            ..ServerLimits::default()
+        },
         async {
             let _ = stopped.await;
         },
@@ -80,6 +90,16 @@ async fn available(program: &str, args: &[&str]) -> bool {
         eprintln!("\n*** SKIPPING: `{program}` is not available; real-client check not run ***\n");
     }
     ok
+}
+
+/// Run a client that may fail; its output either way.
+async fn try_run(program: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(program);
+    cmd.args(args).kill_on_drop(true);
+    tokio::time::timeout(CLIENT_TIMEOUT, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} timed out"))
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 async fn run(program: &str, args: &[&str]) -> Output {
@@ -321,5 +341,132 @@ async fn libnbd_python_script() {
     )
     .await;
     assert!(stdout(&out).contains("nbdsh script ok"));
+    s.stop().await;
+}
+
+/// The TCP port of a served `nbd://127.0.0.1:PORT` address.
+fn port(s: &Served) -> &str {
+    s.tcp.rsplit(':').next().unwrap()
+}
+
+/// `qemu-io` over TLS with the x509 client credentials in `dir`.
+async fn qemu_io_tls(port: &str, dir: &Path, cmds: &[&str]) -> Output {
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        dir.display()
+    );
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=disk,tls-creds=tls0"
+    );
+    let mut args = vec!["--object", &object, "--image-opts", "-t", "writeback"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(&image);
+    try_run("qemu-io", &args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_over_tls() {
+    if !pki::available()
+        || !available("nbdinfo", &["--version"]).await
+        || !available("nbdcopy", &["--version"]).await
+        || !available("qemu-io", &["--version"]).await
+    {
+        return;
+    }
+    let pki = pki::make();
+    let config = tls::load(&pki.server_cert, &pki.server_key, None, TlsMode::Require).unwrap();
+    let s = serve_with(Some(config)).await;
+    let tls_uri = |export: &str, dir: &Path| {
+        format!(
+            "nbds://127.0.0.1:{}/{export}?tls-certificates={}",
+            port(&s),
+            dir.display()
+        )
+    };
+    let info = stdout(&run("nbdinfo", &[&tls_uri("disk", &pki.client_anon)]).await);
+    assert!(info.contains("with TLS"), "{info}");
+    assert!(info.contains("export-size: 1073741824"), "{info}");
+    // Plain connections get nothing: not even the export list.
+    let plain = try_run("nbdinfo", &[&format!("{}/disk", s.tcp)]).await;
+    assert!(!plain.status.success(), "{}", stdout(&plain));
+    let plain = try_run("nbdinfo", &["--list", &s.tcp]).await;
+    assert!(!plain.status.success(), "{}", stdout(&plain));
+    // qemu: writes and reads back a pattern over TLS (extended headers inside TLS).
+    let out = qemu_io_tls(
+        port(&s),
+        &pki.client_anon,
+        &["write -P 0x77 1M 64k", "flush", "read -P 0x77 1M 64k"],
+    )
+    .await;
+    let text = stdout(&out) + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    // nbdcopy: 4 MiB of varied bytes in and out over TLS, byte for byte.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let back = dir.path().join("back.img");
+    let bytes: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &bytes).unwrap();
+    let uri = tls_uri("disk", &pki.client_anon);
+    run("nbdcopy", &[src.to_str().unwrap(), &uri]).await;
+    // (nbdcopy reads the whole export: 1 GiB, mostly holes.)
+    run("nbdcopy", &[&uri, back.to_str().unwrap()]).await;
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(&got[..bytes.len()], &bytes[..]);
+    // A client that does not trust the server's CA refuses the connection.
+    let wrong = try_run("nbdinfo", &[&tls_uri("disk", &pki::make().client_anon)]).await;
+    assert!(!wrong.status.success());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_and_optional_tls() {
+    if !pki::available() || !available("nbdinfo", &["--version"]).await {
+        return;
+    }
+    let pki = pki::make();
+    // Mutual TLS: only clients with a certificate from the configured CA get in.
+    let config = tls::load(
+        &pki.server_cert,
+        &pki.server_key,
+        Some(&pki.ca_cert),
+        TlsMode::Require,
+    )
+    .unwrap();
+    let s = serve_with(Some(config)).await;
+    let uri = |s: &Served, dir: &Path| {
+        format!(
+            "nbds://127.0.0.1:{}/disk?tls-certificates={}",
+            port(s),
+            dir.display()
+        )
+    };
+    let ok = stdout(&run("nbdinfo", &[&uri(&s, &pki.client_cert)]).await);
+    assert!(ok.contains("with TLS"), "{ok}");
+    for dir in [&pki.client_anon, &pki.client_stranger] {
+        let out = try_run("nbdinfo", &[&uri(&s, dir)]).await;
+        assert!(!out.status.success(), "{}: {}", dir.display(), stdout(&out));
+    }
+    s.stop().await;
+
+    // Allow mode: plain and TLS clients both served, on TCP and on the Unix socket.
+    let config = tls::load(&pki.server_cert, &pki.server_key, None, TlsMode::Allow).unwrap();
+    let s = serve_with(Some(config)).await;
+    let plain = stdout(&run("nbdinfo", &[&format!("{}/disk", s.tcp)]).await);
+    assert!(plain.contains("without TLS"), "{plain}");
+    let secure = stdout(&run("nbdinfo", &[&uri(&s, &pki.client_anon)]).await);
+    assert!(secure.contains("with TLS"), "{secure}");
+    let unix = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}&tls-hostname=localhost",
+        s.unix.display(),
+        pki.client_anon.display()
+    );
+    let out = try_run("nbdinfo", &[&unix]).await;
+    let text = stdout(&out) + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("with TLS"), "{text}");
     s.stop().await;
 }

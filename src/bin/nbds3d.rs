@@ -11,6 +11,7 @@ use nbds3::log::compact::CompactConfig;
 use nbds3::log::{Geometry, LogConfig};
 use nbds3::nbd::pool::PayloadPool;
 use nbds3::nbd::server::{self, Listener, ServerLimits};
+use nbds3::nbd::tls::TlsMode;
 use nbds3::util::{parse_duration, parse_size};
 use nbds3::volume::{Exports, ExportsConfig, VolumeConfig};
 
@@ -96,6 +97,19 @@ struct Cli {
     /// Run no background compaction or garbage collection.
     #[arg(long)]
     no_compactor: bool,
+    /// Server certificate chain (PEM, leaf first): enables NBD_OPT_STARTTLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM); needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// With --tls-cert: `require` serves nothing before STARTTLS; `allow` also serves
+    /// plain connections.
+    #[arg(long, default_value = "require", value_parser = ["require", "allow"])]
+    tls: String,
 }
 
 #[tokio::main]
@@ -130,6 +144,21 @@ async fn main() -> anyhow::Result<()> {
         c.validate()
             .map_err(|e| anyhow::anyhow!("--compact-*/--gc-*/--defrag-frame-max flags: {e}"))?;
     }
+
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            let mode = if cli.tls == "allow" {
+                TlsMode::Allow
+            } else {
+                TlsMode::Require
+            };
+            Some(
+                nbds3::nbd::tls::load(cert, key, cli.tls_client_ca.as_deref(), mode)
+                    .context("loading the TLS certificate")?,
+            )
+        }
+        _ => None,
+    };
 
     let store = cli.store.open().await.context("opening the store")?;
     if !cli.read_only {
@@ -213,6 +242,12 @@ async fn main() -> anyhow::Result<()> {
         unix = ?cli.unix,
         store = %store.describe(),
         read_only = cli.read_only,
+        tls = tls.as_ref().map_or("off", |t| match (t.mode, t.client_auth) {
+            (TlsMode::Require, false) => "required",
+            (TlsMode::Require, true) => "required, client certificates",
+            (TlsMode::Allow, false) => "offered",
+            (TlsMode::Allow, true) => "offered, client certificates",
+        }),
         "nbds3d listening"
     );
     let limits = ServerLimits {
@@ -220,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
         request_bytes_in_flight_total_max: usize::try_from(cli.inflight_bytes_max)
             .unwrap_or(usize::MAX),
         payload_pool: Some(payload_pool),
+        tls,
         ..ServerLimits::default()
     };
     let shutdown = async {

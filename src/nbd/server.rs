@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use super::pool::PayloadPool;
 use super::session::{self, ServerBytes, SessionConfig, Shutdown};
+use super::tls::TlsConfig;
 use super::ExportProvider;
 
 /// A bound listener.
@@ -89,6 +90,8 @@ pub struct ServerLimits {
     /// Where WRITE payload buffers are recycled, all connections together (see
     /// [`super::pool`]); `None`: each payload is its own allocation.
     pub payload_pool: Option<Arc<PayloadPool>>,
+    /// STARTTLS offered (or required); `None`: refused.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerLimits {
@@ -103,6 +106,7 @@ impl Default for ServerLimits {
             option_bytes_max: session.option_bytes_max,
             shutdown_grace_ms: 30_000,
             payload_pool: None,
+            tls: None,
         }
     }
 }
@@ -118,6 +122,7 @@ impl ServerLimits {
             option_bytes_max: self.option_bytes_max,
             server_bytes: Some(ServerBytes::new(self.request_bytes_in_flight_total_max)),
             payload_pool: self.payload_pool.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -190,11 +195,17 @@ pub async fn run(
                         let result = match reader_writer {
                             Split::Tcp(s) => {
                                 let (r, w) = s.into_split();
-                                session::serve(r, w, provider, config, stop).await
+                                let join = |r: tokio::net::tcp::OwnedReadHalf, w| {
+                                    r.reunite(w).map_err(io::Error::other)
+                                };
+                                session::serve(r, w, join, provider, config, stop).await
                             }
                             Split::Unix(s) => {
                                 let (r, w) = s.into_split();
-                                session::serve(r, w, provider, config, stop).await
+                                let join = |r: tokio::net::unix::OwnedReadHalf, w| {
+                                    r.reunite(w).map_err(io::Error::other)
+                                };
+                                session::serve(r, w, join, provider, config, stop).await
                             }
                         };
                         match result {

@@ -31,6 +31,10 @@
 //!   in-flight requests finish and their replies be written, then closing; the export is
 //!   released exactly once per successful open.
 //! - A panic in an export call becomes an EIO reply for that request only.
+//! - STARTTLS (when a [`TlsConfig`] is set): after its ACK the connection's halves are joined,
+//!   upgraded, and option haggling starts afresh over TLS (nothing negotiated in clear
+//!   carries over); bytes the client sent before the ACK end the session, since they would
+//!   be taken for its TLS hello. The handshake timeout covers all of it.
 
 use std::borrow::Cow;
 use std::io;
@@ -47,6 +51,7 @@ use tokio::task::JoinSet;
 
 use super::pool::PayloadPool;
 use super::proto::{self, *};
+use super::tls::{TlsConfig, TlsMode};
 use super::{BlockExport, Errno, ExportError, ExportProvider, ReadChunk, REQUEST_BYTES_MAX};
 
 /// Limits for one connection.
@@ -67,6 +72,8 @@ pub struct SessionConfig {
     /// Where WRITE payload buffers come from and go back to (shared by every connection
     /// of a server); `None`: each payload is its own allocation.
     pub payload_pool: Option<Arc<PayloadPool>>,
+    /// STARTTLS offered (and, in `Require` mode, required); `None`: refused.
+    pub tls: Option<TlsConfig>,
 }
 
 /// The server-wide in-flight byte budget, shared by all sessions.
@@ -95,6 +102,7 @@ impl Default for SessionConfig {
             option_bytes_max: 64 * 1024,
             server_bytes: None,
             payload_pool: None,
+            tls: None,
         }
     }
 }
@@ -177,6 +185,12 @@ pub enum SessionError {
     HandshakeTimeout(Duration),
     #[error("client sent unknown flags {flags:#x}")]
     UnknownClientFlags { flags: u32 },
+    #[error("NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS")]
+    TlsRequired,
+    #[error("client sent {0} bytes after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls(usize),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
     #[error("NBD_OPT_EXPORT_NAME of {length} bytes exceeds the name limit")]
     ExportNameTooLong { length: u32 },
     #[error("export {name:?} refused on NBD_OPT_EXPORT_NAME: {message}")]
@@ -191,17 +205,28 @@ pub async fn serve_stream<S>(
     shutdown: Shutdown,
 ) -> Result<SessionEnd, SessionError>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
-    serve(reader, writer, provider, config, shutdown).await
+    serve(
+        reader,
+        writer,
+        |r, w| Ok(r.unsplit(w)),
+        provider,
+        config,
+        shutdown,
+    )
+    .await
 }
 
 /// Serve one connection: handshake, then transmission until the client leaves or shutdown.
-/// Record the export name on the caller's span (field `export`) once negotiated.
-pub async fn serve<R, W>(
+/// Record the export name on the caller's span (field `export`) once negotiated. `join`
+/// puts the two halves back together when the client upgrades to TLS (the handshake then
+/// goes on, and transmission runs, over the TLS stream).
+pub async fn serve<R, W, S, J>(
     reader: R,
     mut writer: W,
+    join: J,
     provider: Arc<dyn ExportProvider>,
     config: SessionConfig,
     mut shutdown: Shutdown,
@@ -209,21 +234,90 @@ pub async fn serve<R, W>(
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    J: FnOnce(R, W) -> io::Result<S>,
 {
+    // The whole negotiation, TLS handshake included, has one deadline.
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let timed_out = || SessionError::HandshakeTimeout(config.handshake_timeout);
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
-    let handshake = handshake(
+    let tls = match &config.tls {
+        None => TlsPhase::Unavailable,
+        Some(t) => TlsPhase::Offered {
+            required: t.mode == TlsMode::Require,
+        },
+    };
+    let plain = handshake(
         &mut reader,
         &mut writer,
         provider.as_ref(),
         &config,
         &mut shutdown,
+        None,
+        tls,
     );
-    let negotiated = match tokio::time::timeout(config.handshake_timeout, handshake).await {
-        Err(_) => return Err(SessionError::HandshakeTimeout(config.handshake_timeout)),
+    let no_zeroes = match tokio::time::timeout_at(deadline, plain).await {
+        Err(_) => return Err(timed_out()),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(Handshake::End(end))) => return Ok(end),
-        Ok(Ok(Handshake::Go(n))) => n,
+        Ok(Ok(Handshake::Go(n))) => {
+            return run_transmission(reader, writer, n, provider, &config, shutdown).await
+        }
+        Ok(Ok(Handshake::StartTls { no_zeroes })) => no_zeroes,
     };
+    // STARTTLS was acknowledged: the client's next bytes are its TLS hello. Anything it
+    // sent before our ACK would be read as TLS and cannot be meant as such.
+    if !reader.buffer().is_empty() {
+        return Err(SessionError::DataBeforeTls(reader.buffer().len()));
+    }
+    let Some(tls_config) = &config.tls else {
+        return Err(SessionError::Tls(io::Error::other("TLS not configured")));
+    };
+    let stream = join(reader.into_inner(), writer)?;
+    let stream = match tokio::time::timeout_at(deadline, tls_config.acceptor.accept(stream)).await {
+        Err(_) => return Err(timed_out()),
+        Ok(Err(e)) => return Err(SessionError::Tls(e)),
+        Ok(Ok(s)) => s,
+    };
+    tracing::debug!("TLS established");
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let secured = handshake(
+        &mut reader,
+        &mut writer,
+        provider.as_ref(),
+        &config,
+        &mut shutdown,
+        Some(no_zeroes),
+        TlsPhase::Active,
+    );
+    match tokio::time::timeout_at(deadline, secured).await {
+        Err(_) => Err(timed_out()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Handshake::End(end))) => Ok(end),
+        Ok(Ok(Handshake::Go(n))) => {
+            run_transmission(reader, writer, n, provider, &config, shutdown).await
+        }
+        // `handshake` refuses a second STARTTLS itself.
+        Ok(Ok(Handshake::StartTls { .. })) => {
+            Err(SessionError::Tls(io::Error::other("STARTTLS inside TLS")))
+        }
+    }
+}
+
+/// The transmission phase of a negotiated session, then the export's release.
+async fn run_transmission<R, W>(
+    reader: BufReader<R>,
+    writer: W,
+    negotiated: Negotiated,
+    provider: Arc<dyn ExportProvider>,
+    config: &SessionConfig,
+    shutdown: Shutdown,
+) -> Result<SessionEnd, SessionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     tracing::Span::current().record("export", negotiated.name.as_str());
     tracing::debug!(
         structured = negotiated.structured,
@@ -233,7 +327,7 @@ where
         "entering transmission"
     );
     let name = negotiated.name.clone();
-    let result = transmission(reader, writer, negotiated, &config, shutdown).await;
+    let result = transmission(reader, writer, negotiated, config, shutdown).await;
     provider.release(&name).await;
     result
 }
@@ -254,6 +348,21 @@ struct Negotiated {
 enum Handshake {
     Go(Negotiated),
     End(SessionEnd),
+    /// STARTTLS was acknowledged: upgrade, then negotiate again over TLS.
+    StartTls {
+        no_zeroes: bool,
+    },
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsPhase {
+    /// Not configured: STARTTLS is refused.
+    Unavailable,
+    /// Configured, not started; `required`: nothing but STARTTLS and ABORT is served.
+    Offered { required: bool },
+    /// The connection runs over TLS.
+    Active,
 }
 
 fn transmission_flags(export: &dyn BlockExport, structured: bool) -> u16 {
@@ -317,37 +426,46 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<(
     Ok(())
 }
 
+/// Option haggling. With `greeted` None this starts the connection (greeting and client
+/// flags); after a TLS upgrade it carries the client's NO_ZEROES flag and only the options
+/// follow, with everything negotiated before forgotten.
 async fn handshake<R, W>(
     reader: &mut R,
     writer: &mut W,
     provider: &dyn ExportProvider,
     config: &SessionConfig,
     shutdown: &mut Shutdown,
+    greeted: Option<bool>,
+    tls: TlsPhase,
 ) -> Result<Handshake, SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut out = Vec::with_capacity(256);
-    encode_greeting(&mut out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    write_now(writer, &out).await?;
-
-    let mut flag_bytes = [0u8; 4];
-    match reader.read_exact(&mut flag_bytes).await {
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Ok(Handshake::End(SessionEnd::ClosedInHandshake))
+    let no_zeroes = match greeted {
+        Some(no_zeroes) => no_zeroes,
+        None => {
+            encode_greeting(&mut out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+            write_now(writer, &out).await?;
+            let mut flag_bytes = [0u8; 4];
+            match reader.read_exact(&mut flag_bytes).await {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Ok(Handshake::End(SessionEnd::ClosedInHandshake))
+                }
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+            let client_flags = u32::from_be_bytes(flag_bytes);
+            if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
+                // The spec: the server MUST drop the connection on unknown client flags.
+                return Err(SessionError::UnknownClientFlags {
+                    flags: client_flags,
+                });
+            }
+            client_flags & FLAG_C_NO_ZEROES != 0
         }
-        Err(e) => return Err(e.into()),
-        Ok(_) => {}
-    }
-    let client_flags = u32::from_be_bytes(flag_bytes);
-    if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
-        // The spec: the server MUST drop the connection on unknown client flags.
-        return Err(SessionError::UnknownClientFlags {
-            flags: client_flags,
-        });
-    }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    };
 
     let mut structured = false;
     let mut extended = false;
@@ -398,6 +516,23 @@ where
                 option,
                 REP_ERR_SHUTDOWN,
                 "server is shutting down",
+            );
+            write_now(writer, &out).await?;
+            continue;
+        }
+        if tls == (TlsPhase::Offered { required: true })
+            && option != OPT_STARTTLS
+            && option != OPT_ABORT
+        {
+            if option == OPT_EXPORT_NAME {
+                // It has no error reply; the spec says to end the session.
+                return Err(SessionError::TlsRequired);
+            }
+            option_error(
+                &mut out,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
             );
             write_now(writer, &out).await?;
             continue;
@@ -465,9 +600,25 @@ where
                     }
                 }
             }
-            OPT_STARTTLS => {
-                option_error(&mut out, option, REP_ERR_UNSUP, "TLS is not supported");
-            }
+            OPT_STARTTLS => match tls {
+                TlsPhase::Unavailable => {
+                    option_error(&mut out, option, REP_ERR_UNSUP, "TLS is not configured")
+                }
+                TlsPhase::Active => {
+                    option_error(&mut out, option, REP_ERR_INVALID, "TLS is already active")
+                }
+                TlsPhase::Offered { .. } if !data.is_empty() => option_error(
+                    &mut out,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_STARTTLS takes no data",
+                ),
+                TlsPhase::Offered { .. } => {
+                    option_reply(&mut out, option, REP_ACK, &[]);
+                    write_now(writer, &out).await?;
+                    return Ok(Handshake::StartTls { no_zeroes });
+                }
+            },
             OPT_EXTENDED_HEADERS => {
                 if !data.is_empty() {
                     option_error(
