@@ -143,15 +143,7 @@ fn index_stays_bounded_under_fio_randwrite(backend: Backend) {
     ]);
     // Written all over first: holes would split runs for good (nothing to defragment).
     let img = ctx.scratch.join("fill.img");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let fill: Vec<u8> = (0..64 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let fill = e2e::noise_bytes(64 << 20, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(&img, fill).unwrap();
     ctx.run(
         cmd("nbdcopy").arg("--flush").arg(&img).arg(d.uri()),

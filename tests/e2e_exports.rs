@@ -220,15 +220,7 @@ fn tls_with_client_certificates_end_to_end(backend: Backend) {
     };
     // 8 MiB of noise in over TLS, flushed.
     let src = ctx.scratch.join("src.img");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let bytes: Vec<u8> = (0..8 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let bytes = e2e::noise_bytes(8 << 20, 0x9e37_79b9_7f4a_7c15);
     fs::write(&src, &bytes).unwrap();
     ctx.run(
         cmd("nbdcopy")

@@ -276,6 +276,17 @@ impl<'a> Reader<'a> {
         self.need(8)?;
         Ok(self.bytes.get_u64())
     }
+    /// A 32-bit magic that must be `expected`.
+    fn magic_u32(&mut self, expected: u32) -> Result<(), ProtocolError> {
+        let got = self.u32()?;
+        if got != expected {
+            return Err(ProtocolError::BadMagic {
+                expected: expected.into(),
+                got: got.into(),
+            });
+        }
+        Ok(())
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         self.need(n)?;
         let (head, tail) = self.bytes.split_at(n);
@@ -651,13 +662,7 @@ impl RequestHeader {
 
     pub fn decode(bytes: &[u8; REQUEST_HEADER_BYTES]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(bytes, "request header");
-        let magic = r.u32()?;
-        if magic != REQUEST_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                expected: REQUEST_MAGIC.into(),
-                got: magic.into(),
-            });
-        }
+        r.magic_u32(REQUEST_MAGIC)?;
         Ok(Self {
             flags: r.u16()?,
             command: r.u16()?,
@@ -673,13 +678,7 @@ impl RequestHeader {
         bytes: &[u8; EXTENDED_REQUEST_HEADER_BYTES],
     ) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(bytes, "extended request header");
-        let magic = r.u32()?;
-        if magic != EXTENDED_REQUEST_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                expected: EXTENDED_REQUEST_MAGIC.into(),
-                got: magic.into(),
-            });
-        }
+        r.magic_u32(EXTENDED_REQUEST_MAGIC)?;
         Ok(Self {
             flags: r.u16()?,
             command: r.u16()?,
@@ -706,13 +705,7 @@ impl SimpleReply {
 
     pub fn decode(bytes: &[u8; SIMPLE_REPLY_BYTES]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(bytes, "simple reply");
-        let magic = r.u32()?;
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                expected: SIMPLE_REPLY_MAGIC.into(),
-                got: magic.into(),
-            });
-        }
+        r.magic_u32(SIMPLE_REPLY_MAGIC)?;
         Ok(Self {
             error: r.u32()?,
             cookie: r.u64()?,
@@ -740,13 +733,7 @@ impl ChunkHeader {
 
     pub fn decode(bytes: &[u8; CHUNK_HEADER_BYTES]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(bytes, "structured reply header");
-        let magic = r.u32()?;
-        if magic != STRUCTURED_REPLY_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                expected: STRUCTURED_REPLY_MAGIC.into(),
-                got: magic.into(),
-            });
-        }
+        r.magic_u32(STRUCTURED_REPLY_MAGIC)?;
         Ok(Self {
             flags: r.u16()?,
             reply_type: r.u16()?,
@@ -779,13 +766,7 @@ impl ExtendedChunkHeader {
 
     pub fn decode(bytes: &[u8; EXTENDED_CHUNK_HEADER_BYTES]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(bytes, "extended reply header");
-        let magic = r.u32()?;
-        if magic != EXTENDED_REPLY_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                expected: EXTENDED_REPLY_MAGIC.into(),
-                got: magic.into(),
-            });
-        }
+        r.magic_u32(EXTENDED_REPLY_MAGIC)?;
         Ok(Self {
             flags: r.u16()?,
             reply_type: r.u16()?,

@@ -638,6 +638,19 @@ pub fn sha256_file(path: &Path) -> String {
 }
 
 /// A `Command` for a client binary.
+/// `len` bytes of xorshift noise from `seed` (incompressible, reproducible).
+pub fn noise_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn cmd(bin: &str) -> Command {
     Command::new(find_bin(bin).unwrap_or_else(|| PathBuf::from(bin)))
 }
