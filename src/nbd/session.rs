@@ -279,7 +279,15 @@ where
         Ok(Err(e)) => return Err(SessionError::Tls(e)),
         Ok(Ok(s)) => s,
     };
-    tracing::debug!("TLS established");
+    {
+        let (_, tls_state) = stream.get_ref();
+        tracing::debug!(
+            version = ?tls_state.protocol_version(),
+            cipher = ?tls_state.negotiated_cipher_suite().map(|c| c.suite()),
+            client_certificate = tls_state.peer_certificates().is_some(),
+            "TLS established"
+        );
+    }
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let secured = handshake(
