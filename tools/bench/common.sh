@@ -45,3 +45,15 @@ bench_cleanup() {
     [[ -n ${PID:-} ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
     rm -rf "$WORK"
 }
+
+# bench_wait_up NAME URI [TRIES]: wait (0.1 s per try, default 100) until an NBD server
+# answers at URI; exit with "NAME: server at URI did not start" otherwise.
+bench_wait_up() {
+    local name=$1 uri=$2 tries=${3:-100}
+    for _ in $(seq "$tries"); do
+        nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "$name: server at $uri did not start" >&2
+    exit 1
+}

@@ -48,14 +48,6 @@ trap cleanup EXIT
 free_port() {
     $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
-wait_up() {
-    for _ in $(seq 300); do
-        nbdinfo --size "$1" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "targets: server at $1 did not start" >&2
-    exit 1
-}
 # CPU ticks (user + system) of a process so far
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -68,8 +60,8 @@ NO_COLOR=1 "$BIN" --listen "127.0.0.1:$port" --store "file://$STORE" --default-s
     --cache-size 1280M --no-compactor 2>"$WORK/nbds3d.log" &
 ND_PID=$!
 ND_URI="nbd://127.0.0.1:$port/disk"
-wait_up "$NK_URI"
-wait_up "$ND_URI"
+bench_wait_up targets "$NK_URI" 300
+bench_wait_up targets "$ND_URI" 300
 
 head -c 1G /dev/urandom >"$WORK/src.img"
 nbdcopy "$WORK/src.img" "$NK_URI"

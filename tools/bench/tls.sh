@@ -42,15 +42,6 @@ head -c 1G /dev/urandom >"$WORK/src.img"
 
 ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
 
-wait_up() {
-    for _ in $(seq 100); do
-        nbdinfo "$1" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "tls: server at $1 did not start" >&2
-    exit 1
-}
-
 # measure MODE ROUND: start the daemon, run every job, append JSON lines to results
 measure() {
     local mode=$1 round=$2 uri store t0 t1 a b
@@ -64,7 +55,7 @@ measure() {
     fi
     "$BIN" "${args[@]}" 2>"$WORK/daemon-$mode-$round.log" &
     PID=$!
-    HOME="$WORK/home" wait_up "$uri"
+    HOME="$WORK/home" bench_wait_up tls "$uri"
     a=$(ticks); t0=$(date +%s.%N)
     HOME="$WORK/home" nbdcopy --flush "$WORK/src.img" "$uri"
     t1=$(date +%s.%N); b=$(ticks)

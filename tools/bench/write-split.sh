@@ -42,15 +42,6 @@ sectors() {
 # ticks (user, system) of a process
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 
-wait_up() {
-    for _ in $(seq 100); do
-        nbdinfo "$1" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "write-split: server at $1 did not start" >&2
-    exit 1
-}
-
 # measure NAME URI: fill the device, run the job, print one row
 measure() {
     local name=$1 uri=$2 a b
@@ -86,7 +77,7 @@ echo "|---|---|---|---|---|---|---|---|"
 for _ in $(seq "$ROUNDS"); do
     nbdkit -f -p 10941 memory 1G &
     PID=$!
-    wait_up nbd://127.0.0.1:10941/
+    bench_wait_up write-split nbd://127.0.0.1:10941/
     measure "nbdkit memory" nbd://127.0.0.1:10941/
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
     for mode in default no-flush; do
@@ -96,7 +87,7 @@ for _ in $(seq "$ROUNDS"); do
         "$BIN" --listen 127.0.0.1:10942 --store "file://$STORE" --default-size 1G \
             --cache-size 1280M "${args[@]}" >"$WORK/daemon.log" 2>&1 &
         PID=$!
-        wait_up nbd://127.0.0.1:10942/x
+        bench_wait_up write-split nbd://127.0.0.1:10942/x
         measure "nbds3d ($mode)" nbd://127.0.0.1:10942/x
         kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
     done
