@@ -108,8 +108,8 @@ struct Cli {
     tls_client_ca: Option<PathBuf>,
     /// With --tls-cert: `require` serves nothing before STARTTLS; `allow` also serves
     /// plain connections.
-    #[arg(long, default_value = "require", value_parser = ["require", "allow"])]
-    tls: String,
+    #[arg(long, value_enum, default_value_t = TlsMode::Require)]
+    tls: TlsMode,
 }
 
 #[tokio::main]
@@ -146,17 +146,10 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let tls = match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => {
-            let mode = if cli.tls == "allow" {
-                TlsMode::Allow
-            } else {
-                TlsMode::Require
-            };
-            Some(
-                nbds3::nbd::tls::load(cert, key, cli.tls_client_ca.as_deref(), mode)
-                    .context("loading the TLS certificate")?,
-            )
-        }
+        (Some(cert), Some(key)) => Some(
+            nbds3::nbd::tls::load(cert, key, cli.tls_client_ca.as_deref(), cli.tls)
+                .context("loading the TLS certificate")?,
+        ),
         _ => None,
     };
 
@@ -242,12 +235,7 @@ async fn main() -> anyhow::Result<()> {
         unix = ?cli.unix,
         store = %store.describe(),
         read_only = cli.read_only,
-        tls = tls.as_ref().map_or("off", |t| match (t.mode, t.client_auth) {
-            (TlsMode::Require, false) => "required",
-            (TlsMode::Require, true) => "required, client certificates",
-            (TlsMode::Allow, false) => "offered",
-            (TlsMode::Allow, true) => "offered, client certificates",
-        }),
+        tls = tls.as_ref().map_or("off", |t| t.describe()),
         "nbds3d listening"
     );
     let limits = ServerLimits {

@@ -23,8 +23,8 @@ use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
-/// Whether plain clients are served besides TLS ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether plain clients are served besides TLS ones (`--tls require|allow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsMode {
     /// Only after STARTTLS (FORCEDTLS).
     Require,
@@ -39,6 +39,18 @@ pub struct TlsConfig {
     pub mode: TlsMode,
     /// Client certificates are verified against a CA (for the log line at start).
     pub client_auth: bool,
+}
+
+impl TlsConfig {
+    /// For the log line at start.
+    pub fn describe(&self) -> &'static str {
+        match (self.mode, self.client_auth) {
+            (TlsMode::Require, false) => "required",
+            (TlsMode::Require, true) => "required, client certificates",
+            (TlsMode::Allow, false) => "offered",
+            (TlsMode::Allow, true) => "offered, client certificates",
+        }
+    }
 }
 
 impl fmt::Debug for TlsConfig {
