@@ -380,6 +380,49 @@ fn chunk_blocks(bs: usize) -> u64 {
     (CACHE_CHUNK_BYTES / bs).clamp(1, 64) as u64
 }
 
+/// One block's slot in a read (see [`Volume::read_blocks`]): `None` while unknown,
+/// `Some(None)` for zeros, `Some(Some(bytes))` for data. Data may cover several blocks:
+/// a stretch of neighbouring blocks that come from one buffer is one slice, held by the
+/// stretch's first slot, and the slots after it that it covers hold an empty `Bytes`.
+/// One slice per stretch instead of one per block: a cached 1 MiB read was 256 refcounted
+/// slices and as many iovecs, now one per cache chunk.
+type Slot = Option<Option<Bytes>>;
+
+/// Fill the empty slots `j` of `slots` for which `avail(j)` holds from `src`, whose block
+/// `j` is `src[off + j * bs..][..bs]`: one slice (or copy, with `copy`) per stretch of
+/// such slots (see [`Slot`]).
+fn fill_stretches(
+    slots: &mut [Slot],
+    src: &Bytes,
+    off: usize,
+    bs: usize,
+    copy: bool,
+    avail: impl Fn(usize) -> bool,
+) {
+    let n = slots.len();
+    let fillable = |slots: &[Slot], j: usize| slots[j].is_none() && avail(j);
+    let mut j = 0;
+    while j < n {
+        if !fillable(slots, j) {
+            j += 1;
+            continue;
+        }
+        let start = j;
+        while j < n && fillable(slots, j) {
+            j += 1;
+        }
+        let range = off + start * bs..off + j * bs;
+        slots[start] = Some(Some(if copy {
+            Bytes::copy_from_slice(&src[range])
+        } else {
+            src.slice(range)
+        }));
+        for slot in &mut slots[start + 1..j] {
+            *slot = Some(Some(Bytes::new()));
+        }
+    }
+}
+
 impl CacheInner {
     fn locate(key: (u64, u64), bs: usize) -> ((u64, u64), usize) {
         let cb = chunk_blocks(bs);
@@ -387,8 +430,9 @@ impl CacheInner {
     }
 
     /// Fill the empty slots of blocks `lba..lba + slots.len()` of volume `vol` from the
-    /// cache: one LRU lookup per chunk, not per block.
-    fn fill_slots(&mut self, vol: u64, lba: u64, slots: &mut [Option<Option<Bytes>>], bs: usize) {
+    /// cache: one LRU lookup per chunk, not per block, and one slice per stretch of
+    /// blocks taken from a chunk (see [`Slot`]).
+    fn fill_slots(&mut self, vol: u64, lba: u64, slots: &mut [Slot], bs: usize) {
         let cb = chunk_blocks(bs);
         let end = lba + slots.len() as u64;
         let mut at = lba;
@@ -404,13 +448,16 @@ impl CacheInner {
                         let after = c.charge();
                         self.bytes = self.bytes + after - before;
                     }
-                    for b in run.clone() {
-                        let i = (b % cb) as usize;
-                        let slot = &mut slots[(b - lba) as usize];
-                        if slot.is_none() && c.present & (1 << i) != 0 {
-                            *slot = Some(Some(c.data.slice(i * bs..(i + 1) * bs)));
-                        }
-                    }
+                    let first = (run.start % cb) as usize;
+                    let present = c.present;
+                    fill_stretches(
+                        &mut slots[(run.start - lba) as usize..(run.end - lba) as usize],
+                        &c.data,
+                        first * bs,
+                        bs,
+                        false,
+                        |j| present & (1 << (first + j)) != 0,
+                    );
                 }
             }
             at = run.end;
@@ -1316,30 +1363,28 @@ impl Volume {
         Ok(())
     }
 
-    /// Per-block view of `lba..lba+n`: `Some(bytes)` for data, `None` for zeros.
-    /// Also says whether any block had to come from the store (a cache miss).
+    /// Per-block view of `lba..lba+n`: `Some(bytes)` for data, `None` for zeros; data may
+    /// cover several blocks, the slots it covers after its first then hold an empty
+    /// `Bytes` (see [`Slot`]). Also says whether any block had to come from the store (a
+    /// cache miss).
     async fn read_blocks(
         &self,
         lba: u64,
         n: u64,
     ) -> Result<(Vec<Option<Bytes>>, bool), VolumeError> {
         let bs = self.bs() as usize;
-        let mut out: Vec<Option<Option<Bytes>>> = vec![None; n as usize];
+        let mut out: Vec<Slot> = vec![None; n as usize];
         {
             let st = self.st();
-            let fill = |runs: Vec<(u64, u64, Dirty)>, out: &mut Vec<Option<Option<Bytes>>>| {
+            let fill = |runs: Vec<(u64, u64, Dirty)>, out: &mut Vec<Slot>| {
                 for (s, l, v) in runs {
-                    for i in 0..l {
-                        let slot = &mut out[(s + i - lba) as usize];
-                        if slot.is_none() {
-                            *slot = Some(match &v {
-                                Dirty::Data(b, ..) => {
-                                    let o = i as usize * bs;
-                                    Some(b.slice(o..o + bs))
-                                }
-                                _ => None,
-                            });
-                        }
+                    let run = &mut out[(s - lba) as usize..(s + l - lba) as usize];
+                    match &v {
+                        Dirty::Data(b, ..) => fill_stretches(run, b, 0, bs, false, |_| true),
+                        _ => run
+                            .iter_mut()
+                            .filter(|slot| slot.is_none())
+                            .for_each(|slot| *slot = Some(None)),
                     }
                 }
             };
@@ -1440,18 +1485,14 @@ impl Volume {
                     // `frame_blocks_for`) alive while it waits for the socket.
                     let copy =
                         frame.data.len() as u64 > SLICED_FRAME_BYTES_MAX.max(2 * l * bs as u64);
-                    for i in 0..l {
-                        let slot = &mut out[(s + i - lba) as usize];
-                        if slot.is_none() {
-                            let o = (first + i) as usize * bs;
-                            let b = &frame.data[o..o + bs];
-                            *slot = Some(Some(if copy {
-                                Bytes::copy_from_slice(b)
-                            } else {
-                                frame.data.slice(o..o + bs)
-                            }));
-                        }
-                    }
+                    fill_stretches(
+                        &mut out[(s - lba) as usize..(s + l - lba) as usize],
+                        &frame.data,
+                        first as usize * bs,
+                        bs,
+                        copy,
+                        |_| true,
+                    );
                 }
                 // Of a frame larger than the writers' (compaction's, see
                 // `frame_blocks_for`), only the 128 KiB-aligned stretch around what was
@@ -1728,9 +1769,12 @@ impl BlockExport for Arc<Volume> {
         for (i, b) in blocks.into_iter().enumerate() {
             let blba = first + i as u64;
             let bstart = blba * bs;
+            // Data may span several blocks (the slots after it then hold nothing).
+            let bend = bstart + b.as_ref().map_or(bs, |b| b.len() as u64);
             let s = (offset.max(bstart) - bstart) as usize;
-            let e = ((offset + len as u64).min(bstart + bs) - bstart) as usize;
+            let e = ((offset + len as u64).min(bend) - bstart) as usize;
             match b {
+                Some(bytes) if bytes.is_empty() => {}
                 Some(bytes) => {
                     if hole > 0 {
                         chunks.push(ReadChunk::Hole(hole));
@@ -2197,7 +2241,7 @@ mod tests {
             g.put((1, b), &block(b as u8), BS);
         }
         let first = per_chunk - 2;
-        let mut slots: Vec<Option<Option<Bytes>>> = vec![None; 6];
+        let mut slots: Vec<Slot> = vec![None; 6];
         slots[1] = Some(None); // already known (e.g. from the dirty set): left alone
         g.fill_slots(1, first, &mut slots, BS);
         let got: Vec<Option<u8>> = slots
@@ -2214,6 +2258,43 @@ mod tests {
         ];
         assert_eq!(got, want);
         assert!(slots[0].is_none() && slots[1] == Some(None));
+    }
+
+    /// Blocks of one chunk come out as one slice per stretch; a slot already filled, or a
+    /// block the chunk lacks, ends a stretch; every block reads back its own bytes.
+    #[test]
+    fn fill_slots_gives_one_slice_per_stretch() {
+        let c = PageCache::new(1 << 20);
+        let mut g = c.lock();
+        let per_chunk = (CACHE_CHUNK_BYTES / BS) as u64;
+        let data: Vec<u8> = (0..per_chunk).flat_map(|i| block(i as u8)).collect();
+        g.put_chunk(1, 0, &data, BS);
+        g.put((1, per_chunk), &block(200), BS);
+        g.put((1, per_chunk + 1), &block(201), BS);
+        // Blocks 2..per_chunk + 3: slot 3 (block 5) is already known; per_chunk + 2 is
+        // not cached.
+        let first = 2;
+        let n = (per_chunk + 1) as usize;
+        let mut slots: Vec<Slot> = vec![None; n];
+        slots[3] = Some(None);
+        g.fill_slots(1, first, &mut slots, BS);
+        let lens: Vec<Option<usize>> = slots
+            .iter()
+            .map(|s| s.as_ref().map(|b| b.as_ref().map_or(0, |b| b.len() / BS)))
+            .collect();
+        let mut want = vec![Some(0); n];
+        want[0] = Some(3); // blocks 2, 3, 4
+        want[3] = Some(0); // the known zero block
+        want[4] = Some(per_chunk as usize - 6); // blocks 6..per_chunk
+        want[(per_chunk - first) as usize] = Some(2); // the next chunk's two blocks
+        want[n - 1] = None;
+        assert_eq!(lens, want);
+        assert!(slots[3] == Some(None));
+        let b = slots[4].clone().flatten().unwrap();
+        for (k, blk) in b.chunks(BS).enumerate() {
+            assert_eq!(blk, &block(6 + k as u8)[..]);
+        }
+        assert_eq!(slots[0].clone().flatten().unwrap()[2 * BS..], block(4)[..]);
     }
 
     #[test]
