@@ -16,7 +16,8 @@
 //!   the next flush; nothing is dropped.
 //! - Memory: dirty + flushing bytes are charged to one [`DirtyBudget`] shared by all
 //!   volumes; writers wait at the limit, a background flush starts at the high-water mark.
-//!   The page cache is one LRU of block chunks shared by all volumes, bounded in bytes
+//!   The page cache is one map of block chunks shared by all volumes (CLOCK eviction: see
+//!   [`ClockMap`]), bounded in bytes
 //!   together with the volumes' page indexes; bytes it has handed out never change
 //!   (copy-on-write).
 
@@ -40,7 +41,7 @@ use crate::nbd::{
     BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO,
 };
 use crate::store::DynStore;
-use crate::util::{BlockRunMap, RangeMap, RangeValue};
+use crate::util::{BlockRunMap, ClockMap, RangeMap, RangeValue};
 
 /// Memory charged per dirty run on top of its data, so runs without data (trims) are
 /// bounded too: what a one-block run costs in the dirty set's hash map at worst, its
@@ -278,8 +279,9 @@ impl DirtyBudget {
 
 /// Page cache shared by all volumes, in chunks of consecutive blocks: a chunk is one
 /// contiguous buffer of [`CACHE_CHUNK_BYTES`] (or one block, if blocks are larger) plus a
-/// bitmap of which of its blocks are valid, keyed by (volume id, chunk number), in one LRU
-/// bounded in bytes.
+/// bitmap of which of its blocks are valid, keyed by (volume id, chunk number), in one
+/// [`ClockMap`] bounded in bytes: chunks read since they came in outlive those that were
+/// not, a hit costs one bit (no list to reorder).
 ///
 /// Why chunks, not blocks: with one allocation per 4 KiB block a cached 1 MiB read touched
 /// 256 scattered buffers and refcounts (after random writes the blocks sit all over the
@@ -367,7 +369,7 @@ impl Chunk {
 /// The cache under its lock. Methods take the volume's block size: a volume always uses the
 /// same one, so a chunk's layout never changes.
 struct CacheInner {
-    lru: lru::LruCache<(u64, u64), Chunk>,
+    chunks: ClockMap<(u64, u64), Chunk>,
     /// Sum of the chunks' `charge()`.
     bytes: usize,
     bytes_max: usize,
@@ -430,7 +432,7 @@ impl CacheInner {
     }
 
     /// Fill the empty slots of blocks `lba..lba + slots.len()` of volume `vol` from the
-    /// cache: one LRU lookup per chunk, not per block, and one slice per stretch of
+    /// cache: one lookup per chunk, not per block, and one slice per stretch of
     /// blocks taken from a chunk (see [`Slot`]).
     fn fill_slots(&mut self, vol: u64, lba: u64, slots: &mut [Slot], bs: usize) {
         let cb = chunk_blocks(bs);
@@ -441,7 +443,7 @@ impl CacheInner {
             let run = at..chunk_end.min(end);
             let wanted = run.clone().any(|b| slots[(b - lba) as usize].is_none());
             if wanted {
-                if let Some(c) = self.lru.get_mut(&(vol, at / cb)) {
+                if let Some(c) = self.chunks.get_mut(&(vol, at / cb)) {
                     if !c.pending.is_empty() {
                         let before = c.charge();
                         c.materialize(bs);
@@ -465,10 +467,10 @@ impl CacheInner {
         self.evict();
     }
 
-    /// Whether block `key` is cached (does not change recency).
+    /// Whether block `key` is cached (does not count as a use).
     fn contains(&self, key: (u64, u64), bs: usize) -> bool {
         let (ck, i) = Self::locate(key, bs);
-        self.lru
+        self.chunks
             .peek(&ck)
             .is_some_and(|c| c.present & (1 << i) != 0)
     }
@@ -495,7 +497,7 @@ impl CacheInner {
     ) {
         let (ck, i) = Self::locate(key, bs);
         let len = chunk_blocks(bs) as usize * bs;
-        let c = self.lru.get_or_insert_mut(ck, Chunk::default);
+        let c = self.chunks.get_or_insert_mut(ck, Chunk::default);
         let before = c.charge();
         c.unpend(i);
         match by_ref {
@@ -519,7 +521,7 @@ impl CacheInner {
     /// cached yet cost a zeroed allocation and a lookup per block. Slices handed out keep
     /// the old contents (a shared buffer is replaced, never written).
     fn put_chunk(&mut self, vol: u64, chunk: u64, data: &[u8], bs: usize) {
-        let c = self.lru.get_or_insert_mut((vol, chunk), Chunk::default);
+        let c = self.chunks.get_or_insert_mut((vol, chunk), Chunk::default);
         let before = c.charge();
         c.pending.clear();
         // The chunk's own buffer when nothing else holds it (a cache that already holds the
@@ -537,14 +539,14 @@ impl CacheInner {
         self.evict();
     }
 
-    /// Evict least recently used chunks until within the byte bound.
+    /// Evict chunks (in CLOCK order) until within the byte bound.
     fn evict(&mut self) {
         let limit = self
             .bytes_max
             .saturating_sub(self.index_bytes)
             .max(CACHE_CHUNK_BYTES);
         while self.bytes > limit {
-            match self.lru.pop_lru() {
+            match self.chunks.pop_victim() {
                 Some((_, c)) => self.bytes -= c.charge(),
                 None => break,
             }
@@ -554,7 +556,7 @@ impl CacheInner {
     /// Forget block `key`.
     fn pop(&mut self, key: (u64, u64), bs: usize) {
         let (ck, i) = Self::locate(key, bs);
-        let Some(c) = self.lru.peek_mut(&ck) else {
+        let Some(c) = self.chunks.peek_mut(&ck) else {
             return;
         };
         let before = c.charge();
@@ -563,7 +565,7 @@ impl CacheInner {
         let (empty, after) = (c.present == 0, c.charge());
         self.bytes = self.bytes + after - before;
         if empty {
-            if let Some(c) = self.lru.pop(&ck) {
+            if let Some(c) = self.chunks.pop(&ck) {
                 self.bytes -= c.charge();
             }
         }
@@ -578,7 +580,7 @@ impl PageCache {
             .max(CACHE_CHUNK_BYTES);
         Arc::new(Self {
             inner: Mutex::new(CacheInner {
-                lru: lru::LruCache::unbounded(),
+                chunks: ClockMap::new(),
                 bytes: 0,
                 bytes_max,
                 index_bytes: 0,
@@ -2380,7 +2382,10 @@ mod tests {
         c.recharge_index(0, 5 * CACHE_CHUNK_BYTES / 2);
         let u = c.usage();
         assert_eq!(u.chunk_bytes, CACHE_CHUNK_BYTES);
-        assert!(c.lock().contains((1, 3 * per_chunk), BS), "not LRU order");
+        assert!(
+            c.lock().contains((1, 3 * per_chunk), BS),
+            "not in eviction order"
+        );
         // An index larger than the whole cache still leaves one chunk.
         c.recharge_index(u.index_bytes, 10 * CACHE_CHUNK_BYTES);
         c.lock().put((1, 9 * per_chunk), &block(9), BS);
@@ -2400,7 +2405,7 @@ mod tests {
     }
 
     #[test]
-    fn cache_is_bounded_in_bytes_lru_first() {
+    fn cache_is_bounded_in_bytes_unused_first() {
         let chunks = 4;
         let c = PageCache::new((chunks * CACHE_CHUNK_BYTES) as u64);
         let per_chunk = (CACHE_CHUNK_BYTES / BS) as u64;
@@ -2408,12 +2413,12 @@ mod tests {
         for k in 0..chunks as u64 {
             g.put((1, k * per_chunk), &block(k as u8 + 1), BS);
         }
-        // Touch chunk 0 so chunk 1 is the least recently used.
+        // Read chunk 0 since it came in: chunk 1, never read, goes first.
         assert!(g.get((1, 0), BS).is_some());
         g.put((1, 100 * per_chunk), &block(50), BS);
         assert!(g.bytes <= chunks * CACHE_CHUNK_BYTES);
         assert!(g.contains((1, 0), BS));
-        assert!(!g.contains((1, per_chunk), BS), "LRU chunk not evicted");
+        assert!(!g.contains((1, per_chunk), BS), "unused chunk not evicted");
         assert!(g.contains((1, 100 * per_chunk), BS));
         // Large blocks: one block per chunk.
         g.put((3, 7), &vec![8u8; 65536], 65536);
