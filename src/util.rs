@@ -239,6 +239,14 @@ impl<V: RangeValue> BlockRunMap<V> {
     pub fn len(&self) -> usize {
         self.runs.len() + self.singles.len()
     }
+
+    /// Remove everything, keeping the hash table's capacity for up to `singles_max`
+    /// single-block runs (a larger table is shrunk to that).
+    pub fn clear_keeping(&mut self, singles_max: usize) {
+        self.runs.clear();
+        self.singles.clear();
+        self.singles.shrink_to(singles_max);
+    }
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.singles.is_empty()
     }
@@ -682,6 +690,21 @@ mod tests {
                 proptest::prop_assert_eq!(m.len(), m.iter_unordered().count());
             }
         }
+    }
+
+    #[test]
+    fn a_cleared_block_run_map_is_empty_and_works_again() {
+        let mut m = BlockRunMap::new();
+        for b in 0..100u64 {
+            m.insert(b * 2, 1, Off(b));
+        }
+        m.insert(500, 10, Off(500));
+        m.clear_keeping(8);
+        assert!(m.is_empty() && m.overlapping(0, 1000).is_empty());
+        m.insert(4, 1, Off(7));
+        m.insert(10, 3, Off(10));
+        assert_eq!(m.len(), 2);
+        assert_eq!(per_block(m.sorted(), 14).unwrap()[4], Some(7));
     }
 
     #[test]
