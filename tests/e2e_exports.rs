@@ -7,6 +7,9 @@
 //!   (never a silent drop), and none of its later writes may reach the store.
 //! - With `--tls-cert`/`--tls-key`/`--tls-client-ca`, only TLS clients holding a certificate
 //!   from the CA reach the device (libnbd and qemu), across a restart.
+//! - SIGHUP loads the certificate files again: clients that trust only the new CA get in,
+//!   those that trust only the old one no longer do; a broken file leaves the last good
+//!   certificate in use; without TLS a SIGHUP changes nothing (and stops nothing).
 
 #[macro_use]
 mod e2e;
@@ -20,7 +23,8 @@ use e2e::{cmd, need_bins, need_python_nbd, secs, setup, Backend, Repl};
 e2e_tests!(
     exports_are_isolated_listed_and_survive_restart,
     second_daemon_fences_the_first,
-    tls_with_client_certificates_end_to_end
+    tls_with_client_certificates_end_to_end,
+    tls_certificate_reloads_on_sighup
 );
 
 const NAMES: &[&str] = &[
@@ -271,5 +275,88 @@ fn tls_with_client_certificates_end_to_end(backend: Backend) {
     );
     assert!(got[16 << 20..17 << 20].iter().all(|&b| b == 0x6b));
     assert!(got[8 << 20..16 << 20].iter().all(|&b| b == 0));
+    d.stop();
+}
+
+fn tls_certificate_reloads_on_sighup(backend: Backend) {
+    let test = "tls_certificate_reloads_on_sighup";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_bins(&ctx.name, &["openssl", "nbdinfo"]) {
+        return;
+    }
+    // Two unrelated PKIs; the daemon's certificate and key live at fixed paths whose
+    // contents get replaced, as a certificate renewal does.
+    let (old, new) = (pki::make(), pki::make());
+    let cert = ctx.scratch.join("server-cert.pem");
+    let key = ctx.scratch.join("server-key.pem");
+    let install = |p: &pki::Pki| {
+        fs::copy(&p.server_cert, &cert).unwrap();
+        fs::copy(&p.server_key, &key).unwrap();
+    };
+    install(&old);
+    let tls_args = [
+        "--default-size",
+        "16M",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let mut d = ctx.daemon(&tls_args);
+    // Whether a client trusting only the CA in `ca_dir` is served.
+    let served = |d: &e2e::Daemon, ca_dir: &Path| {
+        let uri = format!(
+            "{}?tls-certificates={}",
+            d.uri().replacen("nbd://", "nbds://", 1),
+            ca_dir.display()
+        );
+        let out = ctx.run_status(cmd("nbdinfo").arg("--size").arg(&uri), secs(60));
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "16777216"
+    };
+    assert!(served(&d, &old.client_anon), "{}: old CA refused", ctx.name);
+    assert!(
+        !served(&d, &new.client_anon),
+        "{}: new CA served early",
+        ctx.name
+    );
+    // New files on disk change nothing until the signal.
+    install(&new);
+    assert!(
+        served(&d, &old.client_anon),
+        "{}: reloaded without SIGHUP",
+        ctx.name
+    );
+    d.hangup();
+    d.wait_for_log("SIGHUP: TLS certificate reloaded");
+    assert!(served(&d, &new.client_anon), "{}: new CA refused", ctx.name);
+    assert!(
+        !served(&d, &old.client_anon),
+        "{}: old CA still served",
+        ctx.name
+    );
+    // A broken key: the reload fails and the last good certificate stays in use.
+    fs::write(&key, "not a key\n").unwrap();
+    d.hangup();
+    d.wait_for_log("reloading the TLS certificate failed");
+    assert!(
+        d.is_running(),
+        "{}: a failed reload stopped the daemon",
+        ctx.name
+    );
+    assert!(
+        served(&d, &new.client_anon),
+        "{}: bad reload took effect",
+        ctx.name
+    );
+    d.stop();
+    // Without TLS a SIGHUP is logged and the daemon keeps serving.
+    d.restart_with(&["--default-size", "16M"]);
+    d.hangup();
+    d.wait_for_log("SIGHUP: no TLS configured");
+    assert!(d.is_running(), "{}: SIGHUP stopped the daemon", ctx.name);
+    let size = ctx.run(cmd("nbdinfo").arg("--size").arg(d.uri()), secs(60));
+    assert_eq!(size.trim(), "16777216");
     d.stop();
 }

@@ -238,6 +238,26 @@ async fn main() -> anyhow::Result<()> {
         tls = tls.as_ref().map_or("off", |t| t.describe()),
         "nbds3d listening"
     );
+    // SIGHUP: load the TLS certificate, key and client CA again (renewed certificates are
+    // served without a restart; see `nbds3::nbd::tls`). Installed without TLS too, so a
+    // stray SIGHUP (a closed terminal) no longer kills the daemon with data unflushed.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let reloadable = tls.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &reloadable {
+                None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+                Some(t) => match t.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "SIGHUP: reloading the TLS certificate failed; still serving the old one"
+                    ),
+                },
+            }
+        }
+    });
     let limits = ServerLimits {
         connections_max: cli.connections_max,
         request_bytes_in_flight_total_max: usize::try_from(cli.inflight_bytes_max)

@@ -274,7 +274,8 @@ where
         return Err(SessionError::Tls(io::Error::other("TLS not configured")));
     };
     let stream = join(reader.into_inner(), writer)?;
-    let stream = match tokio::time::timeout_at(deadline, tls_config.acceptor.accept(stream)).await {
+    let stream = match tokio::time::timeout_at(deadline, tls_config.acceptor().accept(stream)).await
+    {
         Err(_) => return Err(timed_out()),
         Ok(Err(e)) => return Err(SessionError::Tls(e)),
         Ok(Ok(s)) => s,

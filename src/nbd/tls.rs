@@ -12,10 +12,15 @@
 //!   may have chosen it); the client negotiates again over TLS.
 //! - The crypto provider is named here (aws-lc-rs, which the S3 client links already), so no
 //!   process-wide default has to be installed and none can be picked by accident.
+//! - [`TlsConfig::reload`] (the daemon calls it on SIGHUP) reads the same files again and
+//!   swaps the configuration new handshakes use, so a renewed certificate is served without
+//!   a restart; sessions already upgraded keep theirs. A file that fails to load leaves the
+//!   old configuration in place. The mode, and whether client certificates are required,
+//!   stay as started.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -32,16 +37,39 @@ pub enum TlsMode {
     Allow,
 }
 
-/// What sessions need to upgrade a connection.
+/// What sessions need to upgrade a connection. Clones share one acceptor slot, which
+/// [`TlsConfig::reload`] replaces.
 #[derive(Clone)]
 pub struct TlsConfig {
-    pub acceptor: TlsAcceptor,
+    acceptor: Arc<Mutex<TlsAcceptor>>,
+    files: Arc<TlsFiles>,
     pub mode: TlsMode,
     /// Client certificates are verified against a CA (for the log line at start).
     pub client_auth: bool,
 }
 
+/// Where the configuration was loaded from, to load it again.
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
 impl TlsConfig {
+    /// The acceptor for a handshake starting now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        crate::util::lock(&self.acceptor).clone()
+    }
+
+    /// Load the certificate, key and client CA again from the files given at start, and
+    /// use them for every handshake from now on. On an error nothing changes.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let f = &self.files;
+        let fresh = acceptor(&f.cert, &f.key, f.client_ca.as_deref())?;
+        *crate::util::lock(&self.acceptor) = fresh;
+        Ok(())
+    }
+
     /// For the log line at start.
     pub fn describe(&self) -> &'static str {
         match (self.mode, self.client_auth) {
@@ -102,6 +130,20 @@ pub fn load(
     client_ca: Option<&Path>,
     mode: TlsMode,
 ) -> Result<TlsConfig, TlsError> {
+    Ok(TlsConfig {
+        acceptor: Arc::new(Mutex::new(acceptor(cert, key, client_ca)?)),
+        files: Arc::new(TlsFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: client_ca.map(Path::to_owned),
+        }),
+        mode,
+        client_auth: client_ca.is_some(),
+    })
+}
+
+/// The acceptor of [`load`] (and of [`TlsConfig::reload`]).
+fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<TlsAcceptor, TlsError> {
     let chain = certificates(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
@@ -124,9 +166,5 @@ pub fn load(
     let config = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
-    Ok(TlsConfig {
-        acceptor: TlsAcceptor::from(Arc::new(config)),
-        mode,
-        client_auth: client_ca.is_some(),
-    })
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -524,6 +524,25 @@ impl Daemon {
         assert_eq!(rc, 0, "{}: kill({pid}, {sig}) failed", self.test);
     }
 
+    /// SIGHUP (reload the TLS configuration); does not wait for anything.
+    pub fn hangup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    /// Wait (up to 30 s) until the log (of every run so far) contains `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.logs().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: no {text:?} in the log within 30 s:\n{}",
+                self.test,
+                self.log_tail(10)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM and wait for the exit (in-flight requests finish, everything is flushed).
     pub fn terminate(&mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
