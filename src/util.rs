@@ -239,6 +239,9 @@ impl<V: RangeValue> BlockRunMap<V> {
     pub fn len(&self) -> usize {
         self.runs.len() + self.singles.len()
     }
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.singles.is_empty()
+    }
 
     /// Remove everything, keeping the hash table's capacity for up to `singles_max`
     /// single-block runs (a larger table is shrunk to that).
@@ -246,9 +249,6 @@ impl<V: RangeValue> BlockRunMap<V> {
         self.runs.clear();
         self.singles.clear();
         self.singles.shrink_to(singles_max);
-    }
-    pub fn is_empty(&self) -> bool {
-        self.runs.is_empty() && self.singles.is_empty()
     }
 
     /// Map `start..start+len` to `v`, handing each replaced piece (clipped) to `f`, in no
@@ -487,13 +487,13 @@ impl<K: Copy + Eq + std::hash::Hash, V> ClockMap<K, V> {
     /// was there is marked referenced.
     pub fn get_or_insert_mut(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
         let i = match self.index.get(&key) {
-            Some(&i) if matches!(self.slots.get(i), Some(Some(_))) => {
+            Some(&i) => {
                 if let Some(Some(s)) = self.slots.get_mut(i) {
                     s.referenced = true;
                 }
                 i
             }
-            _ => {
+            None => {
                 let slot = Some(ClockSlot {
                     key,
                     val: make(),
@@ -515,7 +515,7 @@ impl<K: Copy + Eq + std::hash::Hash, V> ClockMap<K, V> {
         };
         match &mut self.slots[i] {
             Some(s) => &mut s.val,
-            None => unreachable!("slot {i} was filled above"),
+            None => unreachable!("slot {i} is indexed, so it holds an entry (invariant)"),
         }
     }
 

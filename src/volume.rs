@@ -406,16 +406,15 @@ fn fill_stretches(
     avail: impl Fn(usize) -> bool,
 ) {
     let n = slots.len();
-    let fillable = |slots: &[Slot], j: usize| slots[j].is_none() && avail(j);
     let mut j = 0;
     while j < n {
-        if !fillable(slots, j) {
-            j += 1;
-            continue;
-        }
         let start = j;
-        while j < n && fillable(slots, j) {
+        while j < n && slots[j].is_none() && avail(j) {
             j += 1;
+        }
+        if j == start {
+            j += 1; // filled already, or not in `src`
+            continue;
         }
         let range = off + start * bs..off + j * bs;
         slots[start] = Some(Some(if copy {
