@@ -25,14 +25,9 @@ bench_workdir ab
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$WORK"' EXIT
 
-free_port() {
-    $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
 URIS=()
 for bin in "$BIN_A" "$BIN_B"; do
-    port=$(free_port)
+    port=$(bench_free_port)
     mkdir -p "$WORK/store-$port"
     NO_COLOR=1 "$bin" --listen "127.0.0.1:$port" --store "file://$WORK/store-$port" \
         --default-size 1G --cache-size 1280M --no-compactor 2>"$WORK/daemon-$port.log" &
@@ -52,13 +47,13 @@ rm "$WORK/src.img"
 # run I: the job against daemon I (0 = A, 1 = B); prints "value cpu_us_per_io"
 run() {
     local uri=${URIS[$1]} pid=${PIDS[$1]} t0 t1
-    t0=$(ticks "$pid")
+    t0=$(bench_ticks "$pid")
     URI=$uri RUNTIME=$RUNTIME SIZE=1073741824 fio --section="$JOB" --output-format=json \
         --output="$WORK/fio.json" tools/bench/nbd.fio >/dev/null
     if [[ $JOB == *write ]]; then
         $PY -c 'import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' "$uri"
     fi
-    t1=$(ticks "$pid")
+    t1=$(bench_ticks "$pid")
     $PY - "$WORK/fio.json" "$JOB" "$t0" "$t1" <<'PYEOF'
 import json, os, sys
 d = json.load(open(sys.argv[1]))

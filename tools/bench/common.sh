@@ -57,3 +57,12 @@ bench_wait_up() {
     echo "$name: server at $uri did not start" >&2
     exit 1
 }
+
+# bench_free_port: print a TCP port on 127.0.0.1 that is free now.
+bench_free_port() {
+    "${PY:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# bench_ticks PID: CPU time (user + system, fields 14 and 15 of /proc/PID/stat) of a process
+# so far, in clock ticks.
+bench_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -93,14 +93,10 @@ if [[ " $SERVERS " == *" nbds3d"* ]]; then
     [[ -x $NBDS3D ]] || die "no binary at $NBDS3D"
 fi
 
-free_port() {
-    $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # Start server $1; sets SRV_PID and URI, waits until the export answers.
 start_server() {
     local name=$1 port
-    port=$(free_port)
+    port=$(bench_free_port)
     case $name in
     nbdkit-memory)
         nbdkit -f -i 127.0.0.1 -p "$port" memory "$SIZE" 2>"$OUT/$name.log" &
@@ -145,8 +141,7 @@ start_server() {
 stop_server() {
     local name=$1 hwm ticks clk
     hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$SRV_PID/status")
-    # utime + stime (fields 14, 15), in clock ticks.
-    ticks=$(awk '{print $14 + $15}' "/proc/$SRV_PID/stat")
+    ticks=$(bench_ticks "$SRV_PID")
     clk=$(getconf CLK_TCK)
     echo "{\"peak_rss_kib\": $hwm, \"cpu_s\": $($PY -c "print($ticks / $clk)")}" >"$OUT/$name-proc.json"
     kill -TERM "$SRV_PID"

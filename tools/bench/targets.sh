@@ -45,17 +45,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-    $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-# CPU ticks (user + system) of a process so far
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-port=$(free_port)
+port=$(bench_free_port)
 nbdkit -f -i 127.0.0.1 -p "$port" memory 1G 2>"$WORK/nbdkit.log" &
 NK_PID=$!
 NK_URI="nbd://127.0.0.1:$port/"
-port=$(free_port)
+port=$(bench_free_port)
 NO_COLOR=1 "$BIN" --listen "127.0.0.1:$port" --store "file://$STORE" --default-size 1G \
     --cache-size 1280M --no-compactor 2>"$WORK/nbds3d.log" &
 ND_PID=$!
@@ -78,16 +72,16 @@ job() {
     else
         uri=$ND_URI pid=$ND_PID other=$NK_PID
     fi
-    t0=$(ticks "$pid")
-    o0=$(ticks "$other")
+    t0=$(bench_ticks "$pid")
+    o0=$(bench_ticks "$other")
     URI=$uri RUNTIME=$RUNTIME SIZE=1073741824 fio --section="$jb" --output-format=json \
         --output="$WORK/fio.json" tools/bench/nbd.fio >/dev/null
     if [[ $srv == nbds3d && $jb == *write ]]; then
         # Persist this job's writes now, not during the next job.
         $PY -c 'import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' "$uri"
     fi
-    t1=$(ticks "$pid")
-    o1=$(ticks "$other")
+    t1=$(bench_ticks "$pid")
+    o1=$(bench_ticks "$other")
     $PY - "$srv" "$jb" "$round" "$t0" "$t1" "$o0" "$o1" "$WORK/fio.json" >>"$WORK/results.jsonl" <<'EOF'
 import json, os, sys
 srv, jb, rnd = sys.argv[1], sys.argv[2], int(sys.argv[3])

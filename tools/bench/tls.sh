@@ -40,8 +40,6 @@ PORT=10971
 )
 head -c 1G /dev/urandom >"$WORK/src.img"
 
-ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
-
 # measure MODE ROUND: start the daemon, run every job, append JSON lines to results
 measure() {
     local mode=$1 round=$2 uri store t0 t1 a b
@@ -56,19 +54,19 @@ measure() {
     "$BIN" "${args[@]}" 2>"$WORK/daemon-$mode-$round.log" &
     PID=$!
     HOME="$WORK/home" bench_wait_up tls "$uri"
-    a=$(ticks); t0=$(date +%s.%N)
+    a=$(bench_ticks "$PID"); t0=$(date +%s.%N)
     HOME="$WORK/home" nbdcopy --flush "$WORK/src.img" "$uri"
-    t1=$(date +%s.%N); b=$(ticks)
+    t1=$(date +%s.%N); b=$(bench_ticks "$PID")
     echo "{\"mode\":\"$mode\",\"round\":$round,\"job\":\"nbdcopy in\",\"rate\":$("$PY" -c "print(1024 / ($t1 - $t0))"),\"ops\":1024,\"ticks\":$((b - a))}" >>"$WORK/results"
-    a=$(ticks); t0=$(date +%s.%N)
+    a=$(bench_ticks "$PID"); t0=$(date +%s.%N)
     HOME="$WORK/home" nbdcopy "$uri" null:
-    t1=$(date +%s.%N); b=$(ticks)
+    t1=$(date +%s.%N); b=$(bench_ticks "$PID")
     echo "{\"mode\":\"$mode\",\"round\":$round,\"job\":\"nbdcopy out\",\"rate\":$("$PY" -c "print(1024 / ($t1 - $t0))"),\"ops\":1024,\"ticks\":$((b - a))}" >>"$WORK/results"
     for job in seqread randread randwrite; do
-        a=$(ticks)
+        a=$(bench_ticks "$PID")
         HOME="$WORK/home" URI="$uri" RUNTIME="$RUNTIME" SIZE=1073741824 fio --section="$job" \
             --output-format=json --output="$WORK/fio.json" tools/bench/nbd.fio >/dev/null
-        b=$(ticks)
+        b=$(bench_ticks "$PID")
         "$PY" - "$WORK/fio.json" "$mode" "$round" "$job" "$((b - a))" "$RUNTIME" >>"$WORK/results" <<'PY'
 import json, sys
 path, mode, rnd, job, ticks, runtime = sys.argv[1:]
