@@ -7,6 +7,9 @@
 //!   (never a silent drop), and none of its later writes may reach the store.
 //! - With `--tls-cert`/`--tls-key`/`--tls-client-ca`, only TLS clients holding a certificate
 //!   from the CA reach the device (libnbd and qemu), across a restart.
+//! - Each connection runs on a thread of its own; the export it opened (flusher, lease,
+//!   store connections) lives on after that connection and its thread are gone: its timed
+//!   flush still persists what that connection wrote, as a crash right after shows.
 //! - SIGHUP loads the certificate files again: clients that trust only the new CA get in,
 //!   those that trust only the old one no longer do; a broken file leaves the last good
 //!   certificate in use; without TLS a SIGHUP changes nothing (and stops nothing).
@@ -24,7 +27,8 @@ e2e_tests!(
     exports_are_isolated_listed_and_survive_restart,
     second_daemon_fences_the_first,
     tls_with_client_certificates_end_to_end,
-    tls_certificate_reloads_on_sighup
+    tls_certificate_reloads_on_sighup,
+    export_work_outlives_the_connection_that_started_it
 );
 
 const NAMES: &[&str] = &[
@@ -359,4 +363,79 @@ fn tls_certificate_reloads_on_sighup(backend: Backend) {
     let size = ctx.run(cmd("nbdinfo").arg("--size").arg(d.uri()), secs(60));
     assert_eq!(size.trim(), "16777216");
     d.stop();
+}
+
+/// Threads of `pid` named `nbd-conn-*` (one per live connection).
+fn connection_threads(pid: u32) -> Vec<String> {
+    let mut names = vec![];
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        if let Ok(comm) = fs::read_to_string(task.path().join("comm")) {
+            if comm.starts_with("nbd-conn-") {
+                names.push(comm.trim().to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// Waits up to 10 s for `pid` to have exactly `want` connection threads.
+fn wait_connection_threads(ctx_name: &str, pid: u32, want: usize) {
+    let deadline = std::time::Instant::now() + secs(10);
+    loop {
+        let now = connection_threads(pid);
+        if now.len() == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ctx_name}: expected {want} connection threads, found {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn export_work_outlives_the_connection_that_started_it(backend: Backend) {
+    let test = "export_work_outlives_the_connection_that_started_it";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    let mut d = ctx.daemon(&["--default-size", "16M", "--flush-interval", "1s"]);
+    let pid = d.pid();
+    wait_connection_threads(&ctx.name, pid, 0);
+    // The first connection opens the export, so the export's background tasks (the timed
+    // flusher among them) start while serving it; it writes without flushing and leaves.
+    let mut first = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    first.ok("write 0 65536 a5");
+    first.ok("write 8388608 1048576 5a");
+    wait_connection_threads(&ctx.name, pid, 1);
+    drop(first);
+    d.wait_for_log("connection closed");
+    // Its thread and runtime are gone.
+    wait_connection_threads(&ctx.name, pid, 0);
+    // The timed flush (every 1 s) must still happen: if the flusher had lived on the first
+    // connection's runtime it would have died with it, and the crash would lose the data.
+    std::thread::sleep(secs(4));
+    d.kill9();
+    d.restart();
+    let pid = d.pid();
+    let mut second = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    second.ok("read 0 65536 a5");
+    second.ok("read 8388608 1048576 5a");
+    second.ok("write 65536 4096 c3");
+    second.ok("flush");
+    drop(second);
+    wait_connection_threads(&ctx.name, pid, 0);
+    d.kill9();
+    d.restart();
+    let mut after = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    after.ok("read 0 65536 a5");
+    after.ok("read 65536 4096 c3");
+    after.ok("read 69632 1024000 0");
+    after.ok("read 8388608 1048576 5a");
+    drop(after);
+    d.stop();
+    d.assert_no_panic();
 }

@@ -1814,6 +1814,56 @@ async fn server_wide_byte_budget_bounds_all_connections_together() {
     drop(triggers);
 }
 
+/// A session whose request never finishes holds up shutdown only for the grace period:
+/// then its thread drops it (the request with it), the client sees the connection close,
+/// and the server returns.
+#[tokio::test]
+async fn server_aborts_sessions_stuck_past_the_shutdown_grace() {
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let export = Arc::new(GatedExport::default());
+    let provider: Arc<dyn ExportProvider> = Arc::new(GatedProvider(export.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let limits = ServerLimits {
+        shutdown_grace_ms: 300,
+        ..ServerLimits::default()
+    };
+    let server = tokio::spawn(server::run(
+        vec![Listener::Tcp(tcp)],
+        provider,
+        limits,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut t = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client_handshake(&mut t).await;
+    let mut req = Vec::new();
+    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&WRITE.to_be_bytes());
+    req.extend_from_slice(&1u64.to_be_bytes());
+    req.extend_from_slice(&0u64.to_be_bytes());
+    req.extend_from_slice(&4u32.to_be_bytes());
+    req.extend_from_slice(b"abcd");
+    t.write_all(&req).await.unwrap();
+    while export.held.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopping = std::time::Instant::now();
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops after the grace period")
+        .unwrap()
+        .unwrap();
+    assert!(stopping.elapsed() >= Duration::from_millis(300));
+    // Closed without a reply: the write was never acknowledged.
+    let mut b = [0u8; 16];
+    assert_eq!(t.read(&mut b).await.unwrap_or(0), 0);
+    assert_eq!(export.held.load(Ordering::SeqCst), 4);
+}
+
 // ---- payload pool --------------------------------------------------------------------------
 
 /// Pipelined writes through a payload pool: every length the pool keeps (whole 4 KiB steps

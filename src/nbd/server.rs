@@ -12,6 +12,13 @@
 //! - On shutdown: stop accepting, tell sessions to stop reading, wait up to
 //!   `shutdown_grace_ms` for their in-flight requests to finish, then abort the rest.
 //! - A session's failure or panic is logged and affects no other connection.
+//! - Each session runs on a thread of its own with a single-threaded runtime (its socket,
+//!   reader and reply writer live there), while the exports live on the runtime that
+//!   called [`run`]: every export call is made in that runtime's context, so nothing an
+//!   export starts (flusher, lease, store connections, timers) ends with a connection.
+//!   Threads are bounded by `connections_max`; at shutdown, sessions still running after
+//!   the grace period are dropped by their threads, and `run` returns once every thread
+//!   has finished.
 
 use std::future::Future;
 use std::io;
@@ -24,7 +31,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::pool::PayloadPool;
-use super::session::{self, ServerBytes, SessionConfig, Shutdown};
+use super::session::{self, InContext, ServerBytes, SessionConfig, Shutdown};
 use super::tls::TlsConfig;
 use super::ExportProvider;
 
@@ -123,6 +130,7 @@ impl ServerLimits {
             server_bytes: Some(ServerBytes::new(self.request_bytes_in_flight_total_max)),
             payload_pool: self.payload_pool.clone(),
             tls: self.tls.clone(),
+            export_runtime: None,
         }
     }
 }
@@ -146,8 +154,16 @@ pub async fn run(
     for l in &listeners {
         tracing::info!(listener = %l.describe(), "listening");
     }
-    let config = limits.session_config();
+    // Exports live on the runtime that called us; sessions run on threads of their own.
+    let exports = tokio::runtime::Handle::current();
+    let provider: Arc<dyn ExportProvider> = Arc::new(OnRuntime {
+        inner: provider,
+        handle: exports.clone(),
+    });
+    let mut config = limits.session_config();
+    config.export_runtime = Some(exports);
     let (stop_tx, stop) = Shutdown::channel();
+    let (abort_tx, abort) = Shutdown::channel();
     let mut sessions = JoinSet::new();
     let mut next_id: u64 = 0;
     tokio::pin!(shutdown);
@@ -186,39 +202,24 @@ pub async fn run(
                     continue;
                 }
                 let span = tracing::info_span!("nbd_conn", conn = next_id, %peer, export = tracing::field::Empty);
-                let provider = Arc::clone(&provider);
-                let config = config.clone();
-                let stop = stop.clone();
-                sessions.spawn(
-                    async move {
-                        tracing::debug!("connected");
-                        let result = match reader_writer {
-                            Split::Tcp(s) => {
-                                let (r, w) = s.into_split();
-                                let join = |r: tokio::net::tcp::OwnedReadHalf, w| {
-                                    r.reunite(w).map_err(io::Error::other)
-                                };
-                                session::serve(r, w, join, provider, config, stop).await
+                let session = Session {
+                    stream: reader_writer,
+                    provider: Arc::clone(&provider),
+                    config: config.clone(),
+                    stop: stop.clone(),
+                    abort: abort.clone(),
+                };
+                match spawn_session(next_id, session, span) {
+                    Ok(finished) => {
+                        sessions.spawn(async move {
+                            // The sender is dropped unsent only if the thread panicked.
+                            if finished.await.is_err() {
+                                tracing::error!("session thread panicked");
                             }
-                            Split::Unix(s) => {
-                                let (r, w) = s.into_split();
-                                let join = |r: tokio::net::unix::OwnedReadHalf, w| {
-                                    r.reunite(w).map_err(io::Error::other)
-                                };
-                                session::serve(r, w, join, provider, config, stop).await
-                            }
-                        };
-                        match result {
-                            Ok(end) => tracing::info!(?end, "connection closed"),
-                            // A client vanishing mid-stream is routine, not a server problem.
-                            Err(session::SessionError::Io(e)) if client_went_away(&e) => {
-                                tracing::info!(error = %e, "client went away")
-                            }
-                            Err(e) => tracing::warn!(error = %e, "connection dropped"),
-                        }
+                        });
                     }
-                    .instrument(span),
-                );
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot start a session thread; closing connection"),
+                }
             }
         }
     }
@@ -246,7 +247,8 @@ pub async fn run(
             ?grace,
             "sessions did not finish in time; aborting them"
         );
-        sessions.abort_all();
+        // Each session thread drops its session (cancelling its requests) and exits.
+        let _ = abort_tx.send(true);
         while sessions.join_next().await.is_some() {}
     }
     tracing::info!("server stopped");
@@ -256,6 +258,129 @@ pub async fn run(
 enum Split {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+/// What a session thread needs.
+struct Session {
+    stream: Split,
+    provider: Arc<dyn ExportProvider>,
+    config: SessionConfig,
+    stop: Shutdown,
+    abort: Shutdown,
+}
+
+/// Run one connection's session on a thread of its own with a single-threaded runtime;
+/// the receiver resolves when the thread has finished (an error if it panicked).
+///
+/// Why a thread per connection: with the session's reader and writer tasks on a shared
+/// multi-threaded runtime, an idle worker picks up each socket event and the reply is
+/// written from the other core, so every request paid a cross-core wake-up and an extra
+/// `epoll_wait` + `recv` (tools/bench/RESULTS.md, session 18). On its own thread a
+/// connection reads the requests that queued while it was writing in one `recv`, and the
+/// exports' flush pipeline keeps the shared runtime's workers. Export calls still run in
+/// the shared runtime's context ([`SessionConfig::export_runtime`]).
+fn spawn_session(
+    id: u64,
+    session: Session,
+    span: tracing::Span,
+) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
+    // Leave the shared runtime's reactor here; the session's runtime registers the socket.
+    let Session {
+        stream,
+        provider,
+        config,
+        stop,
+        mut abort,
+    } = session;
+    let stream = match stream {
+        Split::Tcp(s) => StdSplit::Tcp(s.into_std()?),
+        Split::Unix(s) => StdSplit::Unix(s.into_std()?),
+    };
+    let (finished, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("nbd-conn-{id}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _enter = span.enter();
+                    tracing::warn!(error = %e, "cannot build a session runtime; closing connection");
+                    let _ = finished.send(());
+                    return;
+                }
+            };
+            let run = async move {
+                tracing::debug!("connected");
+                tokio::select! {
+                    biased;
+                    _ = abort.wait() => tracing::warn!("session aborted at shutdown"),
+                    result = serve_split(stream, provider, config, stop) => match result {
+                        Ok(end) => tracing::info!(?end, "connection closed"),
+                        // A client vanishing mid-stream is routine, not a server problem.
+                        Err(session::SessionError::Io(e)) if client_went_away(&e) => {
+                            tracing::info!(error = %e, "client went away")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "connection dropped"),
+                    },
+                }
+            };
+            runtime.block_on(run.instrument(span));
+            // Local tasks (the reply writer) go with the runtime, before we report done.
+            drop(runtime);
+            let _ = finished.send(());
+        })?;
+    Ok(done)
+}
+
+enum StdSplit {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// Register the socket with the session's runtime and serve it.
+async fn serve_split(
+    stream: StdSplit,
+    provider: Arc<dyn ExportProvider>,
+    config: SessionConfig,
+    stop: Shutdown,
+) -> Result<session::SessionEnd, session::SessionError> {
+    match stream {
+        StdSplit::Tcp(s) => {
+            let (r, w) = TcpStream::from_std(s)?.into_split();
+            let join =
+                |r: tokio::net::tcp::OwnedReadHalf, w| r.reunite(w).map_err(io::Error::other);
+            session::serve(r, w, join, provider, config, stop).await
+        }
+        StdSplit::Unix(s) => {
+            let (r, w) = UnixStream::from_std(s)?.into_split();
+            let join =
+                |r: tokio::net::unix::OwnedReadHalf, w| r.reunite(w).map_err(io::Error::other);
+            session::serve(r, w, join, provider, config, stop).await
+        }
+    }
+}
+
+/// An export provider whose calls (opening an export starts its background tasks) run in
+/// the context of the runtime the exports live on, not a session's own.
+struct OnRuntime {
+    inner: Arc<dyn ExportProvider>,
+    handle: tokio::runtime::Handle,
+}
+
+#[async_trait::async_trait]
+impl ExportProvider for OnRuntime {
+    async fn open(&self, name: &str) -> Result<Arc<dyn super::BlockExport>, super::ExportError> {
+        InContext::new(Some(self.handle.clone()), self.inner.open(name)).await
+    }
+    async fn list(&self) -> Result<Vec<String>, super::ExportError> {
+        InContext::new(Some(self.handle.clone()), self.inner.list()).await
+    }
+    async fn release(&self, name: &str) {
+        InContext::new(Some(self.handle.clone()), self.inner.release(name)).await
+    }
 }
 
 fn client_went_away(e: &io::Error) -> bool {

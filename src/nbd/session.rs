@@ -9,6 +9,9 @@
 //!                          └─ export.read/write/… ─► reply ──────────────┴─► mpsc ─► batch ─► socket
 //!                             (polled once inline; spawned as its own task if it has to wait)
 //! ```
+//! With [`SessionConfig::export_runtime`] set (the server sets it: sessions run on threads
+//! of their own), request futures are polled in that runtime's context and the ones that
+//! wait are spawned there; the reader and writer stay on the session's runtime.
 //! Invariants:
 //! - Every request is validated (command, flags, range with `checked_add`, size limits,
 //!   read-only) before any I/O, so exports only see requests inside the device and
@@ -74,6 +77,11 @@ pub struct SessionConfig {
     pub payload_pool: Option<Arc<PayloadPool>>,
     /// STARTTLS offered (and, in `Require` mode, required); `None`: refused.
     pub tls: Option<TlsConfig>,
+    /// The runtime the exports live on. When set, every request future is polled inside
+    /// its context (so whatever the export spawns, times or connects belongs to it, not to
+    /// the runtime driving this session), and requests that have to wait continue as
+    /// tasks on it. `None`: the session's own runtime does both.
+    pub export_runtime: Option<tokio::runtime::Handle>,
 }
 
 /// The server-wide in-flight byte budget, shared by all sessions.
@@ -103,7 +111,37 @@ impl Default for SessionConfig {
             server_bytes: None,
             payload_pool: None,
             tls: None,
+            export_runtime: None,
         }
+    }
+}
+
+/// A future polled inside a given runtime's context (`None`: the caller's).
+///
+/// Why: a connection's session may run on a runtime of its own (see
+/// [`server`](super::server)), which ends with the connection. Anything an export call
+/// starts there (a flush task, a store connection, a timer) would die with it, while the
+/// export outlives every connection.
+pub struct InContext<F> {
+    handle: Option<tokio::runtime::Handle>,
+    fut: F,
+}
+
+impl<F> InContext<F> {
+    pub fn new(handle: Option<tokio::runtime::Handle>, fut: F) -> Self {
+        Self { handle, fut }
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for InContext<F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<F::Output> {
+        let this = &mut *self;
+        let _entered = this.handle.as_ref().map(|h| h.enter());
+        std::pin::Pin::new(&mut this.fut).poll(cx)
     }
 }
 
@@ -1304,42 +1342,49 @@ where
         let export = Arc::clone(&export);
         let cookie = header.cookie;
         let op_name = op.name();
-        let mut request = Box::pin(async move {
-            let body = AssertUnwindSafe(execute(export.as_ref(), op, size_bytes))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| {
-                    tracing::error!(cookie, "export panicked while serving a request");
-                    Body::error(Errno::Io, "internal error")
-                });
-            if let Body::Error {
-                errno: Errno::Io,
-                message,
-            } = &body
-            {
-                // Storage failures reach the client as EIO; the operator sees them here.
-                tracing::warn!(cookie, request = op_name, error = %message, "request failed with EIO");
-            }
-            Outgoing {
-                to,
-                body,
-                _request_permit: request_permit,
-                _bytes_permit: bytes_permit,
-                _server_permit: server_permit,
-            }
-        });
+        let mut request = InContext::new(
+            config.export_runtime.clone(),
+            Box::pin(async move {
+                let body = AssertUnwindSafe(execute(export.as_ref(), op, size_bytes))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::error!(cookie, "export panicked while serving a request");
+                        Body::error(Errno::Io, "internal error")
+                    });
+                if let Body::Error {
+                    errno: Errno::Io,
+                    message,
+                } = &body
+                {
+                    // Storage failures reach the client as EIO; the operator sees them here.
+                    tracing::warn!(cookie, request = op_name, error = %message, "request failed with EIO");
+                }
+                Outgoing {
+                    to,
+                    body,
+                    _request_permit: request_permit,
+                    _bytes_permit: bytes_permit,
+                    _server_permit: server_permit,
+                }
+            }),
+        );
         // Fast path: most requests (a write into a dirty set, a cached read) finish without
         // waiting; running them here saves a task spawn and a cross-thread wakeup each, and
         // their replies go out together. One that has to wait continues as its own task (a
         // future may move between tasks: the spawned task re-polls it at once and so
         // registers the right waker).
-        match futures::poll!(request.as_mut()) {
+        match futures::poll!(&mut request) {
             Poll::Ready(reply) => batch.push(reply),
             Poll::Pending => {
                 let tx = tx.clone();
-                tasks.spawn(async move {
+                let waiting = async move {
                     let _ = tx.send(ToWriter::One(request.await));
-                });
+                };
+                match &config.export_runtime {
+                    Some(rt) => tasks.spawn_on(waiting, rt),
+                    None => tasks.spawn(waiting),
+                };
             }
         }
     };
