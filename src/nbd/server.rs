@@ -187,14 +187,14 @@ pub async fn run(
                     log_join(done);
                 }
                 next_id += 1;
-                let (peer, reader_writer) = match connection {
+                let (peer, socket) = match connection {
                     Connection::Tcp(stream, peer) => {
                         if let Err(e) = stream.set_nodelay(true) {
                             tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
                         }
-                        (peer.to_string(), Split::Tcp(stream))
+                        (peer.to_string(), stream.into_std().map(Socket::Tcp))
                     }
-                    Connection::Unix(stream) => ("unix".to_owned(), Split::Unix(stream)),
+                    Connection::Unix(stream) => ("unix".to_owned(), stream.into_std().map(Socket::Unix)),
                 };
                 if sessions.len() >= limits.connections_max {
                     tracing::warn!(%peer, connections_max = limits.connections_max,
@@ -202,8 +202,16 @@ pub async fn run(
                     continue;
                 }
                 let span = tracing::info_span!("nbd_conn", conn = next_id, %peer, export = tracing::field::Empty);
+                // Off the shared runtime's reactor: the session's own runtime takes it.
+                let socket = match socket {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot hand the connection to a session thread; closing it");
+                        continue;
+                    }
+                };
                 let session = Session {
-                    stream: reader_writer,
+                    socket,
                     provider: Arc::clone(&provider),
                     config: config.clone(),
                     stop: stop.clone(),
@@ -255,14 +263,9 @@ pub async fn run(
     Ok(())
 }
 
-enum Split {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
 /// What a session thread needs.
 struct Session {
-    stream: Split,
+    socket: Socket,
     provider: Arc<dyn ExportProvider>,
     config: SessionConfig,
     stop: Shutdown,
@@ -284,18 +287,13 @@ fn spawn_session(
     session: Session,
     span: tracing::Span,
 ) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
-    // Leave the shared runtime's reactor here; the session's runtime registers the socket.
     let Session {
-        stream,
+        socket,
         provider,
         config,
         stop,
         mut abort,
     } = session;
-    let stream = match stream {
-        Split::Tcp(s) => StdSplit::Tcp(s.into_std()?),
-        Split::Unix(s) => StdSplit::Unix(s.into_std()?),
-    };
     let (finished, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
@@ -317,7 +315,7 @@ fn spawn_session(
                 tokio::select! {
                     biased;
                     _ = abort.wait() => tracing::warn!("session aborted at shutdown"),
-                    result = serve_split(stream, provider, config, stop) => match result {
+                    result = serve_socket(socket, provider, config, stop) => match result {
                         Ok(end) => tracing::info!(?end, "connection closed"),
                         // A client vanishing mid-stream is routine, not a server problem.
                         Err(session::SessionError::Io(e)) if client_went_away(&e) => {
@@ -335,26 +333,27 @@ fn spawn_session(
     Ok(done)
 }
 
-enum StdSplit {
+/// An accepted connection's socket, not registered with any runtime.
+enum Socket {
     Tcp(std::net::TcpStream),
     Unix(std::os::unix::net::UnixStream),
 }
 
 /// Register the socket with the session's runtime and serve it.
-async fn serve_split(
-    stream: StdSplit,
+async fn serve_socket(
+    socket: Socket,
     provider: Arc<dyn ExportProvider>,
     config: SessionConfig,
     stop: Shutdown,
 ) -> Result<session::SessionEnd, session::SessionError> {
-    match stream {
-        StdSplit::Tcp(s) => {
+    match socket {
+        Socket::Tcp(s) => {
             let (r, w) = TcpStream::from_std(s)?.into_split();
             let join =
                 |r: tokio::net::tcp::OwnedReadHalf, w| r.reunite(w).map_err(io::Error::other);
             session::serve(r, w, join, provider, config, stop).await
         }
-        StdSplit::Unix(s) => {
+        Socket::Unix(s) => {
             let (r, w) = UnixStream::from_std(s)?.into_split();
             let join =
                 |r: tokio::net::unix::OwnedReadHalf, w| r.reunite(w).map_err(io::Error::other);
