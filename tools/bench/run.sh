@@ -33,6 +33,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 REPO=$PWD
+# shellcheck source=common.sh
+source "$REPO/tools/bench/common.sh" # bench_free_port, bench_ticks
 RUNTIME=${NBDS3_BENCH_RUNTIME:-12}
 SIZE=${NBDS3_BENCH_SIZE:-1G}
 SERVERS=${NBDS3_BENCH_SERVERS:-"nbdkit-memory qemu-nbd nbds3d-file nbds3d-s3"}
