@@ -1463,6 +1463,35 @@ async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
     );
 }
 
+/// A compact request header, followed by `payload`, as a client sends it.
+fn raw_request(command: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut req = Vec::new();
+    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&command.to_be_bytes());
+    req.extend_from_slice(&cookie.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&len.to_be_bytes());
+    req.extend_from_slice(payload);
+    req
+}
+
+/// `server::run` as a task, shutting down when the returned sender fires.
+fn spawn_server(
+    listeners: Vec<Listener>,
+    provider: Arc<dyn ExportProvider>,
+    limits: ServerLimits,
+) -> (
+    JoinHandle<std::io::Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(listeners, provider, limits, async {
+        let _ = stop_rx.await;
+    }));
+    (server, stop_tx)
+}
+
 #[tokio::test]
 async fn server_serves_tcp_and_unix_and_shuts_down() {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1470,46 +1499,29 @@ async fn server_serves_tcp_and_unix_and_shuts_down() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let unix = tokio::net::UnixListener::bind(&path).unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let limits = ServerLimits {
         shutdown_grace_ms: 5_000,
         ..ServerLimits::default()
     };
     let provider = provider();
-    let server = tokio::spawn(server::run(
+    let (server, stop_tx) = spawn_server(
         vec![Listener::Tcp(tcp), Listener::Unix(unix)],
         provider.clone(),
         limits,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    );
 
     let mut t = tokio::net::TcpStream::connect(addr).await.unwrap();
     client_handshake(&mut t).await;
     let mut u = tokio::net::UnixStream::connect(&path).await.unwrap();
     client_handshake(&mut u).await;
     // Write over TCP, read it back over Unix: one shared export.
-    let mut req = Vec::new();
-    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&WRITE.to_be_bytes());
-    req.extend_from_slice(&1u64.to_be_bytes());
-    req.extend_from_slice(&0u64.to_be_bytes());
-    req.extend_from_slice(&4u32.to_be_bytes());
-    req.extend_from_slice(b"abcd");
-    t.write_all(&req).await.unwrap();
+    t.write_all(&raw_request(WRITE, 1, 0, 4, b"abcd"))
+        .await
+        .unwrap();
     let mut reply = [0u8; 16];
     t.read_exact(&mut reply).await.unwrap();
     assert_eq!(&reply[4..8], &[0, 0, 0, 0]);
-    let mut req = Vec::new();
-    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&READ.to_be_bytes());
-    req.extend_from_slice(&2u64.to_be_bytes());
-    req.extend_from_slice(&0u64.to_be_bytes());
-    req.extend_from_slice(&4u32.to_be_bytes());
-    u.write_all(&req).await.unwrap();
+    u.write_all(&raw_request(READ, 2, 0, 4, b"")).await.unwrap();
     let mut reply = [0u8; 20];
     u.read_exact(&mut reply).await.unwrap();
     assert_eq!(&reply[16..], b"abcd");
@@ -1533,19 +1545,11 @@ async fn server_serves_tcp_and_unix_and_shuts_down() {
 async fn server_closes_connections_above_the_limit() {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let limits = ServerLimits {
         connections_max: 1,
         ..ServerLimits::default()
     };
-    let server = tokio::spawn(server::run(
-        vec![Listener::Tcp(tcp)],
-        provider(),
-        limits,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (server, stop_tx) = spawn_server(vec![Listener::Tcp(tcp)], provider(), limits);
     let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
     client_handshake(&mut first).await;
     let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1823,30 +1827,16 @@ async fn server_aborts_sessions_stuck_past_the_shutdown_grace() {
     let addr = tcp.local_addr().unwrap();
     let export = Arc::new(GatedExport::default());
     let provider: Arc<dyn ExportProvider> = Arc::new(GatedProvider(export.clone()));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let limits = ServerLimits {
         shutdown_grace_ms: 300,
         ..ServerLimits::default()
     };
-    let server = tokio::spawn(server::run(
-        vec![Listener::Tcp(tcp)],
-        provider,
-        limits,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (server, stop_tx) = spawn_server(vec![Listener::Tcp(tcp)], provider, limits);
     let mut t = tokio::net::TcpStream::connect(addr).await.unwrap();
     client_handshake(&mut t).await;
-    let mut req = Vec::new();
-    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&WRITE.to_be_bytes());
-    req.extend_from_slice(&1u64.to_be_bytes());
-    req.extend_from_slice(&0u64.to_be_bytes());
-    req.extend_from_slice(&4u32.to_be_bytes());
-    req.extend_from_slice(b"abcd");
-    t.write_all(&req).await.unwrap();
+    t.write_all(&raw_request(WRITE, 1, 0, 4, b"abcd"))
+        .await
+        .unwrap();
     while export.held.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
