@@ -50,7 +50,7 @@ run() {
     t0=$(bench_ticks "$pid")
     URI=$uri RUNTIME=$RUNTIME SIZE=1073741824 fio --section="$JOB" --output-format=json \
         --output="$WORK/fio.json" tools/bench/nbd.fio >/dev/null
-    if [[ $JOB == *write ]]; then
+    if [[ $JOB == *write* ]]; then
         $PY -c 'import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' "$uri"
     fi
     t1=$(bench_ticks "$pid")
