@@ -60,7 +60,8 @@ d = json.load(open(sys.argv[1]))
 j = d["jobs"][0]
 side = j["write"] if "write" in sys.argv[2] else j["read"]
 value = side["iops"] if sys.argv[2].startswith("rand") else side["bw_bytes"] / (1 << 20)
-ios = side["iops"] * (j["job_runtime"] / 1000 + float(d.get("global options", {}).get("ramp_time", "1")))
+# total_ios sums every fio job of the section (numjobs); the ramp is not in it.
+ios = side["total_ios"] + side["iops"] * float(d.get("global options", {}).get("ramp_time", "1"))
 print(value, (float(sys.argv[4]) - float(sys.argv[3])) / os.sysconf("SC_CLK_TCK") * 1e6 / ios)
 PYEOF
 }

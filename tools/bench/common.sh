@@ -34,10 +34,35 @@ bench_binary() {
     fi
 }
 
-# bench_workdir NAME: make a temp dir, $WORK, and at exit stop the daemon whose pid is in
+# bench_scratch NAME [PARENT]: make a scratch dir PARENT/nbds3-NAME.PID.XXXXXX (PARENT: $TMPDIR
+# or /tmp) and print its path, for a script that removes it at exit. The script's PID in the
+# name lets a later run remove it if this one was killed before its exit trap ran (SIGKILL,
+# the end of a login session): a killed four-connection ab.sh once left 17 GiB behind, and
+# with other such leftovers filled the disk so that the next CI build failed.
+bench_scratch() { mktemp -d "${2:-${TMPDIR:-/tmp}}/nbds3-$1.$$.XXXXXX"; }
+
+# bench_sweep [PARENT]: remove the scratch dirs under PARENT of runs whose process is gone.
+bench_sweep() {
+    local d rest pid
+    for d in "${1:-${TMPDIR:-/tmp}}"/nbds3-*.*.*; do
+        [[ -d $d ]] || continue
+        rest=${d%.*}
+        pid=${rest##*.}
+        [[ $pid =~ ^[0-9]+$ ]] || continue
+        [[ -d /proc/$pid ]] && continue
+        echo "bench: removing $d ($(du -sh "$d" 2>/dev/null | cut -f1)), left by a run that was killed" >&2
+        rm -rf "$d"
+    done
+}
+bench_sweep
+if [[ -n ${NBDS3_BENCH_STORE_DIR:-} ]]; then
+    bench_sweep "$NBDS3_BENCH_STORE_DIR"
+fi
+
+# bench_workdir NAME: make a scratch dir, $WORK, and at exit stop the daemon whose pid is in
 # $PID (if any) and remove $WORK. Call it as a statement, not in $(...): it sets globals.
 bench_workdir() {
-    WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-$1.XXXXXX")
+    WORK=$(bench_scratch "$1")
     PID=""
     trap bench_cleanup EXIT
 }

@@ -36,7 +36,7 @@ trap cleanup EXIT
 # Instructions of one daemon run that takes $2 MiB of random writes.
 run() {
     local bin=$1 mib=$2 tag=$3 pid ir
-    STORE=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-instr-store.XXXXXX")
+    STORE=$(bench_scratch instr-store)
     valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.$tag.$mib.out" \
         "$bin" --listen "127.0.0.1:$PORT" --store "file://$STORE" --default-size 256M \
         --cache-size 320M --dirty-max 256M --flush-interval 3600s --no-compactor \

@@ -62,7 +62,7 @@ print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))' "$SIZE")
 
 OUT=${NBDS3_BENCH_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/nbds3-bench.XXXXXX")}
 mkdir -p "$OUT"
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-bench-work.XXXXXX")
+WORK=$(bench_scratch bench-work)
 
 SRV_PID=""
 cleanup() {

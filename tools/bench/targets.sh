@@ -34,8 +34,8 @@ BIN=$(bench_binary "$@")
 ROUNDS=${NBDS3_BENCH_ROUNDS:-5}
 RUNTIME=${NBDS3_BENCH_RUNTIME:-8}
 PY=/usr/bin/python3 # Debian's, with the libnbd binding; not a pyenv shim
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbds3-targets.XXXXXX")
-STORE=$(mktemp -d "${NBDS3_BENCH_STORE_DIR:-$WORK}/nbds3-targets-store.XXXXXX")
+WORK=$(bench_scratch targets)
+STORE=$(bench_scratch targets-store "${NBDS3_BENCH_STORE_DIR:-$WORK}")
 NK_PID="" ND_PID=""
 cleanup() {
     for p in $NK_PID $ND_PID; do
@@ -91,7 +91,7 @@ j = d["jobs"][0]
 side = j["write"] if "write" in jb else j["read"]
 value = side["iops"] if jb.startswith("rand") else side["bw_bytes"] / (1 << 20)
 ramp = float(d.get("global options", {}).get("ramp_time", "1"))
-ios = side["iops"] * (j["job_runtime"] / 1000 + ramp)
+ios = side["total_ios"] + side["iops"] * ramp
 hz = os.sysconf("SC_CLK_TCK")
 print(json.dumps({"server": srv, "job": jb, "round": rnd, "value": value,
                   "cpu_us": (t1 - t0) / hz * 1e6 / ios, "other_cpu_us": (o1 - o0) / hz * 1e6 / ios}))

@@ -29,7 +29,7 @@ ROUNDS=${NBDS3_BENCH_ROUNDS:-2}
 PY=/usr/bin/python3 # Debian's, not a pyenv shim
 bench_workdir split
 head -c 1G /dev/urandom >"$WORK/src.img"
-STORE=$(mktemp -d "${NBDS3_BENCH_STORE_DIR:-$WORK}/nbds3-split-store.XXXXXX")
+STORE=$(bench_scratch split-store "${NBDS3_BENCH_STORE_DIR:-$WORK}")
 trap 'bench_cleanup; rm -rf "$STORE"' EXIT
 # The stat file of the block device holding the store (a disk or a partition), if any.
 DISK_STAT="/sys/class/block/$(basename "$(df --output=source "$STORE" | tail -1)")/stat"
