@@ -91,13 +91,21 @@ const CHECKPOINT_BUILD_BYTES_PER_EXTENT: usize = 2 * INDEX_BYTES_PER_EXTENT;
 const CACHE_UPDATE_BLOCKS_PER_LOCK: usize = 256;
 /// Frames one read (or readahead) fetches from the store at once.
 const FRAME_FETCHES_PER_READ_MAX: usize = 16;
-/// Frame fetches in flight at once across every volume sharing a page cache (the daemon):
-/// a read takes a permit per fetch it runs concurrently, all at once, and keeps them until
-/// its fetched frames are in hand. What bounds the memory of cold reads: each fetch holds
-/// at most one GET of `READ_SPAN_BYTES_MAX` (or one larger frame) and the frames decoded
-/// from it, where before only each request was bounded, and 128 cold 4 KiB reads in
-/// flight on one connection could hold 128 such fetches (with compaction's 1 MiB frames,
-/// ~256 MiB). 64: four reads' full fan-out, and more concurrent GETs than a 2-core
+/// Frame fetches in flight at once across every volume sharing a page cache (the daemon),
+/// counted in frames: a fetch takes a permit per frame it fetches, up to
+/// [`FRAME_FETCHES_PER_READ_MAX`], all at once, and keeps them until its frames are in
+/// hand. What bounds the memory of cold reads, readahead and `CACHE`: at most 64 GETs
+/// (each ≤ `READ_SPAN_BYTES_MAX`, or one larger frame), and, for warming, at most 64
+/// decoded frames (each ≤ `FRAME_RAW_BYTES_MAX`), since a warm fetches at most
+/// [`FRAME_FETCHES_PER_READ_MAX`] frames per round and hands them to the cache before the
+/// next. A read may decode more frames than it holds permits (256 single-block frames in
+/// a 1 MiB read after random writes), but those are what it returns: its request's byte
+/// budget covers them, plus at most the two frames that overhang its ends. Before, a
+/// permit was a GET, however many frames it carried, and a warm held every frame of its
+/// range until the last one came: 64 concurrent 32 MiB `CACHE` requests of
+/// well-compressed data could hold ~2 GiB of decoded frames; and earlier still only each
+/// request was bounded, so 128 cold 4 KiB reads in flight on one connection could hold
+/// 128 fetches. 64: four reads' full fan-out, and more concurrent GETs than a 2-core
 /// machine decodes.
 pub const FRAME_FETCHES_MAX: usize = 64;
 /// A frame as a read's fetch returns it.
@@ -306,7 +314,7 @@ impl DirtyBudget {
 pub struct PageCache {
     inner: Mutex<CacheInner>,
     /// Frame fetches (GETs and their decoding) of all volumes sharing this cache:
-    /// [`FRAME_FETCHES_MAX`] permits.
+    /// [`FRAME_FETCHES_MAX`] permits, one per frame being fetched.
     fetches: tokio::sync::Semaphore,
 }
 
@@ -1583,7 +1591,9 @@ impl Volume {
         // All of this read's permits in one acquisition: a read holding some while
         // waiting for more could wait forever on others doing the same. Never closed, so
         // the error arm cannot happen; it would only mean no bound, not a failed read.
-        let want = spans.len().clamp(1, FRAME_FETCHES_PER_READ_MAX) as u32;
+        // One permit per frame (not per GET: one GET may carry many small, well-compressed
+        // frames; see FRAME_FETCHES_MAX).
+        let want = frames.len().clamp(1, FRAME_FETCHES_PER_READ_MAX) as u32;
         let _slots = self.cache.fetches.acquire_many(want).await.ok();
         let frames = &frames;
         let fetched: Vec<Vec<(usize, FetchedFrame)>> = futures::stream::iter(spans)
@@ -1737,13 +1747,17 @@ impl Volume {
         need.sort_unstable();
         need.dedup();
         let fetched = need.len();
-        let keys: Vec<(u64, u64)> = need.iter().map(|&(seg, off, _)| (seg, off)).collect();
         let mut first_err = None;
-        for ((seg, off), r) in keys.into_iter().zip(self.fetch_frames(need).await) {
-            match r {
-                Ok(frame) => self.fill_cache_from_frame(seg, off, &frame, None),
-                Err(e) => {
-                    first_err.get_or_insert(e);
+        // A round of frames at a time, each round in the cache before the next is fetched:
+        // nothing returns these frames to a client, so no request budget covers them, and
+        // a 32 MiB CACHE must not hold 32 MiB of decoded frames (FRAME_FETCHES_MAX).
+        for round in need.chunks(FRAME_FETCHES_PER_READ_MAX) {
+            for (&(seg, off, _), r) in round.iter().zip(self.fetch_frames(round.to_vec()).await) {
+                match r {
+                    Ok(frame) => self.fill_cache_from_frame(seg, off, &frame, None),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
         }

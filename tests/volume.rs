@@ -227,12 +227,22 @@ async fn dirty_budget_is_enforced_by_background_flush() {
 }
 
 /// Counts ranged GETs in flight (and the most seen at once) over another store.
-#[derive(Debug)]
 struct GetCounter {
     inner: DynStore,
     now: std::sync::atomic::AtomicUsize,
     max: std::sync::atomic::AtomicUsize,
     total: std::sync::atomic::AtomicUsize,
+    /// When set: the cache's chunk bytes as each GET started go to `chunk_bytes_at_get`.
+    cache: std::sync::OnceLock<Arc<PageCache>>,
+    chunk_bytes_at_get: std::sync::Mutex<Vec<usize>>,
+}
+
+impl std::fmt::Debug for GetCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GetCounter")
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
 }
 
 #[async_trait::async_trait]
@@ -254,6 +264,12 @@ impl nbds3::store::ObjectStore for GetCounter {
         range: std::ops::Range<u64>,
     ) -> nbds3::store::StoreResult<Bytes> {
         use std::sync::atomic::Ordering::SeqCst;
+        if let Some(c) = self.cache.get() {
+            self.chunk_bytes_at_get
+                .lock()
+                .unwrap()
+                .push(c.usage().chunk_bytes);
+        }
         let n = self.now.fetch_add(1, SeqCst) + 1;
         self.max.fetch_max(n, SeqCst);
         self.total.fetch_add(1, SeqCst);
@@ -324,6 +340,8 @@ fn counted_store() -> (Arc<GetCounter>, DynStore) {
         now: 0.into(),
         max: 0.into(),
         total: 0.into(),
+        cache: std::sync::OnceLock::new(),
+        chunk_bytes_at_get: Default::default(),
     });
     let store: DynStore = counter.clone();
     (counter, store)
@@ -385,6 +403,70 @@ async fn cold_read_fetches_neighbouring_frames_with_one_get() {
     assert_eq!(
         counter.total.load(std::sync::atomic::Ordering::SeqCst) - before,
         gets
+    );
+}
+
+#[tokio::test]
+async fn cache_request_hands_frames_to_the_cache_round_by_round() {
+    let (counter, store) = counted_store();
+    // 64 single-block frames, each in a segment of its own: 64 GETs.
+    write_every_other_block(&store, 64, true).await;
+    let cfg = VolumeConfig::default();
+    let cache = PageCache::new(cfg.cache_bytes_max);
+    let v = open_with_cache(&store, cfg, Arc::clone(&cache)).await;
+    assert!(counter.cache.set(Arc::clone(&cache)).is_ok());
+    let before = counter.total.load(std::sync::atomic::Ordering::SeqCst);
+    v.cache(0, 64 * 8192).await.unwrap();
+    let seen = counter.chunk_bytes_at_get.lock().unwrap().clone();
+    assert_eq!(seen.len(), 64, "one GET per frame");
+    // The frames come in rounds of 16 and each round is in the cache before the next
+    // starts: the last GET finds three rounds cached. Before, the warm held all 64
+    // decoded frames until the last arrived, and every GET found the cache empty.
+    assert_eq!(seen[0], 0);
+    assert!(
+        seen[63] > 0,
+        "nothing was cached while the warm's last frames were fetched: {seen:?}"
+    );
+    // Everything is cached now: reading it takes no GET.
+    check_every_other_block(&flat(v.read(0, 64 * 8192).await.unwrap()), 64);
+    assert_eq!(
+        counter.total.load(std::sync::atomic::Ordering::SeqCst) - before,
+        64
+    );
+}
+
+#[tokio::test]
+async fn warms_count_frames_not_gets_against_the_fetch_bound() {
+    let (counter, store) = counted_store();
+    // 40 × 16 single-block frames side by side in one segment: each CACHE below gets its
+    // 16 frames with one GET.
+    let (warms, per) = (40u64, 16u64);
+    write_every_other_block(&store, warms * per, false).await;
+    let v = open(&store, VolumeConfig::default()).await;
+    let before = counter.total.load(std::sync::atomic::Ordering::SeqCst);
+    let tasks: Vec<_> = (0..warms)
+        .map(|w| {
+            let v = Arc::clone(&v);
+            tokio::spawn(async move { v.cache(w * per * 8192, per * 8192).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let gets = counter.total.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(gets, warms as usize, "one GET per CACHE request");
+    // Each GET carries 16 frames, and every one of them is decoded and held until the
+    // cache takes it: at most FRAME_FETCHES_MAX frames, so 4 such GETs, at once. Counting
+    // GETs instead let all 40 run together (640 frames).
+    let max = counter.max.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        max as u64 * per <= nbds3::volume::FRAME_FETCHES_MAX as u64,
+        "{max} GETs of {per} frames each in flight at once"
+    );
+    assert!(max >= 2, "the CACHE requests did not overlap (max {max})");
+    check_every_other_block(
+        &flat(v.read(0, (warms * per * 8192) as u32).await.unwrap()),
+        (warms * per) as usize,
     );
 }
 
