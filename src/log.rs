@@ -375,6 +375,8 @@ pub struct Log {
     seg_bufs: BufPool,
     /// Back-pressure from the index's memory bound (armed by the background compactor).
     pub index_gate: compact::IndexGate,
+    /// Back-pressure from stored bytes over live ones (armed by the background compactor).
+    pub space_gate: compact::SpaceGate,
     /// How long recent segment PUTs took (microseconds, newest last, at most
     /// [`PUT_LATENCY_SAMPLES`]): the hedge delay follows their median.
     put_latencies: std::sync::Mutex<std::collections::VecDeque<u64>>,
@@ -977,6 +979,7 @@ impl Log {
                 compress: Default::default(),
                 seg_bufs: BufPool::new(pool_max, pool_cap_max),
                 index_gate: compact::IndexGate::default(),
+                space_gate: compact::SpaceGate::default(),
                 put_latencies: Default::default(),
                 upload_slots: tokio::sync::Semaphore::new(pool_max),
                 upload_queue: tokio::sync::Mutex::new(()),
@@ -1373,6 +1376,11 @@ impl Log {
     fn checkpoint_due(&self, st: &CommitState) -> bool {
         st.manifest.tail.len() > self.cfg.tail_segments_max
             || st.tail_entries() > self.tail_entries_trigger()
+    }
+
+    /// Stored and live bytes of the segments the index names (O(segments)).
+    pub fn space(&self) -> index::Space {
+        self.index_read().space()
     }
 
     /// Runs in the in-memory page index (what its memory grows with).

@@ -966,6 +966,10 @@ impl Volume {
             .index_gate
             .wait_room(&self.log, 2 * budget_runs.min(piece_runs))
             .await;
+        // Likewise when the store holds far more than the live data and compaction can
+        // still reclaim it (a no-op unless a compactor runs): writers slow down to the
+        // pace at which passes reclaim space, so stored bytes stay bounded.
+        self.log.space_gate.wait_room(&self.log).await;
         let Ok(_slot) = self.pipeline.acquire().await else {
             return Some(Err(VolumeError::ShuttingDown));
         };

@@ -237,6 +237,9 @@ fn aggressive_compact_cfg(rng: &mut StdRng, deterministic: bool) -> CompactConfi
         // Low enough that most passes also defragment: rewrites by LBA stretch get the
         // same crash and fault checking as rewrites by segment.
         index_runs_max: Some(12),
+        // Armed where a background compactor runs: flushes that wait for space get the
+        // same crash and fault checking.
+        space_amp_max: Some(compact::SPACE_AMP_MAX),
         // Above the writers' frames (at most 4 blocks here), so on devices too large for
         // that bound passes also cut larger frames, under the same checking.
         defrag_frame_bytes_max: 16 * 512,
@@ -881,6 +884,7 @@ async fn daemon_serves_while_compacting() {
                 // too many for this bound, so passes cut 64 KiB frames).
                 index_runs_max: Some(200),
                 defrag_frame_bytes_max: 64 << 10,
+                space_amp_max: Some(compact::SPACE_AMP_MAX),
             }),
         },
     );
@@ -1174,6 +1178,49 @@ async fn background_passes_wait_for_an_idle_export_but_not_forever() {
     let before = passes();
     busy(Duration::from_millis(6000)).await;
     assert!(passes() > before, "a busy export was never compacted");
+    handle.close().await;
+}
+
+/// GC does not wait for an idle export: on an export busy without a break (requests every
+/// 20 ms, passes waiting 30 s for a quiet second), GC passes still run at `gc_interval`,
+/// and no compaction pass does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_runs_on_a_busy_export_while_passes_wait() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let log = Arc::new(
+        Log::open(
+            store,
+            NAME,
+            Some(Geometry {
+                size_bytes: 1 << 20,
+                block_size: 4096,
+            }),
+            LogConfig::default(),
+            OpenMode::Writer,
+        )
+        .await
+        .unwrap(),
+    );
+    let cfg = CompactConfig {
+        pass_interval: Duration::from_millis(10),
+        pass_idle: Duration::from_millis(500),
+        pass_idle_wait_max: Duration::from_secs(30),
+        gc_interval: Duration::from_millis(200),
+        ..CompactConfig::default()
+    };
+    let handle = compact::spawn_compactor(Arc::clone(&log), cfg);
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        log.stats
+            .foreground_requests
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = handle.stats();
+    let passes = stats.passes.load(Ordering::Relaxed);
+    let gcs = stats.gc_passes.load(Ordering::Relaxed);
+    assert_eq!(passes, 0, "a pass ran while the export was busy");
+    assert!(gcs >= 3, "only {gcs} GC passes in 2 s at a 200 ms interval");
     handle.close().await;
 }
 
@@ -1746,4 +1793,113 @@ async fn piecewise_flush_crashed_at_every_step_keeps_every_acknowledged_block() 
     // piece, including after some pieces and before others.
     assert!(crashes >= 30, "only {crashes} crash points");
     assert!(partial >= 6, "only {partial} crashes fell between pieces");
+}
+
+/// Sustained random overwrites of an export that is never idle (passes wait 30 s for an
+/// idle export, at most 60 s): without the space bound no pass runs and the store grows
+/// with every flush; with it, passes run back to back once stored bytes pass twice the
+/// live ones, and flushes wait for them above three times (one victim per pass is far
+/// slower than the writes here), so stored bytes stay within that plus one flush batch.
+/// Every block reads back at its last version, and from the store after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stored_bytes_stay_bounded_under_sustained_overwrites() {
+    let bs = 4096usize;
+    let blocks: u64 = 1024;
+    for bound in [None, Some(2.0)] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let exports = Exports::new(
+            Arc::clone(&store),
+            ExportsConfig {
+                default_geometry: Geometry {
+                    size_bytes: blocks * bs as u64,
+                    block_size: bs as u32,
+                },
+                log: LogConfig {
+                    segment_bytes_max: 256 << 10,
+                    frame_bytes_max: GATED_FRAME_BYTES,
+                    ..LogConfig::default()
+                },
+                volume: VolumeConfig {
+                    cache_bytes_max: 1 << 20,
+                    dirty_bytes_max: 64 * bs as u64,
+                    flush_interval: Duration::from_millis(20),
+                    readahead_bytes_max: 0,
+                    ..VolumeConfig::default()
+                },
+                read_only: false,
+                compact: Some(CompactConfig {
+                    // One victim per pass: reclaiming is slower than writing.
+                    pass_bytes_max: 32 << 10,
+                    pass_interval: Duration::from_millis(5),
+                    pass_idle: Duration::from_secs(30),
+                    pass_idle_wait_max: Duration::from_secs(60),
+                    space_amp_max: bound,
+                    ..CompactConfig::default()
+                }),
+            },
+        );
+        let vol = exports.volume(NAME).await.unwrap();
+        let export = exports.open(NAME).await.unwrap();
+        let mut expected = vec![1u64; blocks as usize];
+        for lba in (0..blocks).step_by(64) {
+            write_first_version(&export, bs, lba, 64).await;
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut peak = 0f64;
+        let mut id = 1u64;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let lba = rng.random_range(0..blocks);
+            id += 1;
+            export
+                .write(
+                    lba * bs as u64,
+                    Bytes::from(block_bytes(bs, lba, id)),
+                    false,
+                )
+                .await
+                .unwrap();
+            expected[lba as usize] = id;
+            if id.is_multiple_of(64) {
+                export.flush().await.unwrap();
+                peak = peak.max(vol.log().space().amplification());
+            }
+        }
+        export.flush().await.unwrap();
+        let end = vol.log().space().amplification();
+        let gate = &vol.log().space_gate;
+        let waited = gate.flushes_waited.load(Ordering::Relaxed);
+        let stats = exports.compactor_stats(NAME).unwrap();
+        let rewrites = stats.rewrites.load(Ordering::Relaxed);
+        eprintln!(
+            "bound {bound:?}: {id} writes; stored/live peak {peak:.2}, end {end:.2}; \
+             {rewrites} passes committed; {waited} flushes waited {} ms",
+            gate.wait_ms_total.load(Ordering::Relaxed)
+        );
+        // Enough writes to overwrite the device many times over.
+        assert!(id > 8 * blocks, "too few writes to test anything: {id}");
+        match bound {
+            None => {
+                assert_eq!(rewrites, 0, "a pass ran on a busy export without the bound");
+                assert!(
+                    peak > 4.0,
+                    "the store did not grow without the bound: {peak:.2}"
+                );
+            }
+            Some(b) => {
+                assert!(rewrites > 0, "no pass ran during the writes");
+                assert!(waited > 0, "no flush waited for compaction");
+                // One flush batch (64 blocks) and one segment beyond the stall level.
+                let limit = b * compact::SPACE_STALL_FACTOR + 0.25;
+                assert!(
+                    peak <= limit,
+                    "stored/live peaked at {peak:.2}, over {limit}"
+                );
+                check_versions_then_reopen(&exports, &export, &store, bs, &expected).await;
+            }
+        }
+        if bound.is_none() {
+            exports.close_all().await.unwrap();
+        }
+    }
 }

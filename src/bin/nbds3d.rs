@@ -70,6 +70,11 @@ struct Cli {
     /// Time between background compaction passes.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     compact_interval: Duration,
+    /// Stored bytes over live bytes above which compaction passes stop waiting for an idle
+    /// export; above 1.5 × this, flushes wait for them (0: off). At least
+    /// 1 / (1 − --compact-threshold).
+    #[arg(long, default_value_t = 2.0)]
+    compact_space_max: f64,
     /// Live bytes one compaction pass copies at most.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     compact_pass_bytes: u64,
@@ -132,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         pass_idle_wait_max: cli.compact_interval.saturating_mul(6),
         index_runs_max: cli.index_max.map(nbds3::volume::index_runs_in),
         defrag_frame_bytes_max: usize::try_from(cli.defrag_frame_max).unwrap_or(usize::MAX),
+        space_amp_max: (cli.compact_space_max != 0.0).then_some(cli.compact_space_max),
         gc_interval: cli.gc_interval,
         gc: nbds3::log::gc::GcConfig {
             keep_versions_min: cli.gc_keep_versions,

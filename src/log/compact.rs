@@ -25,7 +25,13 @@
 //! - The background compactor starts a pass only once the export has served no request
 //!   for `pass_idle`, or `pass_idle_wait_max` after its previous pass, whichever is first
 //!   (see `wait_for_idle`): requests come before reclaiming space, and space is still
-//!   reclaimed on an export that is never idle.
+//!   reclaimed on an export that is never idle. GC passes run every `gc_interval` whether
+//!   or not the export is idle (see `wait_for_idle`).
+//! - Stored bytes stay bounded under any load ([`SpaceGate`]): once the segments the index
+//!   names hold more than `space_amp_max` × their live bytes, passes no longer wait for an
+//!   interval or an idle export; above [`SPACE_STALL_FACTOR`] × that, flushes (and so,
+//!   once the dirty set is full, writers) wait for them. Only while passes can still
+//!   reclaim: an urgent pass that commits nothing turns the gate off for a while.
 //! - Bounded: one pass copies at most `pass_bytes_max` raw bytes (memory and I/O), with at
 //!   most `reads_in_flight_max` reads of at most `SPAN_BYTES_MAX` each and the log's
 //!   upload limit in flight.
@@ -113,6 +119,12 @@ pub struct CompactConfig {
     /// Never more than [`FRAME_RAW_BYTES_MAX`]; at most the log's `frame_bytes_max`
     /// switches this off.
     pub defrag_frame_bytes_max: usize,
+    /// Stored bytes over live bytes (of the segments the index names) above which passes
+    /// follow each other without waiting for an interval or an idle export; above
+    /// [`SPACE_STALL_FACTOR`] × this, flushes wait for them ([`SpaceGate`]). Never below
+    /// 1 / (1 − `dead_fraction_min`): under that level there may be no segment a pass
+    /// would rewrite. `None`: passes wait for an idle export whatever the space.
+    pub space_amp_max: Option<f64>,
 }
 
 impl Default for CompactConfig {
@@ -130,9 +142,16 @@ impl Default for CompactConfig {
             pass_idle_wait_max: Duration::from_secs(60),
             index_runs_max: None,
             defrag_frame_bytes_max: DEFRAG_FRAME_BYTES_MAX,
+            space_amp_max: Some(SPACE_AMP_MAX),
         }
     }
 }
+
+/// Default [`CompactConfig::space_amp_max`]: the store may hold up to twice the live data
+/// (plus what GC's retention window keeps) before compaction takes turns with requests.
+/// Equal to the level the default `dead_fraction_min` (0.5) guarantees once passes catch
+/// up: with every segment under half dead, stored bytes are under twice the live ones.
+pub const SPACE_AMP_MAX: f64 = 2.0;
 
 /// Default [`CompactConfig::defrag_frame_bytes_max`]: 8 × the writers' 128 KiB frames, so
 /// a fully defragmented device needs one index run per MiB (~96 KiB of index per GiB
@@ -166,6 +185,12 @@ impl CompactConfig {
             return Err(CompactError::Invalid(format!(
                 "defrag frame size {} is not in 1..={FRAME_RAW_BYTES_MAX}",
                 self.defrag_frame_bytes_max
+            )));
+        }
+        if self.space_amp_max.is_some_and(|a| a.is_nan() || a < 1.0) {
+            return Err(CompactError::Invalid(format!(
+                "space amplification bound {:?} is below 1",
+                self.space_amp_max
             )));
         }
         if self.gc.keep_versions_min == 0 {
@@ -777,6 +802,7 @@ pub async fn compact_pass(
             report.index_runs_after = log.index_extents() as u64;
             // Named by version v now; GC keeps them until a pass has listed v.
             log.named_by(&ids, v).await;
+            let space = log.space();
             tracing::info!(
                 export = log.name(),
                 version = v,
@@ -789,6 +815,8 @@ pub async fn compact_pass(
                 fragments = report.fragments,
                 index_runs_before = report.index_runs_before,
                 index_runs_after = report.index_runs_after,
+                stored_mib = space.stored_bytes >> 20,
+                live_mib = space.live_bytes >> 20,
                 "compaction pass committed"
             );
             Ok(report)
@@ -1379,12 +1407,138 @@ impl IndexGate {
     }
 }
 
-/// Disarms the gate when the compactor task ends, however it ends.
-struct Disarm<'a>(&'a IndexGate);
+/// Space amplification, as a multiple of `space_amp_max`, above which flushes wait for
+/// compaction ([`SpaceGate::wait_room`]). With the default bound: the store holds at most
+/// ~3 × the live data (plus one flush batch and GC's retention window) however fast the
+/// device is overwritten.
+pub const SPACE_STALL_FACTOR: f64 = 1.5;
+/// The longest one flush waits for compaction to reclaim space (as for the index).
+const SPACE_STALL_WAIT_MAX: Duration = Duration::from_secs(60);
+/// How long an urgent pass that reclaimed nothing (or failed) turns the gate off.
+const SPACE_STUCK_RECHECK: Duration = Duration::from_secs(5);
+
+/// Back-pressure from stored bytes to the flushes of one export, as [`IndexGate`] does for
+/// the index's memory. Why: on an export that is never idle for `pass_idle`, passes came
+/// once per `pass_idle_wait_max` (60 s by default) and copied at most `pass_bytes_max`
+/// each, so sustained overwrites grew the store without bound: 4 KiB random overwrites
+/// of a 1 GiB device (~300 MiB/s of new segments on the file store) took it to 10 GiB in
+/// 30 s (`tools/bench/overwrite.sh`). Above `space_amp_max` passes stop waiting for an
+/// idle export and follow each other; above [`SPACE_STALL_FACTOR`] × it, flushes (and
+/// so, once the dirty set is full, writers) wait for them. Only while passes can still
+/// reclaim: an urgent pass that commits nothing (or fails) switches the gate off for
+/// [`SPACE_STUCK_RECHECK`]. Disarmed (no compactor, or it stopped), it never waits.
+#[derive(Debug, Default)]
+pub struct SpaceGate {
+    /// The running compactor's bound (`f64` bits); 0 when no compactor runs.
+    amp_max_bits: AtomicU64,
+    stuck_until: Mutex<Option<Instant>>,
+    pass_ended: tokio::sync::Notify,
+    /// Rung by flushes that find the store over the bound: the compactor stops waiting.
+    urgent: tokio::sync::Notify,
+    last_wait: Mutex<Option<Instant>>,
+    /// Flushes that waited for compaction, and their total wait.
+    pub flushes_waited: AtomicU64,
+    pub wait_ms_total: AtomicU64,
+}
+
+impl SpaceGate {
+    fn arm(&self, amp_max: f64) {
+        *self.stuck() = None;
+        self.amp_max_bits
+            .store(amp_max.to_bits(), Ordering::Release);
+        self.pass_ended.notify_waiters();
+    }
+
+    fn disarm(&self) {
+        self.amp_max_bits.store(0, Ordering::Release);
+        self.pass_ended.notify_waiters();
+    }
+
+    fn stuck(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.stuck_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The armed bound, if a compactor runs and its passes can still reclaim space.
+    fn level(&self) -> Option<f64> {
+        let bits = self.amp_max_bits.load(Ordering::Acquire);
+        if bits == 0 || self.stuck().is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        Some(f64::from_bits(bits))
+    }
+
+    /// Stored bytes over more than `factor` × the bound × live bytes (armed, not stuck).
+    fn over(&self, log: &Log, factor: f64) -> bool {
+        self.level()
+            .is_some_and(|max| log.space().amplification() > max * factor)
+    }
+
+    /// Record a pass: one that ran over the bound and committed nothing (or failed) means
+    /// there is nothing passes can reclaim right now. Wakes the waiting flushes.
+    fn pass_ended(&self, log: &Log, committed: bool) {
+        if !committed && self.over(log, 1.0) {
+            *self.stuck() = Some(Instant::now() + SPACE_STUCK_RECHECK);
+        }
+        self.pass_ended.notify_waiters();
+    }
+
+    /// Wait until stored bytes are within [`SPACE_STALL_FACTOR`] × the bound (at most
+    /// [`SPACE_STALL_WAIT_MAX`]), while the compactor can still reclaim space. Called by
+    /// the volume's flush before it takes a batch.
+    pub async fn wait_room(&self, log: &Log) {
+        if self.over(log, 1.0) {
+            self.urgent.notify_one();
+        }
+        let start = Instant::now();
+        let mut waited = false;
+        loop {
+            let notified = self.pass_ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.over(log, SPACE_STALL_FACTOR) || start.elapsed() >= SPACE_STALL_WAIT_MAX {
+                break;
+            }
+            if !waited {
+                waited = true;
+                let quiet = {
+                    let now = Instant::now();
+                    let mut last = self.last_wait.lock().unwrap_or_else(|p| p.into_inner());
+                    let quiet = last.is_none_or(|t| now.duration_since(t) >= INDEX_WAIT_LOG_QUIET);
+                    *last = Some(now);
+                    quiet
+                };
+                if quiet {
+                    let sp = log.space();
+                    tracing::info!(
+                        export = log.name(),
+                        stored_mib = sp.stored_bytes >> 20,
+                        live_mib = sp.live_bytes >> 20,
+                        "flushes wait for compaction (the store holds far more than the live \
+                         data): writes slow down to the pace at which passes reclaim space; \
+                         a larger --compact-space-max avoids this"
+                    );
+                }
+            }
+            let left = SPACE_STALL_WAIT_MAX.saturating_sub(start.elapsed());
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(left) => {}
+            }
+        }
+        if waited {
+            bump(&self.flushes_waited, 1);
+            bump(&self.wait_ms_total, start.elapsed().as_millis() as u64);
+        }
+    }
+}
+
+/// Disarms the gates when the compactor task ends, however it ends.
+struct Disarm<'a>(&'a IndexGate, &'a SpaceGate);
 
 impl Drop for Disarm<'_> {
     fn drop(&mut self) {
         self.0.disarm();
+        self.1.disarm();
     }
 }
 
@@ -1449,15 +1603,48 @@ pub fn spawn_compactor(log: Arc<Log>, cfg: CompactConfig) -> CompactorHandle {
     }
 }
 
+/// The space bound the compactor arms: `space_amp_max`, raised to 1 / (1 −
+/// `dead_fraction_min`), the most a store of segments each under the threshold can hold
+/// (a segment under it holds less than 1 / (1 − threshold) × its live bytes, so above
+/// that level some segment is a victim). `None` when off, or when the threshold makes
+/// the level unbounded (only fully dead segments are rewritten).
+fn space_level(cfg: &CompactConfig) -> Option<f64> {
+    let floor = 1.0 / (1.0 - cfg.dead_fraction_min);
+    cfg.space_amp_max
+        .map(|a| a.max(floor))
+        .filter(|l| l.is_finite())
+}
+
+/// What [`wait_for_idle`] woke for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Run a pass (the export is idle, or has waited long enough, or is over a bound).
+    Pass,
+    /// Still busy, but a GC pass is due: run that alone.
+    Gc,
+    /// The compactor is being stopped.
+    Stop,
+}
+
 /// Wait until the export has been idle for `cfg.pass_idle` (no request counted in
 /// `LogStats::foreground_requests`), or until `cfg.pass_idle_wait_max` has passed since
 /// `last_pass`. Why: a pass reads, decodes and writes segments and takes the index lock to
 /// repoint runs; on a busy export that costs requests throughput and latency (cached 1 MiB
 /// reads lost up to 30% beside a pass on 2 cores), while the space it reclaims can wait a
-/// little. False when the compactor is being stopped.
-async fn wait_for_idle(log: &Log, cfg: &CompactConfig, stop: &Stop, last_pass: Instant) -> bool {
+/// little. GC does not wait for an idle export (it lists and deletes, and decodes a
+/// checkpoint at nice 19): at `gc_due` this returns [`Wake::Gc`]. Before, GC ran only
+/// after a pass, so on a busy export once per `pass_idle_wait_max`, and the objects of a
+/// minute of overwrites waited for it (the store peaked at 24 × the live data in
+/// `tools/bench/overwrite.sh`).
+async fn wait_for_idle(
+    log: &Log,
+    cfg: &CompactConfig,
+    stop: &Stop,
+    last_pass: Instant,
+    gc_due: Instant,
+) -> Wake {
     if cfg.pass_idle.is_zero() {
-        return true;
+        return Wake::Pass;
     }
     let deadline = last_pass + cfg.pass_idle_wait_max;
     loop {
@@ -1466,21 +1653,27 @@ async fn wait_for_idle(log: &Log, cfg: &CompactConfig, stop: &Stop, last_pass: I
         tokio::pin!(notified);
         notified.as_mut().enable();
         if stop.flag.load(Ordering::Acquire) {
-            return false;
+            return Wake::Stop;
         }
         let now = Instant::now();
         if now >= deadline {
-            return true;
+            return Wake::Pass;
         }
+        if now >= gc_due {
+            return Wake::Gc;
+        }
+        let nap = cfg.pass_idle.min(deadline - now).min(gc_due - now);
         tokio::select! {
-            _ = &mut notified => return false,
+            _ = &mut notified => return Wake::Stop,
             _ = log.index_gate.urgent.notified() => {}
-            _ = tokio::time::sleep(cfg.pass_idle.min(deadline - now)) => {}
+            _ = log.space_gate.urgent.notified() => {}
+            _ = tokio::time::sleep(nap) => {}
         }
         if log.stats.foreground_requests.load(Ordering::Relaxed) == before
             || log.index_gate.over(log, INDEX_URGENT_FACTOR)
+            || log.space_gate.over(log, 1.0)
         {
-            return true;
+            return Wake::Pass;
         }
     }
 }
@@ -1498,7 +1691,11 @@ async fn run_compactor(
     }
     let gate = &log.index_gate;
     gate.arm(cfg.index_runs_max.unwrap_or(0));
-    let _disarm = Disarm(gate);
+    let space = &log.space_gate;
+    if let Some(level) = space_level(&cfg) {
+        space.arm(level);
+    }
+    let _disarm = Disarm(gate, space);
     let mut gc_state = GcState::default();
     let mut last_gc = Instant::now();
     let mut last_pass = Instant::now();
@@ -1507,8 +1704,9 @@ async fn run_compactor(
     // follows at once (once the export is idle), not an interval later.
     let mut more_defrag = false;
     loop {
-        // Far over the bound, the next pass does not wait for an idle export either.
-        let urgent = gate.over(&log, INDEX_URGENT_FACTOR);
+        // Far over the bound, or over the space bound, the next pass does not wait for an
+        // idle export either.
+        let urgent = gate.over(&log, INDEX_URGENT_FACTOR) || space.over(&log, 1.0);
         let wait = if urgent || more_defrag {
             backoff
         } else {
@@ -1523,45 +1721,53 @@ async fn run_compactor(
         tokio::select! {
             _ = &mut notified => {}
             _ = gate.urgent.notified(), if !urgent => {}
+            _ = space.urgent.notified(), if !urgent => {}
             _ = tokio::time::sleep(wait) => {}
         }
         if stop.flag.load(Ordering::Acquire) || log.is_fenced() {
             break;
         }
-        if !gate.over(&log, INDEX_URGENT_FACTOR)
-            && !wait_for_idle(&log, &cfg, &stop, last_pass).await
-        {
-            break;
-        }
+        let wake = if gate.over(&log, INDEX_URGENT_FACTOR) || space.over(&log, 1.0) {
+            Wake::Pass
+        } else {
+            wait_for_idle(&log, &cfg, &stop, last_pass, last_gc + cfg.gc_interval).await
+        };
         let mut failed = false;
-        let result = compact_pass(&log, &cfg, None).await;
-        gate.pass_ended(&log, result.as_ref().ok());
-        last_pass = Instant::now();
-        more_defrag = false;
-        match result {
-            Ok(r) => {
-                more_defrag = r.fragments > 0
-                    && cfg
-                        .index_runs_max
-                        .is_some_and(|max| log.index_extents() > max);
-                bump(&stats.passes, 1);
-                if r.version.is_some() {
-                    bump(&stats.rewrites, 1);
-                    bump(&stats.segments_retired, r.victims);
-                    bump(&stats.fragments_rewritten, r.fragments);
-                    bump(&stats.segments_written, r.segments_written);
-                    bump(&stats.raw_bytes_copied, r.raw_bytes_copied);
-                    bump(&stats.bytes_written, r.bytes_written);
+        match wake {
+            Wake::Stop => break,
+            Wake::Gc => {}
+            Wake::Pass => {
+                let result = compact_pass(&log, &cfg, None).await;
+                gate.pass_ended(&log, result.as_ref().ok());
+                space.pass_ended(&log, result.as_ref().is_ok_and(|r| r.version.is_some()));
+                last_pass = Instant::now();
+                more_defrag = false;
+                match result {
+                    Ok(r) => {
+                        more_defrag = r.fragments > 0
+                            && cfg
+                                .index_runs_max
+                                .is_some_and(|max| log.index_extents() > max);
+                        bump(&stats.passes, 1);
+                        if r.version.is_some() {
+                            bump(&stats.rewrites, 1);
+                            bump(&stats.segments_retired, r.victims);
+                            bump(&stats.fragments_rewritten, r.fragments);
+                            bump(&stats.segments_written, r.segments_written);
+                            bump(&stats.raw_bytes_copied, r.raw_bytes_copied);
+                            bump(&stats.bytes_written, r.bytes_written);
+                        }
+                    }
+                    Err(e) if e.is_fenced() => {
+                        stats.error(&e);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(export = log.name(), error = %e, "compaction pass failed");
+                        stats.error(&e);
+                        failed = true;
+                    }
                 }
-            }
-            Err(e) if e.is_fenced() => {
-                stats.error(&e);
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(export = log.name(), error = %e, "compaction pass failed");
-                stats.error(&e);
-                failed = true;
             }
         }
         if stop.flag.load(Ordering::Acquire) {

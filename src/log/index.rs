@@ -80,6 +80,28 @@ impl SegStat {
     }
 }
 
+/// What [`Index::space`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Space {
+    pub stored_bytes: u64,
+    pub live_bytes: u64,
+}
+
+impl Space {
+    /// Stored bytes over live bytes (1.0 when nothing is stored).
+    pub fn amplification(&self) -> f64 {
+        if self.live_bytes == 0 {
+            if self.stored_bytes == 0 {
+                1.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            self.stored_bytes as f64 / self.live_bytes as f64
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Index {
     pub map: RangeMap<Val>,
@@ -199,6 +221,18 @@ impl Index {
             .collect();
         v.sort_by_key(|s| s.id);
         v
+    }
+
+    /// Stored bytes of the segments the index names, and their live share (estimated per
+    /// segment by its share of live blocks, as compaction does). Segments with no data
+    /// entries (trims only) are left out: any checkpoint drops them.
+    pub fn space(&self) -> Space {
+        let mut sp = Space::default();
+        for s in self.segs.values().filter(|s| s.blocks_total > 0) {
+            sp.stored_bytes += s.size_bytes;
+            sp.live_bytes += s.live_bytes_estimate();
+        }
+        sp
     }
 
     /// Forget segments that no extent references (after a checkpoint they are no longer
