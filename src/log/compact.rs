@@ -29,9 +29,11 @@
 //!   or not the export is idle (see `wait_for_idle`).
 //! - Stored bytes stay bounded under any load ([`SpaceGate`]): once the segments the index
 //!   names hold more than `space_amp_max` × their live bytes, passes no longer wait for an
-//!   interval or an idle export; above [`SPACE_STALL_FACTOR`] × that, flushes (and so,
-//!   once the dirty set is full, writers) wait for them. Only while passes can still
-//!   reclaim: an urgent pass that commits nothing turns the gate off for a while.
+//!   interval or an idle export; above [`SPACE_STALL_FACTOR`] × that (or above a backlog
+//!   the store had when the compactor started, as far as passes have worked it off),
+//!   flushes (and so, once the dirty set is full, writers) wait for them. Only while
+//!   passes can still reclaim: an urgent pass that commits nothing turns the gate off for
+//!   a while.
 //! - Bounded: one pass copies at most `pass_bytes_max` raw bytes (memory and I/O), with at
 //!   most `reads_in_flight_max` reads of at most `SPAN_BYTES_MAX` each and the log's
 //!   upload limit in flight.
@@ -1431,6 +1433,12 @@ const SPACE_STUCK_RECHECK: Duration = Duration::from_secs(5);
 pub struct SpaceGate {
     /// The running compactor's bound (`f64` bits); 0 when no compactor runs.
     amp_max_bits: AtomicU64,
+    /// The level flushes wait above (`f64` bits): [`SPACE_STALL_FACTOR`] × the bound, or
+    /// the store's amplification when the compactor started if that was higher, lowered
+    /// to what each pass leaves (never below the former). Why: a store that already held
+    /// a backlog (written by a daemon without the gate, or with it off) must not stall
+    /// writes until passes have worked it off; writes only may not make it worse.
+    ceiling_bits: AtomicU64,
     stuck_until: Mutex<Option<Instant>>,
     pass_ended: tokio::sync::Notify,
     /// Rung by flushes that find the store over the bound: the compactor stops waiting.
@@ -1442,11 +1450,19 @@ pub struct SpaceGate {
 }
 
 impl SpaceGate {
-    fn arm(&self, amp_max: f64) {
+    fn arm(&self, log: &Log, amp_max: f64) {
         *self.stuck() = None;
+        let ceiling = (amp_max * SPACE_STALL_FACTOR).max(log.space().amplification());
+        self.ceiling_bits
+            .store(ceiling.to_bits(), Ordering::Release);
         self.amp_max_bits
             .store(amp_max.to_bits(), Ordering::Release);
         self.pass_ended.notify_waiters();
+    }
+
+    /// The level flushes wait above (see `ceiling_bits`).
+    fn ceiling(&self) -> f64 {
+        f64::from_bits(self.ceiling_bits.load(Ordering::Acquire))
     }
 
     fn disarm(&self) {
@@ -1476,13 +1492,26 @@ impl SpaceGate {
     /// Record a pass: one that ran over the bound and committed nothing (or failed) means
     /// there is nothing passes can reclaim right now. Wakes the waiting flushes.
     fn pass_ended(&self, log: &Log, committed: bool) {
-        if !committed && self.over(log, 1.0) {
-            *self.stuck() = Some(Instant::now() + SPACE_STUCK_RECHECK);
+        if let Some(max) = self.level() {
+            let amp = log.space().amplification();
+            if !committed && amp > max {
+                *self.stuck() = Some(Instant::now() + SPACE_STUCK_RECHECK);
+            }
+            // Only one task (the compactor) moves the ceiling: load, then store.
+            let ceiling = self.ceiling().min(amp).max(max * SPACE_STALL_FACTOR);
+            self.ceiling_bits
+                .store(ceiling.to_bits(), Ordering::Release);
         }
         self.pass_ended.notify_waiters();
     }
 
-    /// Wait until stored bytes are within [`SPACE_STALL_FACTOR`] × the bound (at most
+    /// Flushes should wait: armed, not stuck, and over the ceiling.
+    fn over_ceiling(&self, log: &Log) -> bool {
+        self.level().is_some() && log.space().amplification() > self.ceiling()
+    }
+
+    /// Wait until stored bytes are within [`SPACE_STALL_FACTOR`] × the bound, or the
+    /// backlog the compactor started with as far as passes have worked it off (at most
     /// [`SPACE_STALL_WAIT_MAX`]), while the compactor can still reclaim space. Called by
     /// the volume's flush before it takes a batch.
     pub async fn wait_room(&self, log: &Log) {
@@ -1495,7 +1524,7 @@ impl SpaceGate {
             let notified = self.pass_ended.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.over(log, SPACE_STALL_FACTOR) || start.elapsed() >= SPACE_STALL_WAIT_MAX {
+            if !self.over_ceiling(log) || start.elapsed() >= SPACE_STALL_WAIT_MAX {
                 break;
             }
             if !waited {
@@ -1693,7 +1722,7 @@ async fn run_compactor(
     gate.arm(cfg.index_runs_max.unwrap_or(0));
     let space = &log.space_gate;
     if let Some(level) = space_level(&cfg) {
-        space.arm(level);
+        space.arm(&log, level);
     }
     let _disarm = Disarm(gate, space);
     let mut gc_state = GcState::default();
