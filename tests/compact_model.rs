@@ -1128,10 +1128,10 @@ async fn gc_keeps_pending_ids_until_released() {
 // ---------------------------------------------------------------------------------------
 // Scheduling of the background compactor.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn background_passes_wait_for_an_idle_export_but_not_forever() {
+/// An empty 1 MiB export on a memory store, for the scheduling tests.
+async fn scheduling_log() -> Arc<Log> {
     let store: DynStore = Arc::new(MemoryStore::new());
-    let log = Arc::new(
+    Arc::new(
         Log::open(
             store,
             NAME,
@@ -1144,7 +1144,23 @@ async fn background_passes_wait_for_an_idle_export_but_not_forever() {
         )
         .await
         .unwrap(),
-    );
+    )
+}
+
+/// Count a request on `log` every 20 ms for `d`: an export busy without a break.
+async fn busy_for(log: &Log, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        log.stats
+            .foreground_requests
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_passes_wait_for_an_idle_export_but_not_forever() {
+    let log = scheduling_log().await;
     let cfg = CompactConfig {
         pass_interval: Duration::from_millis(10),
         pass_idle: Duration::from_millis(500),
@@ -1153,20 +1169,8 @@ async fn background_passes_wait_for_an_idle_export_but_not_forever() {
     };
     let handle = compact::spawn_compactor(Arc::clone(&log), cfg);
     let passes = || handle.stats().passes.load(Ordering::Relaxed);
-    let busy = |d: Duration| {
-        let log = Arc::clone(&log);
-        async move {
-            let end = Instant::now() + d;
-            while Instant::now() < end {
-                log.stats
-                    .foreground_requests
-                    .fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
     // Requests every 20 ms: no pass (the first may come only 4 s after start).
-    busy(Duration::from_millis(2000)).await;
+    busy_for(&log, Duration::from_millis(2000)).await;
     assert_eq!(passes(), 0, "a pass ran while the export was busy");
     // Quiet: a pass follows within about the idle time.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1176,7 +1180,7 @@ async fn background_passes_wait_for_an_idle_export_but_not_forever() {
     assert!(passes() >= 1, "no pass after the export went quiet");
     // Busy without a break: passes still come, at most 4 s apart.
     let before = passes();
-    busy(Duration::from_millis(6000)).await;
+    busy_for(&log, Duration::from_millis(6000)).await;
     assert!(passes() > before, "a busy export was never compacted");
     handle.close().await;
 }
@@ -1186,21 +1190,7 @@ async fn background_passes_wait_for_an_idle_export_but_not_forever() {
 /// and no compaction pass does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_runs_on_a_busy_export_while_passes_wait() {
-    let store: DynStore = Arc::new(MemoryStore::new());
-    let log = Arc::new(
-        Log::open(
-            store,
-            NAME,
-            Some(Geometry {
-                size_bytes: 1 << 20,
-                block_size: 4096,
-            }),
-            LogConfig::default(),
-            OpenMode::Writer,
-        )
-        .await
-        .unwrap(),
-    );
+    let log = scheduling_log().await;
     let cfg = CompactConfig {
         pass_interval: Duration::from_millis(10),
         pass_idle: Duration::from_millis(500),
@@ -1209,13 +1199,7 @@ async fn gc_runs_on_a_busy_export_while_passes_wait() {
         ..CompactConfig::default()
     };
     let handle = compact::spawn_compactor(Arc::clone(&log), cfg);
-    let end = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < end {
-        log.stats
-            .foreground_requests
-            .fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    busy_for(&log, Duration::from_secs(2)).await;
     let stats = handle.stats();
     let passes = stats.passes.load(Ordering::Relaxed);
     let gcs = stats.gc_passes.load(Ordering::Relaxed);
@@ -1835,6 +1819,19 @@ fn overwrite_exports(store: &DynStore, compact: Option<Option<f64>>) -> Arc<Expo
     )
 }
 
+/// Write block `lba` with the next version (`*id + 1`), recorded in `expected`.
+async fn overwrite_block(
+    export: &Arc<dyn BlockExport>,
+    lba: u64,
+    id: &mut u64,
+    expected: &mut [u64],
+) {
+    *id += 1;
+    let data = Bytes::from(block_bytes(OW_BS, lba, *id));
+    export.write(lba * OW_BS as u64, data, false).await.unwrap();
+    expected[lba as usize] = *id;
+}
+
 /// Overwrite random blocks (new versions from `*id` on, recorded in `expected`) for `d`,
 /// flushing every 64 writes; returns the highest stored / live seen after a flush.
 async fn overwrite_for(
@@ -1849,16 +1846,7 @@ async fn overwrite_for(
     let deadline = Instant::now() + d;
     while Instant::now() < deadline {
         let lba = rng.random_range(0..OW_BLOCKS);
-        *id += 1;
-        export
-            .write(
-                lba * OW_BS as u64,
-                Bytes::from(block_bytes(OW_BS, lba, *id)),
-                false,
-            )
-            .await
-            .unwrap();
-        expected[lba as usize] = *id;
+        overwrite_block(export, lba, id, expected).await;
         if id.is_multiple_of(64) {
             export.flush().await.unwrap();
             peak = peak.max(log.space().amplification());
@@ -1866,6 +1854,26 @@ async fn overwrite_for(
     }
     export.flush().await.unwrap();
     peak
+}
+
+/// [`overwrite_for`] in steps of 50 ms until `done(stored / live)` (at most 20 s);
+/// returns the last stored / live.
+async fn overwrite_until(
+    export: &Arc<dyn BlockExport>,
+    log: &Log,
+    rng: &mut StdRng,
+    id: &mut u64,
+    expected: &mut [u64],
+    done: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let amp = log.space().amplification();
+        if done(amp) || Instant::now() >= deadline {
+            return amp;
+        }
+        overwrite_for(export, log, rng, id, expected, Duration::from_millis(50)).await;
+    }
 }
 
 /// Sustained random overwrites of an export that is never idle (passes wait 30 s for an
@@ -1951,19 +1959,10 @@ async fn a_backlog_from_before_the_bound_does_not_stall_writes() {
         }
         // Until the backlog is well over the stall level (checkpoints drop segments that
         // die whole, so it swings).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while vol.log().space().amplification() < 8.0 && Instant::now() < deadline {
-            overwrite_for(
-                &export,
-                vol.log(),
-                &mut rng,
-                &mut id,
-                &mut expected,
-                Duration::from_millis(50),
-            )
-            .await;
-        }
-        let amp = vol.log().space().amplification();
+        let amp = overwrite_until(&export, vol.log(), &mut rng, &mut id, &mut expected, |a| {
+            a >= 8.0
+        })
+        .await;
         assert!(amp >= 8.0, "no backlog to test with: {amp:.2}");
         exports.close_all().await.unwrap();
     }
@@ -1973,16 +1972,7 @@ async fn a_backlog_from_before_the_bound_does_not_stall_writes() {
     let before = vol.log().space().amplification();
     // One batch of writes and a flush, right away.
     for lba in (0..OW_BLOCKS).step_by(16) {
-        id += 1;
-        export
-            .write(
-                lba * OW_BS as u64,
-                Bytes::from(block_bytes(OW_BS, lba, id)),
-                false,
-            )
-            .await
-            .unwrap();
-        expected[lba as usize] = id;
+        overwrite_block(&export, lba, &mut id, &mut expected).await;
     }
     export.flush().await.unwrap();
     let after = vol.log().space().amplification();
@@ -1993,19 +1983,10 @@ async fn a_backlog_from_before_the_bound_does_not_stall_writes() {
         "the first flush waited for the backlog to go ({before:.2} -> {after:.2})"
     );
     // Passes work the backlog off while the export stays busy.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while vol.log().space().amplification() > stall && Instant::now() < deadline {
-        overwrite_for(
-            &export,
-            vol.log(),
-            &mut rng,
-            &mut id,
-            &mut expected,
-            Duration::from_millis(50),
-        )
-        .await;
-    }
-    let end = vol.log().space().amplification();
+    let end = overwrite_until(&export, vol.log(), &mut rng, &mut id, &mut expected, |a| {
+        a <= stall
+    })
+    .await;
     assert!(end <= stall + 0.25, "the backlog stayed: {end:.2}");
     check_versions_then_reopen(&exports, &export, &store, OW_BS, &expected).await;
 }
