@@ -20,7 +20,10 @@
 # (randoverwrite: 4 KiB uniform random writes with repeats; randwrite's lfsr writes each
 # block once per pass, so every segment dies whole after one; seqwrite overwrites whole segments at a time, so they die whole and only GC
 # has work to do), NBDS3_BENCH_RATE (a fio --rate limit such as 40m: a busy export that
-# is not saturated, where GC's lag is small beside compaction's backlog).
+# is not saturated, where GC's lag is small beside compaction's backlog), NBDS3_BENCH_S3=1
+# (SeaweedFS from tools/test-env.sh instead of the file store; stored bytes are then the
+# sizes of the objects a LIST returns, since SeaweedFS's own files free space only when it
+# vacuums).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -35,6 +38,16 @@ PY=/usr/bin/python3
 [[ -x $PY ]] || PY=python3
 BIN=$(bench_binary "$@")
 bench_workdir overwrite
+STORE=file://$WORK/store
+STORE_ARGS=()
+if [[ -n ${NBDS3_BENCH_S3:-} ]]; then
+    # shellcheck source=../test-env.sh
+    source tools/test-env.sh
+    # test-env.sh's EXIT trap replaced bench_workdir's: run both.
+    trap 'bench_cleanup || true; nbds3_test_env_cleanup' EXIT
+    STORE=s3://$NBDS3_TEST_S3_BUCKET/overwrite-$$
+    STORE_ARGS=(--s3-endpoint "$NBDS3_TEST_S3_ENDPOINT" --s3-path-style)
+fi
 PORT=$(bench_free_port)
 URI=nbd://127.0.0.1:$PORT/x
 SIZE_BYTES=$($PY -c '
@@ -44,24 +57,41 @@ m = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))' "$SIZE")
 
 # shellcheck disable=SC2086 # NBDS3_BENCH_ARGS is a list of arguments
-NO_COLOR=1 RUST_LOG=info "$BIN" --listen "127.0.0.1:$PORT" --store "file://$WORK/store" \
+NO_COLOR=1 RUST_LOG=info "$BIN" --listen "127.0.0.1:$PORT" --store "$STORE" "${STORE_ARGS[@]}" \
     --default-size "$SIZE" --gc-retain 10s --gc-interval 10s ${NBDS3_BENCH_ARGS:-} \
     >"$WORK/daemon.log" 2>&1 &
 PID=$!
 bench_wait_up overwrite.sh "$URI"
 
 echo "Machine: $(uname -srm); $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "Command: tools/bench/overwrite.sh $* (size $SIZE, $JOB ${RUNTIME}s${RATE:+ at $RATE/s}, idle ${IDLE}s," \
+echo "Command: tools/bench/overwrite.sh $* (store ${STORE%%://*}, size $SIZE, $JOB ${RUNTIME}s${RATE:+ at $RATE/s}, idle ${IDLE}s," \
     "daemon args: --gc-retain 10s --gc-interval 10s ${NBDS3_BENCH_ARGS:-})"
 nbdcopy --flush -- [ nbdkit --exit-with-parent random size="$SIZE_BYTES" ] "$URI"
 echo
 echo "| t (s) | phase | stored (MiB) | stored / live | index's stored / live at the last pass | compaction passes so far |"
 echo "|---|---|---|---|---|---|"
 
+# Total size of the objects under the export's prefix (boto3 from test-env.sh's venv).
+s3_bytes() {
+    "$NBDS3_VENV/bin/python" - "$NBDS3_TEST_S3_ENDPOINT" "$NBDS3_TEST_S3_BUCKET" "overwrite-$$/" <<'PY'
+import sys
+import boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1])
+total = 0
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[2], Prefix=sys.argv[3]):
+    total += sum(o["Size"] for o in page.get("Contents", []))
+print(total)
+PY
+}
+
 sample() {
     local bytes passes
-    # Temporary files come and go while du walks the store: ignore those it misses.
-    bytes=$(du -sb "$WORK/store" 2>/dev/null | cut -f1 || true)
+    if [[ -n ${NBDS3_BENCH_S3:-} ]]; then
+        bytes=$(s3_bytes)
+    else
+        # Temporary files come and go while du walks the store: ignore those it misses.
+        bytes=$(du -sb "$WORK/store" 2>/dev/null | cut -f1 || true)
+    fi
     passes=$(grep -c 'compaction pass committed' "$WORK/daemon.log" || true)
     # What the daemon bounds: stored over live bytes of the segments its index names, as
     # the last pass saw them (older daemons do not log it).
