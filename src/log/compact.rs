@@ -1252,6 +1252,16 @@ const INDEX_FLOOR_RECHECK: Duration = Duration::from_secs(1);
 /// A flush that starts waiting after this long without waits logs that writes are held.
 const INDEX_WAIT_LOG_QUIET: Duration = Duration::from_secs(60);
 
+/// Note that a flush starts to wait (`last_wait`: when one last did); true if none did for
+/// [`INDEX_WAIT_LOG_QUIET`], so the gates say why writes slow down once per episode.
+fn wait_starts_episode(last_wait: &Mutex<Option<Instant>>) -> bool {
+    let now = Instant::now();
+    let mut last = last_wait.lock().unwrap_or_else(|p| p.into_inner());
+    let quiet = last.is_none_or(|t| now.duration_since(t) >= INDEX_WAIT_LOG_QUIET);
+    *last = Some(now);
+    quiet
+}
+
 /// Back-pressure from the page index's memory bound to the flushes of one export (see the
 /// module doc). The background compactor arms it with its `index_runs_max` and reports
 /// every pass; [`Log::commit`] callers (the volume's flush) call [`IndexGate::wait_room`]
@@ -1286,15 +1296,6 @@ impl IndexGate {
 
     fn floor(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.floor_until.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Note that a flush starts to wait; true if none did for [`INDEX_WAIT_LOG_QUIET`].
-    fn wait_starts_episode(&self) -> bool {
-        let now = Instant::now();
-        let mut last = self.last_wait.lock().unwrap_or_else(|p| p.into_inner());
-        let quiet = last.is_none_or(|t| now.duration_since(t) >= INDEX_WAIT_LOG_QUIET);
-        *last = Some(now);
-        quiet
     }
 
     /// Dirty runs one commit may carry while the gate is armed: half the bound, so a
@@ -1385,7 +1386,7 @@ impl IndexGate {
             if !waited {
                 waited = true;
                 // Writers slow down from here on: say why, once per episode.
-                if self.wait_starts_episode() {
+                if wait_starts_episode(&self.last_wait) {
                     tracing::info!(
                         export = log.name(),
                         index_runs = log.index_extents(),
@@ -1505,39 +1506,33 @@ impl SpaceGate {
         self.pass_ended.notify_waiters();
     }
 
-    /// Flushes should wait: armed, not stuck, and over the ceiling.
-    fn over_ceiling(&self, log: &Log) -> bool {
-        self.level().is_some() && log.space().amplification() > self.ceiling()
-    }
-
     /// Wait until stored bytes are within [`SPACE_STALL_FACTOR`] × the bound, or the
     /// backlog the compactor started with as far as passes have worked it off (at most
     /// [`SPACE_STALL_WAIT_MAX`]), while the compactor can still reclaim space. Called by
     /// the volume's flush before it takes a batch.
     pub async fn wait_room(&self, log: &Log) {
-        if self.over(log, 1.0) {
-            self.urgent.notify_one();
-        }
         let start = Instant::now();
         let mut waited = false;
         loop {
             let notified = self.pass_ended.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.over_ceiling(log) || start.elapsed() >= SPACE_STALL_WAIT_MAX {
+            // Disarmed or stuck: never wait (and no scan of the segments).
+            let Some(max) = self.level() else {
+                break;
+            };
+            // One scan of the segments per check: it is O(segments), once per flush.
+            let sp = log.space();
+            let amp = sp.amplification();
+            if !waited && amp > max {
+                self.urgent.notify_one();
+            }
+            if amp <= self.ceiling() || start.elapsed() >= SPACE_STALL_WAIT_MAX {
                 break;
             }
             if !waited {
                 waited = true;
-                let quiet = {
-                    let now = Instant::now();
-                    let mut last = self.last_wait.lock().unwrap_or_else(|p| p.into_inner());
-                    let quiet = last.is_none_or(|t| now.duration_since(t) >= INDEX_WAIT_LOG_QUIET);
-                    *last = Some(now);
-                    quiet
-                };
-                if quiet {
-                    let sp = log.space();
+                if wait_starts_episode(&self.last_wait) {
                     tracing::info!(
                         export = log.name(),
                         stored_mib = sp.stored_bytes >> 20,
@@ -1761,41 +1756,41 @@ async fn run_compactor(
         } else {
             wait_for_idle(&log, &cfg, &stop, last_pass, last_gc + cfg.gc_interval).await
         };
+        if wake == Wake::Stop {
+            break;
+        }
         let mut failed = false;
-        match wake {
-            Wake::Stop => break,
-            Wake::Gc => {}
-            Wake::Pass => {
-                let result = compact_pass(&log, &cfg, None).await;
-                gate.pass_ended(&log, result.as_ref().ok());
-                space.pass_ended(&log, result.as_ref().is_ok_and(|r| r.version.is_some()));
-                last_pass = Instant::now();
-                more_defrag = false;
-                match result {
-                    Ok(r) => {
-                        more_defrag = r.fragments > 0
-                            && cfg
-                                .index_runs_max
-                                .is_some_and(|max| log.index_extents() > max);
-                        bump(&stats.passes, 1);
-                        if r.version.is_some() {
-                            bump(&stats.rewrites, 1);
-                            bump(&stats.segments_retired, r.victims);
-                            bump(&stats.fragments_rewritten, r.fragments);
-                            bump(&stats.segments_written, r.segments_written);
-                            bump(&stats.raw_bytes_copied, r.raw_bytes_copied);
-                            bump(&stats.bytes_written, r.bytes_written);
-                        }
+        // Wake::Gc: still busy, only GC is due (below).
+        if wake == Wake::Pass {
+            let result = compact_pass(&log, &cfg, None).await;
+            gate.pass_ended(&log, result.as_ref().ok());
+            space.pass_ended(&log, result.as_ref().is_ok_and(|r| r.version.is_some()));
+            last_pass = Instant::now();
+            more_defrag = false;
+            match result {
+                Ok(r) => {
+                    more_defrag = r.fragments > 0
+                        && cfg
+                            .index_runs_max
+                            .is_some_and(|max| log.index_extents() > max);
+                    bump(&stats.passes, 1);
+                    if r.version.is_some() {
+                        bump(&stats.rewrites, 1);
+                        bump(&stats.segments_retired, r.victims);
+                        bump(&stats.fragments_rewritten, r.fragments);
+                        bump(&stats.segments_written, r.segments_written);
+                        bump(&stats.raw_bytes_copied, r.raw_bytes_copied);
+                        bump(&stats.bytes_written, r.bytes_written);
                     }
-                    Err(e) if e.is_fenced() => {
-                        stats.error(&e);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(export = log.name(), error = %e, "compaction pass failed");
-                        stats.error(&e);
-                        failed = true;
-                    }
+                }
+                Err(e) if e.is_fenced() => {
+                    stats.error(&e);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(export = log.name(), error = %e, "compaction pass failed");
+                    stats.error(&e);
+                    failed = true;
                 }
             }
         }

@@ -90,14 +90,10 @@ pub struct Space {
 impl Space {
     /// Stored bytes over live bytes (1.0 when nothing is stored).
     pub fn amplification(&self) -> f64 {
-        if self.live_bytes == 0 {
-            if self.stored_bytes == 0 {
-                1.0
-            } else {
-                f64::INFINITY
-            }
-        } else {
-            self.stored_bytes as f64 / self.live_bytes as f64
+        match (self.stored_bytes, self.live_bytes) {
+            (0, 0) => 1.0,
+            (_, 0) => f64::INFINITY,
+            (stored, live) => stored as f64 / live as f64,
         }
     }
 }
