@@ -88,6 +88,20 @@ bench_free_port() {
     "${PY:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# bench_size_bytes SIZE: print SIZE (a number with an optional K/M/G/T suffix, powers of
+# 1024, as the daemon's flags take) in bytes.
+bench_size_bytes() {
+    local s=${1^^} m=1
+    case $s in
+    *K) m=$((1 << 10)) ;;
+    *M) m=$((1 << 20)) ;;
+    *G) m=$((1 << 30)) ;;
+    *T) m=$((1 << 40)) ;;
+    esac
+    ((m == 1)) || s=${s%?}
+    echo $((s * m))
+}
+
 # bench_ticks PID: CPU time (user + system, fields 14 and 15 of /proc/PID/stat) of a process
 # so far, in clock ticks.
 bench_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

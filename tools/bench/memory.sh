@@ -22,7 +22,8 @@
 # after its row).
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh" # bench_size_bytes; also the repository root as cwd
 REPO=$PWD
 CONFIGS=${NBDS3_BENCH_MEM_CONFIGS:-"16M:256M 16M:32M 256M:256M"}
 SIZE=${NBDS3_BENCH_SIZE:-1G}
@@ -44,11 +45,7 @@ else
 fi
 OUT=${NBDS3_BENCH_OUT:-$(mktemp -d /tmp/nbds3-mem.XXXXXX)}
 mkdir -p "$OUT"
-SIZE_BYTES=$($PY -c '
-import sys
-s = sys.argv[1].strip().upper()
-m = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))' "$SIZE")
+SIZE_BYTES=$(bench_size_bytes "$SIZE")
 
 echo "Machine: $(uname -srm); $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)," \
     "$(nproc) CPUs, $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB RAM"}')"

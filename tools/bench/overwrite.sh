@@ -6,7 +6,7 @@
 #   tools/bench/overwrite.sh /path/to/nbds3d # a prebuilt daemon (A/B runs)
 #   NBDS3_BENCH_SIZE=512M NBDS3_BENCH_RUNTIME=60 tools/bench/overwrite.sh
 #
-# On a fresh file:// store: fill the whole device with random bytes (nbdkit's random
+# On a fresh store (file://, or SeaweedFS with NBDS3_BENCH_S3=1): fill the whole device with random bytes (nbdkit's random
 # plugin, through nbdcopy), then fio's randoverwrite job (4 KiB, qd32, tools/bench/nbd.fio)
 # over the whole device for $RUNTIME s, then $IDLE s without requests. Every $STEP s the
 # store's size on disk (`du`) is sampled; live data is the device size (random bytes do not
@@ -18,8 +18,8 @@
 # Knobs: NBDS3_BENCH_SIZE (1G), NBDS3_BENCH_RUNTIME (180), NBDS3_BENCH_IDLE (60),
 # NBDS3_BENCH_STEP (10), NBDS3_BENCH_ARGS (extra daemon arguments), NBDS3_BENCH_JOB
 # (randoverwrite: 4 KiB uniform random writes with repeats; randwrite's lfsr writes each
-# block once per pass, so every segment dies whole after one; seqwrite overwrites whole segments at a time, so they die whole and only GC
-# has work to do), NBDS3_BENCH_RATE (a fio --rate limit such as 40m: a busy export that
+# block once per pass, so every segment dies whole after one; seqwrite overwrites whole
+# segments at a time, so they die whole and only GC has work to do), NBDS3_BENCH_RATE (a fio --rate limit such as 40m: a busy export that
 # is not saturated, where GC's lag is small beside compaction's backlog), NBDS3_BENCH_S3=1
 # (SeaweedFS from tools/test-env.sh instead of the file store; stored bytes are then the
 # sizes of the objects a LIST returns, since SeaweedFS's own files free space only when it
@@ -50,11 +50,7 @@ if [[ -n ${NBDS3_BENCH_S3:-} ]]; then
 fi
 PORT=$(bench_free_port)
 URI=nbd://127.0.0.1:$PORT/x
-SIZE_BYTES=$($PY -c '
-import sys
-s = sys.argv[1].strip().upper()
-m = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))' "$SIZE")
+SIZE_BYTES=$(bench_size_bytes "$SIZE")
 
 # shellcheck disable=SC2086 # NBDS3_BENCH_ARGS is a list of arguments
 NO_COLOR=1 RUST_LOG=info "$BIN" --listen "127.0.0.1:$PORT" --store "$STORE" "${STORE_ARGS[@]}" \
@@ -85,7 +81,7 @@ PY
 }
 
 sample() {
-    local bytes passes
+    local bytes passes last idx
     if [[ -n ${NBDS3_BENCH_S3:-} ]]; then
         bytes=$(s3_bytes)
     else

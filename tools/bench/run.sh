@@ -34,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 # shellcheck source=common.sh
-source "$REPO/tools/bench/common.sh" # bench_free_port, bench_ticks
+source "$REPO/tools/bench/common.sh" # bench_free_port, bench_ticks, bench_size_bytes
 RUNTIME=${NBDS3_BENCH_RUNTIME:-12}
 SIZE=${NBDS3_BENCH_SIZE:-1G}
 SERVERS=${NBDS3_BENCH_SERVERS:-"nbdkit-memory qemu-nbd nbds3d-file nbds3d-s3"}
@@ -54,11 +54,7 @@ for bin in fio nbdcopy nbdinfo nbdkit qemu-nbd qemu-img; do
 done
 fio --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine"
 
-SIZE_BYTES=$($PY -c '
-import sys
-s = sys.argv[1].strip().upper()
-m = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))' "$SIZE")
+SIZE_BYTES=$(bench_size_bytes "$SIZE")
 
 OUT=${NBDS3_BENCH_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/nbds3-bench.XXXXXX")}
 mkdir -p "$OUT"
