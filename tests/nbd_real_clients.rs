@@ -221,6 +221,13 @@ async fn qemu_io_and_qemu_img() {
                 .any(|l| l.contains("\"start\": 1048576, \"length\": 4096")),
             "{map}"
         );
+        // qemu-nbd --list reads what INFO advertises under extended headers: 64-bit
+        // transactions and block status payloads.
+        let socket = s.unix.to_string_lossy().into_owned();
+        let list = stdout(&run("qemu-nbd", &["--list", "-k", &socket]).await);
+        assert!(list.contains("transaction size: 64-bit"), "{list}");
+        assert!(list.contains("block-status-payload"), "{list}");
+        assert!(list.contains("base:allocation"), "{list}");
     } else {
         eprintln!("note: this qemu does not request extended headers; they were not exercised");
     }

@@ -64,6 +64,7 @@ const T_DF: u16 = 128;
 const T_MULTI_CONN: u16 = 256;
 const T_CACHE: u16 = 1024;
 const T_FAST_ZERO: u16 = 2048;
+const T_BLOCK_STAT_PAYLOAD: u16 = 4096;
 
 const READ: u16 = 0;
 const WRITE: u16 = 1;
@@ -1197,9 +1198,10 @@ async fn extended_headers_carry_lengths_past_4_gib() {
     assert_eq!(assemble(0, 0, &f.client.chunks(8).await), Err(EINVAL));
     f.client.req64(0, CACHE, 9, 0, 5 * GIB).await;
     assert_eq!(f.client.status().await, (9, EINVAL));
-    // A request may announce a payload; this server takes one only with a WRITE, so it
-    // refuses the request, skips the payload, and the stream stays in sync.
-    f.client.req64(F_PAYLOAD_LEN, BLOCK_STATUS, 10, 0, 12).await;
+    // A request may announce a payload; on a command that takes none (CACHE here, an
+    // unknown command next) the server refuses it, skips the payload, and the stream
+    // stays in sync.
+    f.client.req64(F_PAYLOAD_LEN, CACHE, 10, 0, 12).await;
     f.client.send(&[0u8; 12]).await;
     assert_eq!(f.client.status().await, (10, EINVAL));
     f.client.req64(F_PAYLOAD_LEN, 99, 11, 0, 5).await;
@@ -1207,6 +1209,113 @@ async fn extended_headers_carry_lengths_past_4_gib() {
     assert_eq!(f.client.status().await, (11, EINVAL));
     f.client.req(0, FLUSH, 12, 0, 0).await;
     assert_eq!(f.client.status().await, (12, 0));
+    finish(f).await;
+}
+
+/// A BLOCK_STATUS payload: effect length, then context ids.
+fn status_payload(effect_length: u64, ids: &[u32]) -> Vec<u8> {
+    let mut p = effect_length.to_be_bytes().to_vec();
+    for id in ids {
+        p.extend_from_slice(&id.to_be_bytes());
+    }
+    p
+}
+
+#[tokio::test]
+async fn block_status_payloads_are_offered_with_extended_headers_and_a_context() {
+    // Offered: extended headers and base:allocation selected.
+    let (f, tflags) = ready_extended(provider(), "disk", true).await;
+    assert_eq!(tflags & T_BLOCK_STAT_PAYLOAD, T_BLOCK_STAT_PAYLOAD);
+    finish(f).await;
+    // Not with extended headers alone: BLOCK_STATUS cannot be used at all.
+    let (f, tflags) = ready_extended(provider(), "disk", false).await;
+    assert_eq!(tflags & T_BLOCK_STAT_PAYLOAD, 0);
+    finish(f).await;
+    // Never with compact headers (the spec forbids it).
+    let (f, tflags) = ready("disk", true, true).await;
+    assert_eq!(tflags & T_BLOCK_STAT_PAYLOAD, 0);
+    finish(f).await;
+    // INFO with extended headers says the server can (contexts may still be chosen).
+    let mut f = start();
+    f.client.greet(C_FIXED | C_NO_ZEROES).await;
+    assert_eq!(
+        f.client.final_reply(OPT_EXTENDED_HEADERS, &[]).await,
+        REP_ACK
+    );
+    let replies = f.client.info(OPT_INFO, "disk", &[]).await;
+    let export = &replies.iter().find(|(k, _)| *k == REP_INFO).unwrap().1;
+    let tflags = u16::from_be_bytes(export[10..12].try_into().unwrap());
+    assert_eq!(tflags & T_BLOCK_STAT_PAYLOAD, T_BLOCK_STAT_PAYLOAD);
+}
+
+#[tokio::test]
+async fn block_status_payloads_are_answered_and_bad_ones_refused_in_sync() {
+    let (mut f, _) = ready_extended(provider(), "disk", true).await;
+    f.client.write(0, 1, 4096, &pattern(5, 8192)).await;
+    assert_eq!(f.client.status().await, (1, 0));
+    // The length field is the payload's (12 bytes); the effect length is the query's.
+    let payload = status_payload(16384, &[1]);
+    f.client
+        .req64(F_PAYLOAD_LEN, BLOCK_STATUS, 2, 0, payload.len() as u64)
+        .await;
+    f.client.send(&payload).await;
+    let chunks = f.client.chunks(2).await;
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].offset, Some(0));
+    assert_eq!(
+        extents64(&chunks[0]),
+        (1, vec![(4096, 3), (8192, 0), (4096, 3)])
+    );
+    // REQ_ONE applies as without a payload, and the offset is the header's.
+    f.client
+        .req64(F_PAYLOAD_LEN | F_REQ_ONE, BLOCK_STATUS, 3, 8192, 12)
+        .await;
+    f.client.send(&status_payload(MIB, &[1])).await;
+    let chunks = f.client.chunks(3).await;
+    assert_eq!(extents64(&chunks[0]), (1, vec![(4096, 0)]));
+    // Each bad payload is refused with EINVAL and consumed: the next request parses.
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown context", status_payload(4096, &[2])),
+        ("context 0", status_payload(4096, &[0])),
+        ("one id twice", status_payload(4096, &[1, 1])),
+        ("no id", status_payload(4096, &[])),
+        ("torn id", status_payload(4096, &[1])[..10].to_vec()),
+        ("stray byte", [status_payload(4096, &[1]), vec![7]].concat()),
+        ("zero effect length", status_payload(0, &[1])),
+        ("past the end", status_payload(DISK_BYTES, &[1])),
+        ("far too long", vec![0x5a; 100_000]),
+        ("empty", vec![]),
+    ];
+    for (i, (why, payload)) in bad.iter().enumerate() {
+        let cookie = 10 + i as u64;
+        f.client
+            .req64(
+                F_PAYLOAD_LEN,
+                BLOCK_STATUS,
+                cookie,
+                4096,
+                payload.len() as u64,
+            )
+            .await;
+        f.client.send(payload).await;
+        assert_eq!(f.client.status().await, (cookie, EINVAL), "{why}");
+        f.client.req(0, FLUSH, 100 + i as u64, 0, 0).await;
+        assert_eq!(f.client.status().await, (100 + i as u64, 0), "{why}");
+    }
+    finish(f).await;
+}
+
+#[tokio::test]
+async fn block_status_payloads_are_refused_where_not_offered() {
+    // Extended headers without a context: no payload was offered, so PAYLOAD_LEN on
+    // BLOCK_STATUS is a bad flag; the payload is skipped and the stream stays in sync.
+    let (mut f, tflags) = ready_extended(provider(), "disk", false).await;
+    assert_eq!(tflags & T_BLOCK_STAT_PAYLOAD, 0);
+    f.client.req64(F_PAYLOAD_LEN, BLOCK_STATUS, 1, 0, 12).await;
+    f.client.send(&status_payload(4096, &[1])).await;
+    assert_eq!(f.client.status().await, (1, EINVAL));
+    f.client.req(0, FLUSH, 2, 0, 0).await;
+    assert_eq!(f.client.status().await, (2, 0));
     finish(f).await;
 }
 

@@ -58,6 +58,9 @@ pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const TFLAG_SEND_RESIZE: u16 = 1 << 9;
 pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+/// BLOCK_STATUS may carry a payload naming which negotiated contexts to answer for
+/// (extended headers only).
+pub const TFLAG_BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 
 // ---- options ------------------------------------------------------------------------------
 
@@ -120,7 +123,7 @@ pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 /// Extended headers only: the length field is the payload's length (WRITE always has one;
-/// BLOCK_STATUS only with `NBD_FLAG_BLOCK_STAT_PAYLOAD`, which this server does not offer).
+/// BLOCK_STATUS only where `NBD_FLAG_BLOCK_STAT_PAYLOAD` was advertised).
 pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// The commands this server implements.
@@ -176,6 +179,57 @@ impl Command {
             }
         }
     }
+}
+
+// ---- block status payloads ----------------------------------------------------------------
+
+/// A BLOCK_STATUS payload (`NBD_CMD_FLAG_PAYLOAD_LEN`, offered through
+/// `NBD_FLAG_BLOCK_STAT_PAYLOAD`): the request's length field is the payload's, and the
+/// payload carries the length the query covers and the contexts to answer for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatusFilter {
+    /// Bytes from the request's offset the query covers (the "effect length").
+    pub effect_length: u64,
+    /// Context ids to answer for: each one negotiated, none twice, at least one.
+    pub ids: Vec<u32>,
+}
+
+/// Longest BLOCK_STATUS payload a client can legally send with `negotiated` contexts
+/// selected (each id at most once). A longer one is refused unread, so a client cannot
+/// make the server buffer more than this.
+pub fn block_status_payload_max(negotiated: usize) -> u64 {
+    8 + 4 * negotiated as u64
+}
+
+/// Decode a BLOCK_STATUS payload: a 64-bit effect length, then one or more 32-bit context
+/// ids, all big-endian. Every id must be one of `negotiated` and appear once; the error
+/// is the reason to send back with `NBD_EINVAL`.
+pub fn decode_block_status_payload(
+    payload: &[u8],
+    negotiated: &[u32],
+) -> Result<BlockStatusFilter, &'static str> {
+    if payload.len() < 12 || !(payload.len() - 8).is_multiple_of(4) {
+        return Err("block status payload must be an 8-byte length and 4-byte context ids");
+    }
+    if payload.len() as u64 > block_status_payload_max(negotiated.len()) {
+        return Err("block status payload names more contexts than were negotiated");
+    }
+    let (length, rest) = payload.split_at(8);
+    let mut be = [0u8; 8];
+    be.copy_from_slice(length);
+    let effect_length = u64::from_be_bytes(be);
+    let mut ids = Vec::with_capacity(rest.len() / 4);
+    for raw in rest.chunks_exact(4) {
+        let id = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        if !negotiated.contains(&id) {
+            return Err("block status payload names a context that was not negotiated");
+        }
+        if ids.contains(&id) {
+            return Err("block status payload names a context twice");
+        }
+        ids.push(id);
+    }
+    Ok(BlockStatusFilter { effect_length, ids })
 }
 
 // ---- structured replies -------------------------------------------------------------------
@@ -1079,6 +1133,54 @@ mod tests {
     }
 
     #[test]
+    fn block_status_payloads_name_negotiated_contexts_once() {
+        let payload = |length: u64, ids: &[u32]| {
+            let mut p = length.to_be_bytes().to_vec();
+            for id in ids {
+                p.extend_from_slice(&id.to_be_bytes());
+            }
+            p
+        };
+        let ours = [BASE_ALLOCATION_ID];
+        assert_eq!(
+            decode_block_status_payload(&payload(1 << 20, &[1]), &ours),
+            Ok(BlockStatusFilter {
+                effect_length: 1 << 20,
+                ids: vec![1]
+            })
+        );
+        // Golden bytes: effect length 0x0102030405060708, context 1.
+        assert_eq!(
+            decode_block_status_payload(&[1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 1], &ours)
+                .map(|f| f.effect_length),
+            Ok(0x0102_0304_0506_0708)
+        );
+        // A zero effect length decodes; the request is then refused like any zero-length
+        // block status.
+        assert!(decode_block_status_payload(&payload(0, &[1]), &ours).is_ok());
+        assert_eq!(
+            decode_block_status_payload(&payload(4096, &[3, 1]), &[1, 3]).map(|f| f.ids),
+            Ok(vec![3, 1])
+        );
+        for bad in [
+            payload(4096, &[]),                      // no context
+            payload(4096, &[1])[..11].to_vec(),      // a torn id
+            [payload(4096, &[1]), vec![0]].concat(), // a stray byte
+            payload(4096, &[2]),                     // never negotiated
+            payload(4096, &[0]),                     // 0 is never an id
+            payload(4096, &[1, 1]),                  // more than negotiated
+            vec![],
+        ] {
+            assert!(decode_block_status_payload(&bad, &ours).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            decode_block_status_payload(&payload(4096, &[3, 3]), &[1, 3]),
+            Err("block status payload names a context twice")
+        );
+        assert_eq!(block_status_payload_max(1), 12);
+    }
+
+    #[test]
     fn golden_extended_request_header_and_reply_chunk() {
         let header = RequestHeader {
             flags: CMD_FLAG_FUA,
@@ -1301,6 +1403,7 @@ mod tests {
             let _ = decode_greeting(&bytes);
             let _ = parse_string(&bytes);
             let _ = ChunkPayload::decode(t, &bytes);
+            let _ = decode_block_status_payload(&bytes, &[BASE_ALLOCATION_ID, 2, 3]);
             for reply_type in [REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
                                REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_BLOCK_STATUS_EXT, REPLY_TYPE_ERROR,
                                REPLY_TYPE_ERROR_OFFSET] {

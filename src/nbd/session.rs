@@ -24,7 +24,9 @@
 //! - Once extended headers are negotiated every request header is the 32-byte form and
 //!   every reply is a 32-byte extended chunk (no simple replies); lengths of TRIM,
 //!   WRITE_ZEROES and BLOCK_STATUS may then pass 4 GiB, READ, WRITE and CACHE stay within
-//!   the advertised 32 MiB.
+//!   the advertised 32 MiB. BLOCK_STATUS may then carry a payload (offered in GO only
+//!   when `base:allocation` was selected): it is read into memory only when no longer
+//!   than a valid one can be (8 + 4 bytes per negotiated context), else skipped.
 //! - All chunks of one reply are encoded by the single writer task from one message, so
 //!   replies never interleave; replies to different requests go out in completion order.
 //! - Memory is bounded per connection: at most `requests_in_flight_max` requests and
@@ -412,7 +414,9 @@ enum TlsPhase {
     Active,
 }
 
-fn transmission_flags(export: &dyn BlockExport, structured: bool) -> u16 {
+/// `block_stat_payload`: offer BLOCK_STATUS payloads (`NBD_FLAG_BLOCK_STAT_PAYLOAD`); the
+/// spec allows it only with extended headers.
+fn transmission_flags(export: &dyn BlockExport, structured: bool, block_stat_payload: bool) -> u16 {
     let mut flags = TFLAG_HAS_FLAGS
         | TFLAG_SEND_FLUSH
         | TFLAG_SEND_FUA
@@ -425,6 +429,9 @@ fn transmission_flags(export: &dyn BlockExport, structured: bool) -> u16 {
     }
     if structured {
         flags |= TFLAG_SEND_DF;
+    }
+    if block_stat_payload {
+        flags |= TFLAG_BLOCK_STAT_PAYLOAD;
     }
     flags
 }
@@ -596,13 +603,16 @@ where
                             name: name.clone(),
                             message: e.message,
                         })?;
-                let flags = transmission_flags(export.as_ref(), structured);
+                let base_allocation = meta_export.as_deref() == Some(name.as_str());
+                // (A client with extended headers must use GO, but if it does not, the
+                // same rule applies: payloads only where BLOCK_STATUS can be used.)
+                let flags =
+                    transmission_flags(export.as_ref(), structured, extended && base_allocation);
                 encode_export_name_reply(&mut out, export.size_bytes(), flags, no_zeroes);
                 if let Err(e) = write_now(writer, &out).await {
                     provider.release(&name).await;
                     return Err(e.into());
                 }
-                let base_allocation = meta_export.as_deref() == Some(name.as_str());
                 return Ok(Handshake::Go(Negotiated {
                     name,
                     export,
@@ -731,7 +741,11 @@ where
                         continue;
                     }
                 };
-                let flags = transmission_flags(export.as_ref(), structured);
+                let base_allocation = meta_export.as_deref() == Some(request.name.as_str());
+                // INFO says what the server can do once contexts are chosen (as qemu-nbd
+                // does); GO offers payloads only when BLOCK_STATUS itself can be used.
+                let payloads = extended && (option == OPT_INFO || base_allocation);
+                let flags = transmission_flags(export.as_ref(), structured, payloads);
                 encode_info_replies(&mut out, option, &request, export.as_ref(), flags);
                 option_reply(&mut out, option, REP_ACK, &[]);
                 let written = write_now(writer, &out).await;
@@ -740,7 +754,6 @@ where
                 }
                 written?;
                 if option == OPT_GO {
-                    let base_allocation = meta_export.as_deref() == Some(request.name.as_str());
                     return Ok(Handshake::Go(Negotiated {
                         name: request.name,
                         export,
@@ -1090,6 +1103,13 @@ where
     let size_bytes = export.size_bytes();
     let read_only = export.read_only();
     let structured = negotiated.structured;
+    let payloads_offered = negotiated.transmission_flags & TFLAG_BLOCK_STAT_PAYLOAD != 0;
+    // Context ids a BLOCK_STATUS payload may name: those selected in the handshake.
+    let contexts: &[u32] = if negotiated.base_allocation {
+        &[BASE_ALLOCATION_ID]
+    } else {
+        &[]
+    };
     let header_bytes = if negotiated.extended {
         EXTENDED_REQUEST_HEADER_BYTES
     } else {
@@ -1225,6 +1245,38 @@ where
         };
         if command == Command::Disc {
             break Ok(SessionEnd::Disconnected);
+        }
+        let mut header = header;
+        let mut announces_payload = announces_payload;
+        if command == Command::BlockStatus && announces_payload && payloads_offered {
+            // The payload replaces the length field: read it, then validate the request
+            // with its effect length like any other BLOCK_STATUS. The only context there
+            // is to name is base:allocation, so a payload that decodes selects exactly
+            // what an unfiltered request answers; what it changes is the length.
+            if reader.buffer().len() < header.length.min(64) as usize {
+                hand_over(&mut batch);
+            }
+            match read_block_status_filter(&mut reader, header.length, contexts).await {
+                Err(e) => break Err(e),
+                Ok(Err(message)) => {
+                    tracing::debug!(
+                        length = header.length,
+                        reason = message,
+                        "block status payload rejected"
+                    );
+                    reply_now(
+                        &mut batch,
+                        Body::error(Errno::Inval, message),
+                        request_permit,
+                    );
+                    continue;
+                }
+                Ok(Ok(filter)) => {
+                    header.length = filter.effect_length;
+                    header.flags &= !CMD_FLAG_PAYLOAD_LEN;
+                    announces_payload = false;
+                }
+            }
         }
         if let Err(r) = validate(&header, command, &negotiated, size_bytes, read_only) {
             tracing::debug!(
@@ -1399,6 +1451,26 @@ where
         Err(e) => tracing::error!(error = %e, "reply writer task failed"),
     }
     outcome
+}
+
+/// Read a BLOCK_STATUS payload of `length` bytes. A payload longer than any valid one for
+/// `contexts` is skipped unread (as any refused payload is) and refused; the inner error
+/// is the reason for an `NBD_EINVAL` reply, the outer one ends the session.
+async fn read_block_status_filter<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    length: u64,
+    contexts: &[u32],
+) -> Result<Result<BlockStatusFilter, &'static str>, SessionError> {
+    if length > block_status_payload_max(contexts.len()) {
+        skip_payload(reader, length).await?;
+        return Ok(Err(
+            "block status payload names more contexts than were negotiated",
+        ));
+    }
+    // At most 8 + 4 × contexts bytes, checked just above.
+    let mut payload = vec![0u8; length as usize];
+    reader.read_exact(&mut payload).await?;
+    Ok(decode_block_status_payload(&payload, contexts))
 }
 
 async fn read_payload<R: AsyncRead + Unpin>(
