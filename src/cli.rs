@@ -1,4 +1,5 @@
-//! Command-line pieces shared by the three binaries: how to name and open a store.
+//! Command-line pieces shared by the binaries: how to name and open a store, and how
+//! segment frames are compressed.
 
 use std::sync::Arc;
 
@@ -35,6 +36,37 @@ impl StoreArgs {
 
     pub async fn open(&self) -> Result<DynStore, StoreError> {
         store::open_url(&self.store, &self.s3_options()).await
+    }
+}
+
+/// How segment frames are stored: `--compression` and `--zstd-level`, shared by the daemon
+/// and `nbds3-compact` (whose rewritten frames follow the same policy).
+#[derive(Debug, Clone, Args)]
+pub struct CompressionArgs {
+    /// Segment frame compression: `zstd` keeps a frame compressed when that saves at
+    /// least 1/8 of it; `off` stores every frame raw (less CPU per byte written, more
+    /// bytes stored). Readers accept both, so this can change at any restart.
+    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
+    pub compression: Compression,
+    /// zstd level for segment frames (-7 fastest ... 19 smallest).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-7..=19))]
+    pub zstd_level: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    Zstd,
+    Off,
+}
+
+impl CompressionArgs {
+    /// The level for `LogConfig::zstd_level`: `None` when compression is off.
+    pub fn zstd_level(&self) -> Option<i32> {
+        match self.compression {
+            Compression::Zstd => Some(self.zstd_level),
+            Compression::Off => None,
+        }
     }
 }
 

@@ -225,7 +225,7 @@ const COMPRESS_SKIP_FIRST_BYTES: u64 = 64 << 10;
 const COMPRESS_SKIP_MAX_BYTES: u64 = 4 << 20;
 
 impl SegmentBuilder {
-    pub fn new(segment_id: u64, epoch: u64, block_size: u32, zstd_level: i32) -> Self {
+    pub fn new(segment_id: u64, epoch: u64, block_size: u32, zstd_level: Option<i32>) -> Self {
         Self::start_in(
             Vec::with_capacity(64 * 1024),
             0,
@@ -251,7 +251,7 @@ impl SegmentBuilder {
         segment_id: u64,
         epoch: u64,
         block_size: u32,
-        zstd_level: i32,
+        zstd_level: Option<i32>,
     ) -> Self {
         buf.clear();
         buf.reserve(capacity.saturating_add(SEGMENT_BUF_ALIGN));
@@ -266,7 +266,7 @@ impl SegmentBuilder {
         segment_id: u64,
         epoch: u64,
         block_size: u32,
-        zstd_level: i32,
+        zstd_level: Option<i32>,
     ) -> Self {
         buf.clear();
         buf.resize(start, 0);
@@ -280,7 +280,8 @@ impl SegmentBuilder {
             segment_id,
             epoch,
             block_size,
-            cctx: zstd::bulk::Compressor::new(zstd_level).ok(),
+            // No level: every frame is stored raw (`--compression off`).
+            cctx: zstd_level.and_then(|level| zstd::bulk::Compressor::new(level).ok()),
             scratch: Vec::new(),
             joined: Vec::new(),
             compress: CompressState::default(),
@@ -1047,9 +1048,39 @@ mod tests {
     }
 
     #[test]
+    fn without_a_level_every_frame_is_stored_raw_and_reads_back() {
+        let text: Vec<u8> = b"compressible line of text 0123456789\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(32 * 4096)
+            .collect();
+        for (level, want_flags) in [(None, 0), (Some(-1), FLAG_ZSTD), (Some(-7), FLAG_ZSTD)] {
+            let mut b = SegmentBuilder::new(object_id(1, 1), 1, 4096, level);
+            let entries: Vec<DirEntry> = (0..8u64).map(|i| b.add_frame(i * 32, &text)).collect();
+            let (seg, _) = b.finish();
+            let (_, parsed) = parse_segment(&seg, true).expect("segment parses");
+            assert_eq!(parsed.len(), entries.len());
+            for e in &entries {
+                assert_eq!(frame_flags(&seg, e), want_flags, "level {level:?}");
+                let at = e.frame_offset as usize;
+                let frame = decode_frame(&seg[at..at + e.frame_len as usize], 4096, e.frame_offset)
+                    .expect("frame decodes");
+                assert_eq!(&frame.data[..], &text[..]);
+            }
+            // Raw: 8 frames of 128 KiB and their headers; zstd: a small fraction of that.
+            if level.is_none() {
+                assert!(seg.len() > 8 * text.len(), "{}", seg.len());
+            } else {
+                assert!(seg.len() < text.len(), "{}", seg.len());
+            }
+        }
+    }
+
+    #[test]
     fn compression_early_abort_skips_random_data_and_recovers() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut b = SegmentBuilder::new(object_id(1, 1), 1, 4096, 1);
+        let mut b = SegmentBuilder::new(object_id(1, 1), 1, 4096, Some(1));
         let text: Vec<u8> = b"compressible line of text 0123456789\n"
             .iter()
             .copied()
@@ -1074,7 +1105,7 @@ mod tests {
         let carried = b.compress_state();
         assert!(carried.skip_bytes > 0 && carried.misses > COMPRESS_MISSES_BEFORE_SKIP);
         let mut next =
-            SegmentBuilder::new(object_id(1, 2), 1, 4096, 1).with_compress_state(carried);
+            SegmentBuilder::new(object_id(1, 2), 1, 4096, Some(1)).with_compress_state(carried);
         next.add_frame(0, &text);
         assert_eq!(next.entry_count(), 1);
         assert!(next.compress.misses > 0, "the next segment tried at once");
@@ -1122,7 +1153,7 @@ mod tests {
             .take(128 << 10)
             .collect();
         // Compressible from the start: the probe passes and the frame is stored zstd.
-        let mut b = SegmentBuilder::new(object_id(1, 1), 1, 4096, 1);
+        let mut b = SegmentBuilder::new(object_id(1, 1), 1, 4096, Some(1));
         let e = b.add_frame(0, &text);
         // A random prefix fails the probe: stored raw, though the rest would compress.
         let mut mixed = text.clone();
@@ -1154,7 +1185,7 @@ mod tests {
         for x in raw[..256].iter_mut() {
             *x = 7;
         }
-        let mut b = SegmentBuilder::new(object_id(1, 1), 1, 4096, 1);
+        let mut b = SegmentBuilder::new(object_id(1, 1), 1, 4096, Some(1));
         let e = b.add_frame(0, &raw);
         let (seg, _) = b.finish();
         assert_eq!(frame_flags(&seg, &e), 0);
@@ -1162,7 +1193,7 @@ mod tests {
     }
 
     fn sample_segment() -> Vec<u8> {
-        let mut b = SegmentBuilder::new(object_id(3, 7), 3, 4096, 1);
+        let mut b = SegmentBuilder::new(object_id(3, 7), 3, 4096, Some(1));
         let mut raw = vec![0u8; 8192];
         raw[0] = 1;
         raw[5000] = 9;
@@ -1184,7 +1215,7 @@ mod tests {
             b.add_range(20, 5, EntryKind::Unmap);
             b
         };
-        let (plain, _) = build(SegmentBuilder::new(object_id(3, 7), 3, 4096, 1)).finish();
+        let (plain, _) = build(SegmentBuilder::new(object_id(3, 7), 3, 4096, Some(1))).finish();
         // A reused buffer with stale contents and an arbitrary address.
         let (buf, start, entries) = build(SegmentBuilder::new_aligned_in(
             vec![0xAAu8; 5000],
@@ -1192,7 +1223,7 @@ mod tests {
             object_id(3, 7),
             3,
             4096,
-            1,
+            Some(1),
         ))
         .finish_in_place();
         assert_eq!(buf[start..].as_ptr() as usize % SEGMENT_BUF_ALIGN, 0);
@@ -1231,8 +1262,8 @@ mod tests {
                     parts.push(&data[at..c]);
                     at = c;
                 }
-                let mut whole = SegmentBuilder::new(object_id(3, 7), 3, 4096, 1);
-                let mut split = SegmentBuilder::new(object_id(3, 7), 3, 4096, 1);
+                let mut whole = SegmentBuilder::new(object_id(3, 7), 3, 4096, Some(1));
+                let mut split = SegmentBuilder::new(object_id(3, 7), 3, 4096, Some(1));
                 let a = whole.add_frame(40, data);
                 let b = split.add_frame_parts(40, &parts);
                 assert_eq!(a, b);

@@ -2503,7 +2503,7 @@ mod tests {
 
     fn sample_segment() -> (Vec<u8>, u64) {
         let id = object_id(2, 5);
-        let mut b = SegmentBuilder::new(id, 2, 4096, 1);
+        let mut b = SegmentBuilder::new(id, 2, 4096, Some(1));
         b.add_frame(10, &vec![7u8; 8192]);
         b.add_range(20, 4, EntryKind::Unmap);
         let rnd: Vec<u8> = (0..4096u32)

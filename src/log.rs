@@ -157,7 +157,9 @@ pub struct LogConfig {
     /// amortized cost of checkpoints per flushed block stays constant. The hard limit is
     /// [`TAIL_ENTRIES_HARD_FACTOR`] times the trigger.
     pub tail_entries_min: usize,
-    pub zstd_level: i32,
+    /// zstd level for segment frames; `None` stores every frame raw (readers accept
+    /// either, so this is writer policy, not format).
+    pub zstd_level: Option<i32>,
 }
 
 impl Default for LogConfig {
@@ -169,7 +171,7 @@ impl Default for LogConfig {
             tail_segments_max: 256,
             tail_segments_hard_max: 1024,
             tail_entries_min: 128 * 1024,
-            zstd_level: -1,
+            zstd_level: Some(-1),
         }
     }
 }

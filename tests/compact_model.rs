@@ -205,7 +205,7 @@ fn small_log_cfg(rng: &mut StdRng, deterministic: bool) -> LogConfig {
         },
         tail_segments_max: rng.random_range(2..6),
         tail_entries_min: rng.random_range(4..32),
-        zstd_level: 1,
+        zstd_level: Some(1),
         ..LogConfig::default()
     };
     // A low hard limit (no extra draw, so seeds keep their meaning): commits here also

@@ -13,6 +13,8 @@
 //! - SIGHUP loads the certificate files again: clients that trust only the new CA get in,
 //!   those that trust only the old one no longer do; a broken file leaves the last good
 //!   certificate in use; without TLS a SIGHUP changes nothing (and stops nothing).
+//! - `--compression off` stores what it writes raw and the default compresses it; an
+//!   export written both ways reads back whole (the format lets each frame say which).
 
 #[macro_use]
 mod e2e;
@@ -28,7 +30,8 @@ e2e_tests!(
     second_daemon_fences_the_first,
     tls_with_client_certificates_end_to_end,
     tls_certificate_reloads_on_sighup,
-    export_work_outlives_the_connection_that_started_it
+    export_work_outlives_the_connection_that_started_it,
+    compression_is_chosen_per_daemon_run
 );
 
 const NAMES: &[&str] = &[
@@ -436,6 +439,65 @@ fn export_work_outlives_the_connection_that_started_it(backend: Backend) {
     after.ok("read 69632 1024000 0");
     after.ok("read 8388608 1048576 5a");
     drop(after);
+    d.stop();
+    d.assert_no_panic();
+}
+
+/// Bytes of every object of `export` in the test's store, by `nbds3-inspect exports`.
+fn bytes_stored(ctx: &e2e::Ctx, export: &str) -> u64 {
+    let out = ctx.run(
+        cmd(env!("CARGO_BIN_EXE_nbds3-inspect"))
+            .args(["--store", &ctx.store.url])
+            .args(&ctx.store.args)
+            .args(["--json", "exports"]),
+        secs(60),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
+    v["exports"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["name"] == export))
+        .and_then(|e| e["bytes_stored"].as_u64())
+        .unwrap_or_else(|| panic!("{}: no export {export:?} in {out}", ctx.name))
+}
+
+fn compression_is_chosen_per_daemon_run(backend: Backend) {
+    const MIB: u64 = 1 << 20;
+    let test = "compression_is_chosen_per_daemon_run";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    // 4 MiB of one byte value: what zstd shrinks ~1000-fold, stored raw.
+    let mut d = ctx.daemon(&["--default-size", "64M", "--compression", "off"]);
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok("write 0 4194304 5a");
+    c.ok("flush");
+    drop(c);
+    d.stop();
+    let raw = bytes_stored(&ctx, "disk");
+    assert!(raw >= 4 * MIB, "{}: {raw} bytes stored", ctx.name);
+    // The same again with the default (zstd): a few KiB more.
+    d.restart_with(&["--default-size", "64M"]);
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok("write 8388608 4194304 a5");
+    c.ok("flush");
+    drop(c);
+    d.stop();
+    let both = bytes_stored(&ctx, "disk");
+    assert!(
+        both > raw && both - raw < MIB / 4,
+        "{}: {raw} then {both} bytes stored",
+        ctx.name
+    );
+    // Raw and compressed frames of one export read back, with an explicit level too.
+    d.restart_with(&["--default-size", "64M", "--zstd-level", "-7"]);
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok("read 0 4194304 5a");
+    c.ok("read 8388608 4194304 a5");
+    c.ok("read 4194304 4194304 0");
+    drop(c);
     d.stop();
     d.assert_no_panic();
 }

@@ -469,7 +469,7 @@ fn encoding_reproduces_the_fixture_bytes() {
     );
     // The level the fixture was written with (the writer's default since is -1; both
     // happen to give these bytes for these small frames).
-    let level = 1;
+    let level = Some(1);
     let mut sb = format::SegmentBuilder::new(TAIL_SEGMENT_ID, 3, BS as u32, level);
     sb.add_frame(2, &text_block("B2"));
     sb.add_range(4, 1, EntryKind::Unmap);

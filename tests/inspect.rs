@@ -716,7 +716,7 @@ async fn orphans_are_listed_and_left_alone() {
     let m5 =
         format::decode_manifest(&store.get(&keys.manifest(5)).await.expect("get")).expect("decode");
     let orphan_id = format::object_id(2, 99);
-    let mut b = format::SegmentBuilder::new(orphan_id, 2, BS as u32, 1);
+    let mut b = format::SegmentBuilder::new(orphan_id, 2, BS as u32, Some(1));
     b.add_frame(5000, &noise(BS as usize, 3));
     let seg_body = Bytes::from(b.finish().0);
     let puts = [

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use nbds3::cli::{check_conditional_put, StoreArgs};
+use nbds3::cli::{check_conditional_put, CompressionArgs, StoreArgs};
 use nbds3::format::ExportKeys;
 use nbds3::log::compact::{
     self, CompactConfig, CompactError, CountingStore, PassReport, RequestCounts, VictimReason,
@@ -56,6 +56,8 @@ EXIT CODES:
 struct Cli {
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    compression: CompressionArgs,
     /// Export name.
     export: String,
     /// Rewrite a segment once at least this share of its data is dead (0..=1).
@@ -306,7 +308,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Arc::clone(&store),
         &cli.export,
         None,
-        LogConfig::default(),
+        LogConfig {
+            zstd_level: cli.compression.zstd_level(),
+            ..LogConfig::default()
+        },
         OpenMode::Writer,
     )
     .await?;
@@ -416,7 +421,10 @@ async fn dry_run(
         Arc::clone(store),
         &cli.export,
         None,
-        LogConfig::default(),
+        LogConfig {
+            zstd_level: cli.compression.zstd_level(),
+            ..LogConfig::default()
+        },
         OpenMode::ReadOnly,
     )
     .await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use nbds3::cli::{check_conditional_put, StoreArgs};
+use nbds3::cli::{check_conditional_put, CompressionArgs, StoreArgs};
 use nbds3::log::compact::CompactConfig;
 use nbds3::log::{Geometry, LogConfig};
 use nbds3::nbd::pool::PayloadPool;
@@ -36,6 +36,8 @@ struct Cli {
     unix: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    compression: CompressionArgs,
     /// Size of exports created on first use (K/M/G/T).
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     default_size: u64,
@@ -195,7 +197,10 @@ async fn main() -> anyhow::Result<()> {
     }
     // Freed write buffers stay in the arena of the worker that allocated them; give them
     // back when the resident set passes what the budgets add up to (see `nbds3::memory`).
-    let log_cfg = LogConfig::default();
+    let log_cfg = LogConfig {
+        zstd_level: cli.compression.zstd_level(),
+        ..LogConfig::default()
+    };
     let uploads_bytes = (log_cfg.segment_bytes_max * log_cfg.uploads_in_flight_max) as u64;
     let resident_target = cli
         .cache_size

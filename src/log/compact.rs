@@ -938,7 +938,7 @@ fn build_job(
     id: u64,
     epoch: u64,
     block_size: u32,
-    zstd_level: i32,
+    zstd_level: Option<i32>,
     frames: Vec<FrameJob>,
 ) -> (Vec<u8>, Vec<DirEntry>, Vec<Move>) {
     let mut b = SegmentBuilder::new(id, epoch, block_size, zstd_level);
