@@ -1,6 +1,7 @@
 //! `nbds3-compact` end to end on a file store: a dry run changes no byte of the store, a
 //! real run reclaims space and keeps every block, a fresh daemon lease makes it refuse
-//! (and `--force` fences that daemon), and each failure class has its own exit code.
+//! (and `--force` fences that daemon), and each failure class has its own exit code; the
+//! frames it rewrites follow `--compression`.
 //! Also: the daemon's log is plain text when stderr is not a terminal.
 
 use std::collections::BTreeMap;
@@ -38,6 +39,10 @@ fn store_at(dir: &Path) -> DynStore {
 }
 
 async fn open(store: &DynStore, mode: OpenMode) -> Log {
+    open_with(store, mode, LogConfig::default().zstd_level).await
+}
+
+async fn open_with(store: &DynStore, mode: OpenMode, zstd_level: Option<i32>) -> Log {
     Log::open(
         Arc::clone(store),
         NAME,
@@ -47,6 +52,7 @@ async fn open(store: &DynStore, mode: OpenMode) -> Log {
         }),
         LogConfig {
             segment_bytes_max: 256 << 10,
+            zstd_level,
             ..LogConfig::default()
         },
         mode,
@@ -78,6 +84,44 @@ async fn populate(store: &DynStore) -> Vec<u64> {
         }
     }
     ids
+}
+
+/// `populate`'s history with text blocks (zstd shrinks them many times over), all of it
+/// stored raw (`--compression off`): compaction then has raw frames to rewrite.
+async fn populate_raw_text(store: &DynStore) {
+    let log = open_with(store, OpenMode::Writer, None).await;
+    for round in 1..=3u64 {
+        for chunk in (0..BLOCKS).collect::<Vec<_>>().chunks(64) {
+            let entries: Vec<BatchEntry> = chunk
+                .iter()
+                .filter(|&&lba| round == 1 || !lba.is_multiple_of(4))
+                .map(|&lba| BatchEntry {
+                    lba,
+                    blocks: 1,
+                    update: Update::Data(Bytes::from(text_block(lba, round))),
+                })
+                .collect();
+            log.commit(&entries).await.unwrap();
+        }
+    }
+}
+
+fn text_block(lba: u64, round: u64) -> Vec<u8> {
+    format!("block {lba} of round {round}\n")
+        .into_bytes()
+        .into_iter()
+        .cycle()
+        .take(BS)
+        .collect()
+}
+
+async fn segment_bytes(store: &DynStore) -> u64 {
+    let keys = ExportKeys::new(NAME).unwrap();
+    let objs = nbds3::log::gc::list_objects(store, &keys).await.unwrap();
+    objs.iter()
+        .filter(|o| o.key.contains("/segment/"))
+        .map(|o| o.size_bytes)
+        .sum()
 }
 
 /// Every file under `dir` with its full content: what "byte-identical" compares.
@@ -196,6 +240,42 @@ async fn compacts_and_collects_keeping_every_block() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("0 compaction passes"), "{stdout}");
     assert_content(&store, &ids).await;
+}
+
+#[tokio::test]
+async fn rewritten_frames_follow_the_compression_flag() {
+    // Round 1's segments end 3/4 dead and are rewritten; round 3's stay as they are, raw.
+    let live = BLOCKS * BS as u64;
+    let mut stored = Vec::new();
+    for args in [&[][..], &["--compression", "off"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_at(dir.path());
+        populate_raw_text(&store).await;
+        let mut all = vec![NAME, "--retain", "0s", "--keep-versions", "1"];
+        all.extend_from_slice(args);
+        assert_eq!(compact(dir.path(), &all).status.code(), Some(0));
+        let log = open(&store, OpenMode::ReadOnly).await;
+        log.check_accounting().unwrap();
+        let data = log.read_blocks(0, BLOCKS).await.unwrap();
+        for lba in 0..BLOCKS {
+            let round = if lba.is_multiple_of(4) { 1 } else { 3 };
+            assert!(
+                data[lba as usize * BS..(lba as usize + 1) * BS] == text_block(lba, round)[..],
+                "block {lba} after {args:?}"
+            );
+        }
+        stored.push(segment_bytes(&store).await);
+    }
+    let (zstd, raw) = (stored[0], stored[1]);
+    // Raw: every live byte. zstd: round 3's raw 3/4 plus the rewritten quarter, shrunk.
+    assert!(
+        raw >= live,
+        "--compression off: {raw} bytes for {live} live"
+    );
+    assert!(
+        zstd < live * 8 / 10,
+        "default: {zstd} bytes for {live} live (off: {raw})"
+    );
 }
 
 #[tokio::test]
