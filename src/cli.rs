@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use crate::store::{self, s3::S3Options, DynStore, StoreError};
+use crate::store::{self, s3::S3Options, DynStore};
 
 /// Where objects live. Without `--store`, the embedded default: a local directory.
 #[derive(Debug, Clone, Args)]
@@ -32,10 +32,6 @@ impl StoreArgs {
             path_style: self.s3_path_style,
             ..S3Options::default()
         }
-    }
-
-    pub async fn open(&self) -> Result<DynStore, StoreError> {
-        store::open_url(&self.store, &self.s3_options()).await
     }
 }
 

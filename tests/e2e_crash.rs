@@ -7,6 +7,10 @@
 //!   running as often as they can.
 //! - SIGTERM while writes are dirty (idle client, and a client still streaming writes): exit
 //!   status 0, and after a restart every acknowledged write is there.
+//! - S3 unreachable (a relay between daemon and server is cut): a FLUSH rides out an
+//!   outage shorter than `--s3-retry-max` and succeeds; past it, it fails with EIO, never
+//!   hangs and never says "ok"; the writes stay readable, and the first FLUSH after the
+//!   store is back persists them, so a kill -9 right after loses nothing.
 
 #[macro_use]
 mod e2e;
@@ -15,7 +19,10 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e::{defrag_passes, need_python_nbd, script, secs, setup, Backend, Ctx, Daemon, PYTHON};
+use e2e::{
+    defrag_passes, need_python_nbd, script, secs, setup, Backend, Ctx, CutProxy, Daemon, Repl,
+    PYTHON,
+};
 
 e2e_tests!(
     kill9_mid_workload_keeps_flushed_writes,
@@ -320,4 +327,102 @@ fn sigterm_with_dirty_writes_is_durable(backend: Backend) {
     d.restart();
     verify(&ctx, &d, &state);
     d.stop();
+}
+
+#[test]
+fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
+    let test = "s3_outage_fails_flush_with_eio_and_loses_nothing";
+    let Some(mut ctx) = setup(test, Backend::S3) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    // The daemon reaches the S3 server only through the relay.
+    let at = ctx
+        .store
+        .args
+        .iter()
+        .position(|a| a == "--s3-endpoint")
+        .expect("an S3 store has an endpoint")
+        + 1;
+    let upstream = ctx.store.args[at]
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = std::sync::Arc::new(CutProxy::start(&upstream));
+    ctx.store.args[at] = proxy.endpoint();
+    let window = secs(4);
+    let mut d = ctx.daemon(&["--default-size", "64M", "--s3-retry-max", "4s"]);
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok("write 0 1048576 a5");
+    c.ok("flush");
+
+    // An outage shorter than the window: the FLUSH waits it out and succeeds.
+    proxy.cut();
+    c.ok("write 1048576 1048576 c3");
+    let restorer = {
+        let proxy = std::sync::Arc::clone(&proxy);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            proxy.restore();
+        })
+    };
+    let started = Instant::now();
+    c.ok("flush");
+    let took = started.elapsed();
+    restorer.join().unwrap();
+    eprintln!("{}: FLUSH across a 1.5 s outage took {took:?}", ctx.name);
+    assert!(
+        took >= Duration::from_millis(1500),
+        "{}: {took:?}",
+        ctx.name
+    );
+
+    // An outage longer than the window: EIO once it has passed, never a hang or an "ok".
+    proxy.cut();
+    c.ok("write 2097152 1048576 5a");
+    let started = Instant::now();
+    let answer = c.send("flush");
+    let took = started.elapsed();
+    eprintln!(
+        "{}: FLUSH with the store gone answered {answer:?} after {took:?}",
+        ctx.name
+    );
+    assert!(
+        answer.starts_with("err EIO"),
+        "{}: FLUSH with the store unreachable answered {answer:?}",
+        ctx.name
+    );
+    // The window, plus attempts under way and a timed flush's batch it may wait on (the
+    // default window, 30 s, would not pass).
+    assert!(
+        took >= window && took < secs(20),
+        "{}: the failed FLUSH took {took:?}",
+        ctx.name
+    );
+    // Still served: the unflushed write from the dirty set, the flushed ones from the cache.
+    c.ok("read 2097152 1048576 5a");
+    c.ok("read 0 1048576 a5");
+    c.ok("read 1048576 1048576 c3");
+
+    proxy.restore();
+    // The store is back: this FLUSH persists what the failed one could not.
+    c.ok("flush");
+    drop(c);
+    d.kill9();
+    d.restart();
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok("read 0 1048576 a5");
+    c.ok("read 1048576 1048576 c3");
+    c.ok("read 2097152 1048576 5a");
+    c.ok("read 3145728 1048576 0");
+    drop(c);
+    d.stop();
+    d.assert_no_panic();
+    assert!(
+        d.logs().contains("request failed with EIO"),
+        "{}: the daemon did not log the failed FLUSH",
+        ctx.name
+    );
 }

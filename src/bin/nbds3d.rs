@@ -38,6 +38,12 @@ struct Cli {
     store: StoreArgs,
     #[command(flatten)]
     compression: CompressionArgs,
+    /// An S3 request that keeps failing (endpoint unreachable, 5xx, throttled) is retried
+    /// for this long, then fails: a FLUSH waiting on it gets EIO and its data stays dirty
+    /// for the next one. Keep it below the clients' own timeouts (an attempt already under
+    /// way may still run to its own time limit).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    s3_retry_max: Duration,
     /// Size of exports created on first use (K/M/G/T).
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     default_size: u64,
@@ -161,7 +167,11 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
 
-    let store = cli.store.open().await.context("opening the store")?;
+    let mut s3 = cli.store.s3_options();
+    s3.retry_max_elapsed = cli.s3_retry_max;
+    let store = nbds3::store::open_url(&cli.store.store, &s3)
+        .await
+        .context("opening the store")?;
     if !cli.read_only {
         check_conditional_put(&store, cli.allow_unsafe_no_conditional_put).await?;
         if let Some(dir) = cli.store.store.strip_prefix("file://") {

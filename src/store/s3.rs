@@ -10,9 +10,9 @@
 //! - Retries are ours, not the SDK's (its retry layer is disabled), so the bound is explicit:
 //!   transient failures (5xx, 429/503 throttling, 409 ConditionalRequestConflict, timeouts,
 //!   connection errors, truncated bodies) are retried with exponential backoff and full
-//!   jitter; no new attempt starts after `retry_max_elapsed` or `retry_attempts_max`
-//!   attempts, and each attempt is cut off by a size-aware timeout. The SDK keeps its connect
-//!   timeout and stalled-stream protection.
+//!   jitter until `retry_max_elapsed` has passed (a last attempt starts at its end; none
+//!   after it) or `retry_attempts_max` attempts were made, and each attempt is cut off by
+//!   a size-aware timeout. The SDK keeps its connect timeout and stalled-stream protection.
 //! - An IfAbsent put whose earlier attempt failed ambiguously (timeout, 5xx: it may have been
 //!   applied) and whose retry then gets 412 reads the object back: identical bytes mean our
 //!   own write landed, so the put succeeded.
@@ -73,9 +73,11 @@ pub struct S3Options {
     pub attempt_timeout: Duration,
     /// Slowest transfer rate tolerated before an attempt is cut off and retried.
     pub attempt_bytes_per_sec_min: u64,
-    /// No new attempt starts after this much time since the first one.
+    /// Retries go on for this long after the first attempt (the last one starts at the
+    /// end of the window at the latest; none starts after it).
     pub retry_max_elapsed: Duration,
-    /// At most this many attempts per operation (1 = no retries).
+    /// At most this many attempts per operation (1 = no retries). The default is only a
+    /// sanity bound: with backoff capped at 5 s, the time window is what ends retries.
     pub retry_attempts_max: u32,
 }
 
@@ -89,7 +91,7 @@ impl Default for S3Options {
             attempt_timeout: Duration::from_secs(30),
             attempt_bytes_per_sec_min: 1 << 20,
             retry_max_elapsed: Duration::from_secs(30),
-            retry_attempts_max: 10,
+            retry_attempts_max: 64,
         }
     }
 }
@@ -375,11 +377,14 @@ impl S3Store {
                     format!("attempt timed out after {per_attempt:?}")
                 }
             };
-            let delay = backoff(n);
+            // The last wait is cut short so that a final attempt starts right at the end of
+            // the window: an outage that ends within it is ridden out, however the jitter
+            // fell (giving up when the next full wait would cross it ended a 2 s window
+            // after 0.7 s of refused connections).
             let spent = started.elapsed();
-            if n >= self.opts.retry_attempts_max
-                || spent.saturating_add(delay) > self.opts.retry_max_elapsed
-            {
+            let remaining = self.opts.retry_max_elapsed.saturating_sub(spent);
+            let delay = backoff(n).min(remaining);
+            if n >= self.opts.retry_attempts_max || remaining.is_zero() {
                 return Err(StoreError::Transient {
                     key: key.into(),
                     reason: format!(
@@ -1075,6 +1080,29 @@ mod tests {
             .await
             .expect_err("another writer won");
         assert!(err.is_precondition_failed(), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn retries_use_the_whole_window() {
+        let opts = S3Options {
+            retry_max_elapsed: Duration::from_millis(1500),
+            retry_attempts_max: 1000,
+            ..fast_opts()
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let ep = format!("http://{}", listener.local_addr().expect("addr"));
+        drop(listener);
+        let s = S3Store::with_client(test_client(&ep, &opts), "b", &opts).expect("open");
+        let started = Instant::now();
+        let err = s.head("k").await.expect_err("no server");
+        let took = started.elapsed();
+        // Refused connections fail at once: only the window ends the retries, and the last
+        // attempt starts at its end, not a backoff step before it.
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+            "{took:?}: {err:?}"
+        );
+        assert!(matches!(err, StoreError::Transient { .. }), "{err:?}");
     }
 
     #[tokio::test]
