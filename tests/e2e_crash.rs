@@ -10,7 +10,9 @@
 //! - S3 unreachable (a relay between daemon and server is cut): a FLUSH rides out an
 //!   outage shorter than `--s3-retry-max` and succeeds; past it, it fails with EIO, never
 //!   hangs and never says "ok"; the writes stay readable, and the first FLUSH after the
-//!   store is back persists them, so a kill -9 right after loses nothing.
+//!   store is back persists them, so a kill -9 right after loses nothing. A cold READ
+//!   with the store gone is EIO after the window too (never zeros), and reads once it is
+//!   back.
 
 #[macro_use]
 mod e2e;
@@ -413,10 +415,23 @@ fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
     d.kill9();
     d.restart();
     let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    // A cold read with the store gone: EIO after the window, not a hang and not zeros;
+    // holes need no store and still read. Then, with the store back, everything is there.
+    proxy.cut();
+    let started = Instant::now();
+    let answer = c.send("read 0 1048576 a5");
+    let took = started.elapsed();
+    eprintln!(
+        "{}: cold READ with the store gone answered {answer:?} after {took:?}",
+        ctx.name
+    );
+    assert!(answer.starts_with("err EIO"), "{}: {answer:?}", ctx.name);
+    assert!(took >= window && took < secs(20), "{}: {took:?}", ctx.name);
+    c.ok("read 3145728 1048576 0");
+    proxy.restore();
     c.ok("read 0 1048576 a5");
     c.ok("read 1048576 1048576 c3");
     c.ok("read 2097152 1048576 5a");
-    c.ok("read 3145728 1048576 0");
     drop(c);
     d.stop();
     d.assert_no_panic();
