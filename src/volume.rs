@@ -58,6 +58,10 @@ const FLUSH_PIPELINE_DEPTH: usize = 2;
 /// A FLUSH whose writes were taken by other callers' batches gives up (EIO) when that
 /// many such batches failed in turn, instead of waiting on the next one indefinitely.
 const FLUSH_COVERED_FAILURES_MAX: u32 = 3;
+/// A final flush at shutdown that fails is tried again after this long, then twice as
+/// long each time up to [`FINAL_FLUSH_RETRY_MAX`] (`Exports::close_all_retrying`).
+pub const FINAL_FLUSH_RETRY_FIRST: Duration = Duration::from_secs(1);
+pub const FINAL_FLUSH_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Single-block runs the spare dirty map keeps room for (see `State::spare_dirty`): a
 /// 256 MiB batch of 4 KiB random writes, in a table of ~4 MiB that sits unused between
 /// batches (uncharged: the budget charges runs in use).
@@ -777,6 +781,13 @@ impl Volume {
 
     pub fn log(&self) -> &Arc<Log> {
         &self.log
+    }
+
+    /// Bytes written and not yet flushed: the dirty set's data and what the flush batches
+    /// not landed yet are charged (their data and a small per-run overhead).
+    pub fn unflushed_bytes(&self) -> usize {
+        let st = self.st();
+        st.dirty_data_bytes + st.flushing.iter().map(|b| b.bytes).sum::<usize>()
     }
     pub fn geometry(&self) -> Geometry {
         self.geo
@@ -2100,8 +2111,31 @@ impl Exports {
         Ok(v)
     }
 
-    /// Flush and close every open export (shutdown). Returns the first error.
+    /// Flush and close every open export (shutdown), one flush attempt each. Returns the
+    /// first error.
     pub async fn close_all(&self) -> Result<(), VolumeError> {
+        self.close_all_inner(None).await
+    }
+
+    /// Like [`Exports::close_all`], but a final flush that fails (the store is down) is
+    /// tried again, after 1 s and then twice as long each time up to
+    /// [`FINAL_FLUSH_RETRY_MAX`], until it succeeds or `give_up` completes (the daemon's
+    /// second SIGINT/SIGTERM). Unflushed writes are all the daemon holds of them: exiting
+    /// at the first failed attempt would drop them whenever a shutdown met an outage. After
+    /// `give_up`, nothing more is flushed or released and the error names what was left.
+    pub async fn close_all_retrying(
+        &self,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Result<(), VolumeError> {
+        let give_up = std::pin::pin!(give_up);
+        self.close_all_inner(Some(give_up)).await
+    }
+
+    async fn close_all_inner(
+        &self,
+        mut give_up: Option<std::pin::Pin<&mut dyn std::future::Future<Output = ()>>>,
+    ) -> Result<(), VolumeError> {
+        let retrying = give_up.is_some();
         // Compactors first (a pass in progress finishes), then the final flushes, then the
         // leases, so the lease says "in use" until the data is durable.
         let mut bgs: Vec<Background> = self.bg().drain().map(|(_, b)| b).collect();
@@ -2112,13 +2146,81 @@ impl Exports {
         }
         let vols: Vec<Arc<Volume>> = self.open.lock().await.values().cloned().collect();
         let mut first = Ok(());
+        let mut abandoned = false;
         for v in vols {
-            if let Err(e) = v.close().await {
-                tracing::error!(export = v.log.name(), error = %e, "final flush failed");
-                if first.is_ok() {
-                    first = Err(e);
+            if abandoned {
+                let unflushed_mib = v.unflushed_bytes() as f64 / (1u64 << 20) as f64;
+                tracing::error!(
+                    export = v.log.name(),
+                    unflushed_mib,
+                    "not flushed: shutdown forced"
+                );
+                continue;
+            }
+            let mut delay = FINAL_FLUSH_RETRY_FIRST;
+            let flushed = loop {
+                let r = match give_up.as_mut() {
+                    None => v.flush().await,
+                    // A flush runs detached (`Volume::flush`): dropping the wait for it
+                    // when the operator gives up cancels nothing half-way.
+                    Some(g) => tokio::select! {
+                        r = v.flush() => r,
+                        _ = g.as_mut() => {
+                            abandoned = true;
+                            Err(VolumeError::Log(LogError::Internal(
+                                "final flush abandoned: shutdown forced".into(),
+                            )))
+                        }
+                    },
+                };
+                let e = match r {
+                    Ok(()) => break Ok(()),
+                    Err(e) => e,
+                };
+                if abandoned || !retrying {
+                    break Err(e);
+                }
+                let unflushed_mib = v.unflushed_bytes() as f64 / (1u64 << 20) as f64;
+                tracing::error!(
+                    export = v.log.name(),
+                    error = %e,
+                    unflushed_mib,
+                    retry_in_secs = delay.as_secs(),
+                    "final flush failed; retrying (SIGINT or SIGTERM again exits without it)"
+                );
+                if let Some(g) = give_up.as_mut() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = g.as_mut() => {
+                            abandoned = true;
+                            break Err(e);
+                        }
+                    }
+                }
+                delay = delay.saturating_mul(2).min(FINAL_FLUSH_RETRY_MAX);
+            };
+            match flushed {
+                // Flushed: closing flushes again, which finds nothing to do.
+                Ok(()) => {
+                    if let Err(e) = v.close().await {
+                        tracing::error!(export = v.log.name(), error = %e, "final flush failed");
+                        if first.is_ok() {
+                            first = Err(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let unflushed_mib = v.unflushed_bytes() as f64 / (1u64 << 20) as f64;
+                    tracing::error!(export = v.log.name(), error = %e, unflushed_mib, "final flush failed");
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
                 }
             }
+        }
+        if abandoned {
+            // Releasing a lease is a store request too, and the store may be what is down.
+            return first;
         }
         for b in bgs {
             b.lease.close().await;

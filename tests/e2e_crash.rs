@@ -12,7 +12,9 @@
 //!   hangs and never says "ok"; the writes stay readable, and the first FLUSH after the
 //!   store is back persists them, so a kill -9 right after loses nothing. A cold READ
 //!   with the store gone is EIO after the window too (never zeros), and reads once it is
-//!   back.
+//!   back. SIGTERM with unflushed writes and the store gone: the daemon keeps retrying its
+//!   final flush and exits 0 once the store is back; a second SIGTERM exits non-zero at
+//!   once, saying the data is not durable.
 
 #[macro_use]
 mod e2e;
@@ -432,6 +434,65 @@ fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
     c.ok("read 0 1048576 a5");
     c.ok("read 1048576 1048576 c3");
     c.ok("read 2097152 1048576 5a");
+
+    // SIGTERM with unflushed writes and the store gone: the daemon keeps trying its final
+    // flush instead of exiting without it, and exits 0 once the store is back.
+    c.ok("write 4194304 1048576 e7");
+    drop(c);
+    proxy.cut();
+    d.sigterm();
+    d.wait_for_log("final flush failed; retrying");
+    assert!(
+        d.wait_exit(secs(2)).is_none(),
+        "{}: nbds3d exited with its final flush undone",
+        ctx.name
+    );
+    proxy.restore();
+    let status = d
+        .wait_exit(secs(60))
+        .expect("nbds3d exits once the store is back");
+    assert!(
+        status.success(),
+        "{}: exit {status}\n{}",
+        ctx.name,
+        d.log_tail(20)
+    );
+    d.restart();
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok("read 4194304 1048576 e7");
+
+    // The same, but the operator insists: a second SIGTERM exits at once, non-zero, and
+    // says the data is not durable; the writes are indeed not there after a restart.
+    c.ok("write 5242880 1048576 9b");
+    drop(c);
+    proxy.cut();
+    let runs_before = d.logs().matches("final flush failed; retrying").count();
+    d.sigterm();
+    let deadline = Instant::now() + secs(60);
+    while d.logs().matches("final flush failed; retrying").count() == runs_before {
+        assert!(Instant::now() < deadline, "{}: no retry logged", ctx.name);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.sigterm();
+    let status = d
+        .wait_exit(secs(30))
+        .expect("a second SIGTERM ends the daemon");
+    assert!(
+        !status.success(),
+        "{}: exit {status} after giving up",
+        ctx.name
+    );
+    assert!(
+        d.logs().contains("final flush failed, data not durable"),
+        "{}: {}",
+        ctx.name,
+        d.log_tail(20)
+    );
+    proxy.restore();
+    d.restart();
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok("read 5242880 1048576 0");
+    c.ok("read 4194304 1048576 e7");
     drop(c);
     d.stop();
     d.assert_no_panic();

@@ -298,9 +298,20 @@ async fn main() -> anyhow::Result<()> {
     server::run(listeners, exports.clone(), limits, shutdown)
         .await
         .context("serving")?;
-    // Every in-flight request has finished; now make all written data durable.
+    // Every in-flight request has finished; now make all written data durable. If the
+    // store is down, keep trying: exiting would drop the unflushed writes. A second
+    // SIGINT/SIGTERM gives up (and the exit status says so).
+    let give_up = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("second signal: giving up on the final flush");
+    };
     exports
-        .close_all()
+        .close_all_retrying(give_up)
         .await
         .map_err(|e| anyhow::anyhow!("final flush failed, data not durable: {e}"))?;
     tracing::info!("all exports flushed; exiting");

@@ -543,6 +543,27 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, without waiting for anything.
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Wait up to `timeout` for the daemon to exit; `None` if it is still running then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM and wait for the exit (in-flight requests finish, everything is flushed).
     pub fn terminate(&mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
