@@ -333,6 +333,25 @@ fn sigterm_with_dirty_writes_is_durable(backend: Backend) {
     d.stop();
 }
 
+/// Send `line` with the store unreachable: it must fail with EIO once the retry `window`
+/// has passed, neither sooner nor much later (a hang would show here; so would the
+/// default window, 30 s, which the daemon under test was not given). The slack covers
+/// attempts under way and a timed flush's batch a FLUSH may wait on.
+fn eio_after_window(name: &str, c: &mut Repl, line: &str, window: Duration) {
+    let started = Instant::now();
+    let answer = c.send(line);
+    let took = started.elapsed();
+    eprintln!("{name}: {line:?} with the store gone answered {answer:?} after {took:?}");
+    assert!(
+        answer.starts_with("err EIO"),
+        "{name}: {line:?}: {answer:?}"
+    );
+    assert!(
+        took >= window && took < secs(20),
+        "{name}: {line:?} failed after {took:?}"
+    );
+}
+
 #[test]
 fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
     let test = "s3_outage_fails_flush_with_eio_and_loses_nothing";
@@ -386,25 +405,7 @@ fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
     // An outage longer than the window: EIO once it has passed, never a hang or an "ok".
     proxy.cut();
     c.ok("write 2097152 1048576 5a");
-    let started = Instant::now();
-    let answer = c.send("flush");
-    let took = started.elapsed();
-    eprintln!(
-        "{}: FLUSH with the store gone answered {answer:?} after {took:?}",
-        ctx.name
-    );
-    assert!(
-        answer.starts_with("err EIO"),
-        "{}: FLUSH with the store unreachable answered {answer:?}",
-        ctx.name
-    );
-    // The window, plus attempts under way and a timed flush's batch it may wait on (the
-    // default window, 30 s, would not pass).
-    assert!(
-        took >= window && took < secs(20),
-        "{}: the failed FLUSH took {took:?}",
-        ctx.name
-    );
+    eio_after_window(&ctx.name, &mut c, "flush", window);
     // Still served: the unflushed write from the dirty set, the flushed ones from the cache.
     c.ok("read 2097152 1048576 5a");
     c.ok("read 0 1048576 a5");
@@ -420,15 +421,7 @@ fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
     // A cold read with the store gone: EIO after the window, not a hang and not zeros;
     // holes need no store and still read. Then, with the store back, everything is there.
     proxy.cut();
-    let started = Instant::now();
-    let answer = c.send("read 0 1048576 a5");
-    let took = started.elapsed();
-    eprintln!(
-        "{}: cold READ with the store gone answered {answer:?} after {took:?}",
-        ctx.name
-    );
-    assert!(answer.starts_with("err EIO"), "{}: {answer:?}", ctx.name);
-    assert!(took >= window && took < secs(20), "{}: {took:?}", ctx.name);
+    eio_after_window(&ctx.name, &mut c, "read 0 1048576 a5", window);
     c.ok("read 3145728 1048576 0");
     proxy.restore();
     c.ok("read 0 1048576 a5");

@@ -1082,6 +1082,14 @@ mod tests {
         assert!(err.is_precondition_failed(), "{err:?}");
     }
 
+    /// A store whose endpoint no one listens on: every attempt is a refused connection.
+    fn store_at_a_dead_endpoint(opts: &S3Options) -> S3Store {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let ep = format!("http://{}", listener.local_addr().expect("addr"));
+        drop(listener);
+        S3Store::with_client(test_client(&ep, opts), "b", opts).expect("open")
+    }
+
     #[tokio::test]
     async fn retries_use_the_whole_window() {
         let opts = S3Options {
@@ -1089,10 +1097,7 @@ mod tests {
             retry_attempts_max: 1000,
             ..fast_opts()
         };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let ep = format!("http://{}", listener.local_addr().expect("addr"));
-        drop(listener);
-        let s = S3Store::with_client(test_client(&ep, &opts), "b", &opts).expect("open");
+        let s = store_at_a_dead_endpoint(&opts);
         let started = Instant::now();
         let err = s.head("k").await.expect_err("no server");
         let took = started.elapsed();
@@ -1111,11 +1116,7 @@ mod tests {
             retry_attempts_max: 3,
             ..fast_opts()
         };
-        // Nothing listens here: every attempt is a connection error.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let ep = format!("http://{}", listener.local_addr().expect("addr"));
-        drop(listener);
-        let s = S3Store::with_client(test_client(&ep, &opts), "b", &opts).expect("open");
+        let s = store_at_a_dead_endpoint(&opts);
         let started = Instant::now();
         let err = s.head("k").await.expect_err("no server");
         assert!(
