@@ -15,6 +15,8 @@
 //!   back. SIGTERM with unflushed writes and the store gone: the daemon keeps retrying its
 //!   final flush and exits 0 once the store is back; a second SIGTERM exits non-zero at
 //!   once, saying the data is not durable.
+//! - A bulk copy into a daemon whose store is down stalls at `--dirty-max` with the daemon's
+//!   peak RSS inside its budget, and completes, byte for byte, once the store is back.
 
 #[macro_use]
 mod e2e;
@@ -24,8 +26,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use e2e::{
-    defrag_passes, need_python_nbd, script, secs, setup, Backend, Ctx, CutProxy, Daemon, Repl,
-    PYTHON,
+    cmd, defrag_passes, need_bins, need_python_nbd, noise_bytes, script, secs, setup, sha256_file,
+    Backend, Ctx, CutProxy, Daemon, Repl, PYTHON,
 };
 
 e2e_tests!(
@@ -352,16 +354,8 @@ fn eio_after_window(name: &str, c: &mut Repl, line: &str, window: Duration) {
     );
 }
 
-#[test]
-fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
-    let test = "s3_outage_fails_flush_with_eio_and_loses_nothing";
-    let Some(mut ctx) = setup(test, Backend::S3) else {
-        return;
-    };
-    if !need_python_nbd(&ctx.name) {
-        return;
-    }
-    // The daemon reaches the S3 server only through the relay.
+/// Point the test's daemon at the S3 server through a relay the test can cut.
+fn relay_to_s3(ctx: &mut Ctx) -> std::sync::Arc<CutProxy> {
     let at = ctx
         .store
         .args
@@ -375,6 +369,19 @@ fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
         .to_owned();
     let proxy = std::sync::Arc::new(CutProxy::start(&upstream));
     ctx.store.args[at] = proxy.endpoint();
+    proxy
+}
+
+#[test]
+fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
+    let test = "s3_outage_fails_flush_with_eio_and_loses_nothing";
+    let Some(mut ctx) = setup(test, Backend::S3) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    let proxy = relay_to_s3(&mut ctx);
     let window = secs(4);
     let mut d = ctx.daemon(&["--default-size", "64M", "--s3-retry-max", "4s"]);
     let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
@@ -494,4 +501,72 @@ fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
         "{}: the daemon did not log the failed FLUSH",
         ctx.name
     );
+}
+
+#[test]
+fn s3_outage_under_a_bulk_copy_stalls_within_the_memory_budget() {
+    const MIB: u64 = 1 << 20;
+    let test = "s3_outage_under_a_bulk_copy_stalls_within_the_memory_budget";
+    let Some(mut ctx) = setup(test, Backend::S3) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) || !need_bins(&ctx.name, &["nbdcopy"]) {
+        return;
+    }
+    let proxy = relay_to_s3(&mut ctx);
+    let size = 512 * MIB;
+    let src = ctx.scratch.join("src.img");
+    fs::write(&src, noise_bytes(size as usize, 0x5eed)).unwrap();
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "512M",
+        "--cache-size",
+        "32M",
+        "--dirty-max",
+        "32M",
+        "--inflight-bytes-max",
+        "32M",
+        "--no-compactor",
+        "--s3-retry-max",
+        "2s",
+    ]);
+    // The export is opened (from the store) while the store is up, and stays open.
+    let mut keep = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    keep.ok("flush");
+    proxy.cut();
+    let mut copy = ctx.spawn(cmd("nbdcopy").arg("--flush").arg(&src).arg(d.uri()));
+    std::thread::sleep(secs(10));
+    assert!(
+        copy.is_running(),
+        "{}: the copy finished with the store down: {}",
+        ctx.name,
+        copy.stderr()
+    );
+    // Budget: cache + dirty + requests in flight + upload buffers (8 × 8 MiB) and 64 MiB
+    // of slack (the daemon's resident target, plus the in-flight bound), and a margin.
+    // Accepting the copy unbounded would take 512 MiB and more.
+    let peak_mib = d.peak_rss_kib().expect("VmHWM") / 1024;
+    eprintln!("{}: peak RSS with the store down: {peak_mib} MiB", ctx.name);
+    assert!(
+        peak_mib < 32 + 32 + 32 + 64 + 64 + 64,
+        "{}: {peak_mib} MiB",
+        ctx.name
+    );
+    proxy.restore();
+    copy.wait_ok(secs(180));
+    let peak_mib = d.peak_rss_kib().expect("VmHWM") / 1024;
+    eprintln!("{}: peak RSS after the copy: {peak_mib} MiB", ctx.name);
+    drop(keep);
+    d.kill9();
+    d.restart();
+    let out = ctx.scratch.join("out.img");
+    ctx.run(cmd("nbdcopy").arg(d.uri()).arg(&out), secs(180));
+    assert_eq!(
+        sha256_file(&out),
+        sha256_file(&src),
+        "{}: copy differs",
+        ctx.name
+    );
+    d.stop();
+    d.assert_no_panic();
 }

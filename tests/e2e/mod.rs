@@ -677,7 +677,6 @@ pub fn sha256_file(path: &Path) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A `Command` for a client binary.
 /// `len` bytes of xorshift noise from `seed` (incompressible, reproducible).
 pub fn noise_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -691,6 +690,7 @@ pub fn noise_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A `Command` for a client binary.
 pub fn cmd(bin: &str) -> Command {
     Command::new(find_bin(bin).unwrap_or_else(|| PathBuf::from(bin)))
 }
