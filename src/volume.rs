@@ -900,10 +900,16 @@ impl Volume {
     /// Flush everything and stop the flusher. Further writes fail.
     pub async fn close(self: &Arc<Self>) -> Result<(), VolumeError> {
         let r = self.flush().await;
+        self.shut();
+        r
+    }
+
+    /// Stop the flusher without flushing (what `close` does after its flush). Further
+    /// writes fail.
+    pub fn shut(&self) {
         self.closed.store(true, Ordering::Release);
         self.stop.notify_waiters();
         self.charge_index();
-        r
     }
 
     /// Make every write that completed before this call durable.
@@ -2155,6 +2161,7 @@ impl Exports {
                     unflushed_mib,
                     "not flushed: shutdown forced"
                 );
+                v.shut();
                 continue;
             }
             let mut delay = FINAL_FLUSH_RETRY_FIRST;
@@ -2199,22 +2206,12 @@ impl Exports {
                 }
                 delay = delay.saturating_mul(2).min(FINAL_FLUSH_RETRY_MAX);
             };
-            match flushed {
-                // Flushed: closing flushes again, which finds nothing to do.
-                Ok(()) => {
-                    if let Err(e) = v.close().await {
-                        tracing::error!(export = v.log.name(), error = %e, "final flush failed");
-                        if first.is_ok() {
-                            first = Err(e);
-                        }
-                    }
-                }
-                Err(e) => {
-                    let unflushed_mib = v.unflushed_bytes() as f64 / (1u64 << 20) as f64;
-                    tracing::error!(export = v.log.name(), error = %e, unflushed_mib, "final flush failed");
-                    if first.is_ok() {
-                        first = Err(e);
-                    }
+            v.shut();
+            if let Err(e) = flushed {
+                let unflushed_mib = v.unflushed_bytes() as f64 / (1u64 << 20) as f64;
+                tracing::error!(export = v.log.name(), error = %e, unflushed_mib, "final flush failed");
+                if first.is_ok() {
+                    first = Err(e);
                 }
             }
         }
