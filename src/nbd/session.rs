@@ -1253,7 +1253,7 @@ where
             // with its effect length like any other BLOCK_STATUS. The only context there
             // is to name is base:allocation, so a payload that decodes selects exactly
             // what an unfiltered request answers; what it changes is the length.
-            if reader.buffer().len() < header.length.min(64) as usize {
+            if (reader.buffer().len() as u64) < header.length {
                 hand_over(&mut batch);
             }
             match read_block_status_filter(&mut reader, header.length, contexts).await {
