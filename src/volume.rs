@@ -161,6 +161,20 @@ pub enum VolumeError {
     ShuttingDown,
 }
 
+impl VolumeError {
+    /// Whether trying the same flush again may succeed: the store failed for a transient
+    /// reason (after its own retries), or a batch holding the writes failed and put them
+    /// back (the next attempt meets whatever made it fail). Fencing, corruption, invalid
+    /// requests and permanent store errors would fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            VolumeError::Log(LogError::Store(crate::store::StoreError::Transient { .. }))
+                | VolumeError::Log(LogError::Internal(_))
+        )
+    }
+}
+
 impl From<VolumeError> for ExportError {
     fn from(e: VolumeError) -> Self {
         let errno = match &e {
@@ -2123,8 +2137,8 @@ impl Exports {
         self.close_all_inner(None).await
     }
 
-    /// Like [`Exports::close_all`], but a final flush that fails (the store is down) is
-    /// tried again, after 1 s and then twice as long each time up to
+    /// Like [`Exports::close_all`], but a final flush that fails for a reason that may pass
+    /// ([`VolumeError::is_retryable`]: the store is down) is tried again, after 1 s and then twice as long each time up to
     /// [`FINAL_FLUSH_RETRY_MAX`], until it succeeds or `give_up` completes (the daemon's
     /// second SIGINT/SIGTERM). Unflushed writes are all the daemon holds of them: exiting
     /// at the first failed attempt would drop them whenever a shutdown met an outage. After
@@ -2184,7 +2198,7 @@ impl Exports {
                     Ok(()) => break Ok(()),
                     Err(e) => e,
                 };
-                if abandoned || !retrying {
+                if abandoned || !retrying || !e.is_retryable() {
                     break Err(e);
                 }
                 let unflushed_mib = v.unflushed_bytes() as f64 / (1u64 << 20) as f64;
@@ -2307,6 +2321,34 @@ mod tests {
 
     /// The README's figures: 0.75 MB of index per GiB at 128 KiB frames, so the default
     /// 256 MiB cache's three quarters (the index gate's stall level) run out near 256 GiB.
+    #[test]
+    fn only_errors_that_may_pass_are_retried_at_shutdown() {
+        use crate::store::StoreError;
+        let transient = StoreError::Transient {
+            key: "k".into(),
+            reason: "unreachable".into(),
+        };
+        let permanent = StoreError::Permanent {
+            key: "k".into(),
+            reason: "access denied".into(),
+        };
+        assert!(VolumeError::Log(LogError::Store(transient)).is_retryable());
+        assert!(VolumeError::Log(LogError::Internal("batch put back".into())).is_retryable());
+        assert!(!VolumeError::Log(LogError::Store(permanent)).is_retryable());
+        let fenced = LogError::Fenced {
+            export: "disk".into(),
+            epoch: 2,
+            newer_epoch: 3,
+        };
+        assert!(!VolumeError::Log(fenced).is_retryable());
+        let corrupt = LogError::Corrupt {
+            key: "k".into(),
+            reason: "crc".into(),
+        };
+        assert!(!VolumeError::Log(corrupt).is_retryable());
+        assert!(!VolumeError::ReadOnly.is_retryable());
+    }
+
     #[test]
     fn index_floor_follows_device_size() {
         let geo = |size_bytes| Geometry {
