@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use crate::log::LogConfig;
 use crate::store::{self, s3::S3Options, DynStore};
 
 /// Where objects live. Without `--store`, the embedded default: a local directory.
@@ -62,6 +63,14 @@ impl CompressionArgs {
         match self.compression {
             Compression::Zstd => Some(self.zstd_level),
             Compression::Off => None,
+        }
+    }
+
+    /// The log's defaults with this compression policy.
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            zstd_level: self.zstd_level(),
+            ..LogConfig::default()
         }
     }
 }

@@ -25,7 +25,7 @@ use nbds3::log::compact::{
 };
 use nbds3::log::gc::{self, GcConfig, GcReport};
 use nbds3::log::lease::{self, LeaseStatus};
-use nbds3::log::{self as nlog, Log, LogConfig, LogError, OpenMode};
+use nbds3::log::{self as nlog, Log, LogError, OpenMode};
 use nbds3::store::{DynStore, StoreError};
 use nbds3::util::{parse_duration, parse_size, unix_ms_now};
 
@@ -308,10 +308,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Arc::clone(&store),
         &cli.export,
         None,
-        LogConfig {
-            zstd_level: cli.compression.zstd_level(),
-            ..LogConfig::default()
-        },
+        cli.compression.log_config(),
         OpenMode::Writer,
     )
     .await?;
@@ -421,10 +418,7 @@ async fn dry_run(
         Arc::clone(store),
         &cli.export,
         None,
-        LogConfig {
-            zstd_level: cli.compression.zstd_level(),
-            ..LogConfig::default()
-        },
+        cli.compression.log_config(),
         OpenMode::ReadOnly,
     )
     .await?;

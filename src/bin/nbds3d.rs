@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use nbds3::cli::{check_conditional_put, CompressionArgs, StoreArgs};
 use nbds3::log::compact::CompactConfig;
-use nbds3::log::{Geometry, LogConfig};
+use nbds3::log::Geometry;
 use nbds3::nbd::pool::PayloadPool;
 use nbds3::nbd::server::{self, Listener, ServerLimits};
 use nbds3::nbd::tls::TlsMode;
@@ -207,10 +207,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Freed write buffers stay in the arena of the worker that allocated them; give them
     // back when the resident set passes what the budgets add up to (see `nbds3::memory`).
-    let log_cfg = LogConfig {
-        zstd_level: cli.compression.zstd_level(),
-        ..LogConfig::default()
-    };
+    let log_cfg = cli.compression.log_config();
     let uploads_bytes = (log_cfg.segment_bytes_max * log_cfg.uploads_in_flight_max) as u64;
     let resident_target = cli
         .cache_size
