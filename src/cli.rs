@@ -26,11 +26,14 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn s3_options(&self) -> S3Options {
+    /// The S3 options these flags give, with a failing request retried for `retry_max`
+    /// (each binary has its own `--s3-retry-max` default).
+    pub fn s3_options(&self, retry_max: std::time::Duration) -> S3Options {
         S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             path_style: self.s3_path_style,
+            retry_max_elapsed: retry_max,
             ..S3Options::default()
         }
     }

@@ -244,8 +244,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     };
     cfg.validate()?;
 
-    let mut s3 = cli.store.s3_options();
-    s3.retry_max_elapsed = cli.s3_retry_max;
+    let s3 = cli.store.s3_options(cli.s3_retry_max);
     let inner = nbds3::store::open_url(&cli.store.store, &s3)
         .await
         .map_err(|e| fail(EXIT_STORE, format!("opening the store: {e}")))?;

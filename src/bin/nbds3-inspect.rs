@@ -160,8 +160,7 @@ fn emit<T: Serialize>(json: bool, report: &T, text: impl FnOnce(&T) -> String) -
 }
 
 async fn run(cli: &Cli) -> InspectResult<i32> {
-    let mut s3 = cli.store.s3_options();
-    s3.retry_max_elapsed = cli.s3_retry_max;
+    let s3 = cli.store.s3_options(cli.s3_retry_max);
     let store = inspect::open_store(&cli.store.store, &s3).await?;
     let json = cli.json;
     Ok(match &cli.cmd {

@@ -167,8 +167,7 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
 
-    let mut s3 = cli.store.s3_options();
-    s3.retry_max_elapsed = cli.s3_retry_max;
+    let s3 = cli.store.s3_options(cli.s3_retry_max);
     let store = nbds3::store::open_url(&cli.store.store, &s3)
         .await
         .context("opening the store")?;
