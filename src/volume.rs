@@ -16,6 +16,9 @@
 //!   the next flush; nothing is dropped.
 //! - Memory: dirty + flushing bytes are charged to one [`DirtyBudget`] shared by all
 //!   volumes; writers wait at the limit, a background flush starts at the high-water mark.
+//!   A writer that has waited [`VolumeConfig::write_stall_max`] while the latest flush to
+//!   land or fail failed gets EIO: the store is failing, and waiting longer would turn an
+//!   outage into a hung device. Its data is not taken; what is dirty stays dirty.
 //!   The page cache is one map of block chunks shared by all volumes (CLOCK eviction: see
 //!   [`ClockMap`]), bounded in bytes
 //!   together with the volumes' page indexes; bytes it has handed out never change
@@ -137,6 +140,9 @@ pub struct VolumeConfig {
     pub flush_interval: Duration,
     /// Bytes read ahead after a sequential read.
     pub readahead_bytes_max: u64,
+    /// A write that found the dirty set full and has waited this long while flushes keep
+    /// failing gets EIO instead of waiting on; `None` waits as long as the outage lasts.
+    pub write_stall_max: Option<Duration>,
 }
 
 impl Default for VolumeConfig {
@@ -147,6 +153,7 @@ impl Default for VolumeConfig {
             dirty_high_water_ratio: 0.5,
             flush_interval: Duration::from_secs(5),
             readahead_bytes_max: 4 << 20,
+            write_stall_max: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -159,6 +166,8 @@ pub enum VolumeError {
     ReadOnly,
     #[error("export is shutting down")]
     ShuttingDown,
+    #[error("no room in the dirty set after waiting {waited:?}: flushes to the store are failing")]
+    Stalled { waited: Duration },
 }
 
 impl VolumeError {
@@ -180,6 +189,7 @@ impl From<VolumeError> for ExportError {
         let errno = match &e {
             VolumeError::ReadOnly => Errno::Perm,
             VolumeError::ShuttingDown => Errno::Shutdown,
+            VolumeError::Stalled { .. } => Errno::Io,
             VolumeError::Log(LogError::ReadOnly) => Errno::Perm,
             VolumeError::Log(LogError::Invalid(_)) => Errno::Inval,
             VolumeError::Log(_) => Errno::Io,
@@ -244,6 +254,10 @@ pub struct DirtyBudget {
     freed: Notify,
     /// Volumes' flushers listen here to start a flush above the high-water mark.
     pressure: Notify,
+    /// The latest flush batch to land or fail (any volume's: they share one store) failed.
+    /// Writers waiting for room give up only while this is set, so a slow store (flushes
+    /// landing, just late) never fails a write, and one flush that lands clears it.
+    flushes_failing: AtomicBool,
 }
 
 impl DirtyBudget {
@@ -255,7 +269,12 @@ impl DirtyBudget {
             high_water: ((max as f64) * high_water_ratio.clamp(0.05, 1.0)) as usize,
             freed: Notify::new(),
             pressure: Notify::new(),
+            flushes_failing: AtomicBool::new(false),
         })
+    }
+    /// Record how a flush batch ended (see `flushes_failing`).
+    fn note_flush(&self, ok: bool) {
+        self.flushes_failing.store(!ok, Ordering::Release);
     }
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
@@ -286,19 +305,28 @@ impl DirtyBudget {
     }
     /// Charge `n` bytes, waiting while the budget is full (a single request larger than
     /// the whole budget is admitted when nothing else is charged, so it cannot deadlock).
-    async fn acquire(&self, n: usize) {
+    /// Gives up, charging nothing, once it has waited `stall_max` while flushes are
+    /// failing (`flushes_failing`).
+    async fn acquire(&self, n: usize, stall_max: Option<Duration>) -> Result<(), VolumeError> {
         // With room (the common case) no waiter is registered: that takes the Notify's
         // lock twice, on every write.
         if self.try_charge(n) {
-            return;
+            return Ok(());
         }
+        let started = Instant::now();
         loop {
             // Registered before the check, so a release between the two wakes us.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             if self.try_charge(n) {
-                return;
+                return Ok(());
+            }
+            let waited = started.elapsed();
+            if stall_max.is_some_and(|max| waited >= max)
+                && self.flushes_failing.load(Ordering::Acquire)
+            {
+                return Err(VolumeError::Stalled { waited });
             }
             self.pressure.notify_waiters();
             // Bounded wait so a missed wake-up can only delay, never hang.
@@ -1122,6 +1150,7 @@ impl Volume {
                 // the next batch lands (it may hold newer data for the same blocks).
                 self.cache_committed(&runs);
                 self.charge_index();
+                self.budget.note_flush(true);
                 let mut st = self.st();
                 let landed = st.flushing.pop_front();
                 debug_assert_eq!(landed.as_ref().map(|f| f.ticket), Some(ticket));
@@ -1143,6 +1172,7 @@ impl Volume {
             }
             Err(e) => {
                 self.put_back_from(ticket);
+                self.budget.note_flush(false);
                 Err(e.into())
             }
         })
@@ -1282,7 +1312,7 @@ impl Volume {
     }
 
     /// Insert whole-block runs into the dirty set (after charging the budget).
-    async fn put_dirty(&self, runs: Vec<(u64, u64, Dirty)>) {
+    async fn put_dirty(&self, runs: Vec<(u64, u64, Dirty)>) -> Result<(), VolumeError> {
         let bs = self.bs() as usize;
         // Upper bound of the charge: data, plus each insert adds at most two runs (itself
         // and the split-off tail of a run it cuts in the middle).
@@ -1296,7 +1326,7 @@ impl Volume {
                     }
             })
             .sum();
-        self.budget.acquire(bound).await;
+        self.budget.acquire(bound, self.cfg.write_stall_max).await?;
         let mut st = self.st();
         let before = st.dirty_bytes;
         let s = &mut *st;
@@ -1330,6 +1360,7 @@ impl Volume {
         if extra > 0 {
             self.budget.release(extra);
         }
+        Ok(())
     }
 
     /// Current content of one block (dirty, flushing, cache, store), for read-modify-write.
@@ -1373,7 +1404,7 @@ impl Volume {
             rmw.push((pos / bs, 0, (pos - offset) as usize, (end - pos) as usize));
         }
         if !runs.is_empty() {
-            self.put_dirty(runs).await;
+            self.put_dirty(runs).await?;
         }
         for (lba, in_off, d_off, n) in rmw {
             let _g = self.stripes[(lba as usize) % RMW_STRIPES].lock().await;
@@ -1381,7 +1412,7 @@ impl Volume {
             let mut b = BytesMut::from(&cur[..]);
             b[in_off..in_off + n].copy_from_slice(&data[d_off..d_off + n]);
             self.put_dirty(vec![(lba, 1, Dirty::data(b.freeze(), bs as u32))])
-                .await;
+                .await?;
         }
         Ok(())
     }
@@ -1401,7 +1432,7 @@ impl Volume {
         let end_full = end / bs;
         if first_full < end_full {
             self.put_dirty(vec![(first_full, end_full - first_full, whole)])
-                .await;
+                .await?;
         }
         if zero_edges {
             let mut edges = Vec::new();

@@ -17,6 +17,9 @@
 //!   once, saying the data is not durable.
 //! - A bulk copy into a daemon whose store is down stalls at `--dirty-max` with the daemon's
 //!   peak RSS inside its budget, and completes, byte for byte, once the store is back.
+//! - An outage longer than `--write-stall-max`: a write that finds the dirty set full gets
+//!   EIO once it has waited that long (never a hang), the writes taken before still read
+//!   back and land once the store is back, and the refused one was not taken.
 
 #[macro_use]
 mod e2e;
@@ -504,6 +507,86 @@ fn s3_outage_fails_flush_with_eio_and_loses_nothing() {
 }
 
 #[test]
+fn s3_outage_past_the_stall_bound_fails_writes_with_eio() {
+    const MIB: u64 = 1 << 20;
+    let test = "s3_outage_past_the_stall_bound_fails_writes_with_eio";
+    let Some(mut ctx) = setup(test, Backend::S3) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    let proxy = relay_to_s3(&mut ctx);
+    let stall = secs(3);
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "64M",
+        "--dirty-max",
+        "4M",
+        "--no-compactor",
+        "--s3-retry-max",
+        "2s",
+        "--write-stall-max",
+        "3s",
+    ]);
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok(&format!("write 0 {MIB} a5"));
+    c.ok("flush");
+
+    proxy.cut();
+    let mut accepted = Vec::new();
+    let (refused_at, answer, took) = loop {
+        let at = (accepted.len() as u64 + 1) * MIB;
+        assert!(
+            at < 32 * MIB,
+            "{}: 31 MiB taken with --dirty-max 4M",
+            ctx.name
+        );
+        let started = Instant::now();
+        let answer = c.send(&format!("write {at} {MIB} {:02x}", 0x10 + at / MIB));
+        let took = started.elapsed();
+        if !answer.starts_with("ok") {
+            break (at, answer, took);
+        }
+        accepted.push(at);
+    };
+    eprintln!(
+        "{}: {} writes of 1 MiB taken, then {answer:?} after {took:?}",
+        ctx.name,
+        accepted.len()
+    );
+    assert!(answer.starts_with("err EIO"), "{}: {answer:?}", ctx.name);
+    assert!(
+        took >= stall && took < secs(20),
+        "{}: the write failed after {took:?}",
+        ctx.name
+    );
+    assert!(!accepted.is_empty(), "{}: nothing taken", ctx.name);
+    for &at in &accepted {
+        c.ok(&format!("read {at} {MIB} {:02x}", 0x10 + at / MIB));
+    }
+
+    proxy.restore();
+    c.ok("flush");
+    let after = refused_at + MIB;
+    c.ok(&format!("write {after} {MIB} 3c"));
+    c.ok("flush");
+    drop(c);
+    d.kill9();
+    d.restart();
+    let mut c = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();
+    c.ok(&format!("read 0 {MIB} a5"));
+    for &at in &accepted {
+        c.ok(&format!("read {at} {MIB} {:02x}", 0x10 + at / MIB));
+    }
+    c.ok(&format!("read {refused_at} {MIB} 0"));
+    c.ok(&format!("read {after} {MIB} 3c"));
+    drop(c);
+    d.stop();
+    d.assert_no_panic();
+}
+
+#[test]
 fn s3_outage_under_a_bulk_copy_stalls_within_the_memory_budget() {
     const MIB: u64 = 1 << 20;
     let test = "s3_outage_under_a_bulk_copy_stalls_within_the_memory_budget";
@@ -529,6 +612,10 @@ fn s3_outage_under_a_bulk_copy_stalls_within_the_memory_budget() {
         "--no-compactor",
         "--s3-retry-max",
         "2s",
+        // Writers wait out the outage however long it lasts (the default fails a write
+        // that has waited 30 s: s3_outage_past_the_stall_bound_fails_writes_with_eio).
+        "--write-stall-max",
+        "0s",
     ]);
     // The export is opened (from the store) while the store is up, and stays open.
     let mut keep = Repl::connect(&d.tcp_target(), Some("disk")).unwrap();

@@ -1,6 +1,8 @@
 //! Volume-level tests over the in-memory store: read precedence (dirty, flushing, cache,
 //! store), partial-block writes, trim and zeroing, block status, flush durability across a
-//! reopen, and that a failed commit keeps data dirty for the next flush.
+//! reopen, and that a failed commit keeps data dirty for the next flush; a write that finds
+//! the dirty set full gets EIO once flushes have kept failing for the stall bound (never
+//! because the store is merely slow).
 
 use std::sync::Arc;
 
@@ -872,4 +874,144 @@ async fn concurrent_cold_reads_share_the_fetch_bound() {
         max > 16,
         "only {max} GETs in flight at once: reads did not overlap"
     );
+}
+
+/// Writes `len`-byte patterns one after the other from `from` until one fails; returns the
+/// offsets written and the error with how long the failing write took.
+async fn write_until_error(
+    v: &Arc<Volume>,
+    from: u64,
+    len: u64,
+    count: u64,
+) -> (
+    Vec<u64>,
+    Option<(nbds3::nbd::ExportError, std::time::Duration)>,
+) {
+    let mut done = Vec::new();
+    for i in 0..count {
+        let off = from + i * len;
+        let started = std::time::Instant::now();
+        match v.write(off, pattern(off as u8, len as usize), false).await {
+            Ok(()) => done.push(off),
+            Err(e) => return (done, Some((e, started.elapsed()))),
+        }
+    }
+    (done, None)
+}
+
+#[tokio::test]
+async fn writes_get_eio_when_flushes_keep_failing_past_the_stall_bound() {
+    use nbds3::store::faulty::{FaultConfig, FaultyStore};
+    let faulty = Arc::new(FaultyStore::new(
+        Arc::new(MemoryStore::new()),
+        FaultConfig::default(),
+    ));
+    let store: DynStore = faulty.clone();
+    let stall = std::time::Duration::from_millis(300);
+    let cfg = VolumeConfig {
+        dirty_bytes_max: 2 << 20,
+        flush_interval: std::time::Duration::from_millis(50),
+        write_stall_max: Some(stall),
+        ..VolumeConfig::default()
+    };
+    let v = open(&store, cfg).await;
+    v.start_flusher();
+    const LEN: u64 = 256 << 10;
+    v.write(0, pattern(0, LEN as usize), false).await.unwrap();
+    Volume::flush(&v).await.unwrap();
+
+    // The store goes away: writes fill the dirty set, then one waits and gets EIO.
+    faulty.crash_now();
+    let (accepted, failed) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        write_until_error(&v, LEN, LEN, 64),
+    )
+    .await
+    .expect("writes hung with the store down: none failed after the stall bound");
+    let (err, took) = failed.expect("a write failed once the dirty set was full");
+    assert_eq!(err.errno, nbds3::nbd::Errno::Io, "{err:?}");
+    assert!(took >= stall, "gave up after {took:?}");
+    assert!(
+        !accepted.is_empty() && accepted.len() < 16,
+        "{} writes taken into a 2 MiB dirty set",
+        accepted.len()
+    );
+    let failed_at = LEN * (accepted.len() as u64 + 1);
+    // The next one fails the same way; what was taken still reads back.
+    let again = v.write(failed_at, pattern(7, LEN as usize), false).await;
+    assert_eq!(again.unwrap_err().errno, nbds3::nbd::Errno::Io);
+    for &off in &accepted {
+        assert_eq!(
+            flat(v.read(off, LEN as u32).await.unwrap()),
+            pattern(off as u8, LEN as usize).to_vec()
+        );
+    }
+
+    // The store is back: the dirty data lands, writes are taken again.
+    faulty.heal();
+    Volume::flush(&v).await.unwrap();
+    let after = failed_at + LEN;
+    v.write(after, pattern(9, LEN as usize), false)
+        .await
+        .unwrap();
+    Volume::flush(&v).await.unwrap();
+    v.close().await.unwrap();
+
+    // All of it is in the store; the refused writes are not.
+    let v = open(faulty.inner(), VolumeConfig::default()).await;
+    for &off in &accepted {
+        assert_eq!(
+            flat(v.read(off, LEN as u32).await.unwrap()),
+            pattern(off as u8, LEN as usize).to_vec(),
+            "accepted write at {off}"
+        );
+    }
+    assert_eq!(
+        flat(v.read(failed_at, LEN as u32).await.unwrap()),
+        vec![0u8; LEN as usize],
+        "a refused write"
+    );
+    assert_eq!(
+        flat(v.read(after, LEN as u32).await.unwrap()),
+        pattern(9, LEN as usize).to_vec()
+    );
+}
+
+#[tokio::test]
+async fn a_slow_store_that_takes_flushes_never_fails_a_write() {
+    use nbds3::store::faulty::{FaultConfig, FaultyStore};
+    let store: DynStore = Arc::new(FaultyStore::new(
+        Arc::new(MemoryStore::new()),
+        FaultConfig {
+            latency_max: std::time::Duration::from_millis(300),
+            ..FaultConfig::default()
+        },
+    ));
+    let stall = std::time::Duration::from_millis(20);
+    let cfg = VolumeConfig {
+        dirty_bytes_max: 1 << 20,
+        flush_interval: std::time::Duration::from_millis(50),
+        write_stall_max: Some(stall),
+        ..VolumeConfig::default()
+    };
+    let v = open(&store, cfg).await;
+    v.start_flusher();
+    const LEN: u64 = 256 << 10;
+    let mut slowest = std::time::Duration::ZERO;
+    for i in 0..24u64 {
+        let started = std::time::Instant::now();
+        v.write(i * LEN, pattern(i as u8, LEN as usize), false)
+            .await
+            .unwrap();
+        slowest = slowest.max(started.elapsed());
+    }
+    // Writers did wait longer than the bound, for flushes that landed.
+    assert!(slowest > stall, "slowest write {slowest:?}");
+    Volume::flush(&v).await.unwrap();
+    for i in [0u64, 11, 23] {
+        assert_eq!(
+            flat(v.read(i * LEN, LEN as u32).await.unwrap()),
+            pattern(i as u8, LEN as usize).to_vec()
+        );
+    }
 }

@@ -59,6 +59,12 @@ struct Cli {
     /// Longest time written data stays only in memory.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     flush_interval: Duration,
+    /// A write that finds --dirty-max full waits for flushes to make room; once it has
+    /// waited this long while flushes keep failing (the store is down), it gets EIO and
+    /// its data is not taken (what is already dirty stays dirty). A slow store that still
+    /// takes flushes never fails a write. 0s: wait as long as the outage lasts.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    write_stall_max: Duration,
     /// Serve existing exports read-only; create nothing, write nothing.
     #[arg(long)]
     read_only: bool,
@@ -228,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
                 cache_bytes_max: cli.cache_size,
                 dirty_bytes_max: cli.dirty_max,
                 flush_interval: cli.flush_interval,
+                write_stall_max: (!cli.write_stall_max.is_zero()).then_some(cli.write_stall_max),
                 ..VolumeConfig::default()
             },
             read_only: cli.read_only,
