@@ -1125,6 +1125,152 @@ async fn gc_keeps_pending_ids_until_released() {
     assert_eq!(log.version(), v);
 }
 
+#[tokio::test]
+async fn gc_skips_passes_while_nothing_changes_and_resumes_on_change() {
+    let bs = 512usize;
+    let inner: DynStore = Arc::new(MemoryStore::new());
+    let counting = Arc::new(compact::CountingStore::new(Arc::clone(&inner)));
+    let counts = counting.counts();
+    let store: DynStore = counting;
+    let keys = ExportKeys::new(NAME).unwrap();
+    let log = Log::open(
+        Arc::clone(&store),
+        NAME,
+        Some(Geometry {
+            size_bytes: 64 * bs as u64,
+            block_size: bs as u32,
+        }),
+        LogConfig::default(),
+        OpenMode::Writer,
+    )
+    .await
+    .unwrap();
+    for i in 0..3 {
+        log.commit(&to_batch(bs, &[(0, 4, Blk::Data(i))], &[0]))
+            .await
+            .unwrap();
+    }
+    let gcfg = GcConfig {
+        keep_versions_min: 1,
+        retain_window: Duration::ZERO,
+        delete_objects_max: 1000,
+    };
+    let lists = || counts.lists.load(Ordering::Relaxed);
+    let mut st = GcState::default();
+    // Old versions and their segments go; then a pass that finds nothing settles.
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(r.objects_deleted() > 0 && r.skipped.is_none(), "{r:?}");
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(r.skipped.is_none() && r.objects_deleted() == 0, "{r:?}");
+    // Nothing changed since: skipped without a request.
+    let before = lists();
+    for _ in 0..5 {
+        let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+        assert!(r.skipped.is_some(), "{r:?}");
+    }
+    assert_eq!(lists(), before, "a skipped pass listed");
+
+    // A commit: the next pass is a full one and collects the versions it replaced.
+    log.commit(&to_batch(bs, &[(0, 4, Blk::Data(7))], &[0]))
+        .await
+        .unwrap();
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(r.skipped.is_none() && r.objects_deleted() >= 1, "{r:?}");
+    assert!(lists() > before);
+    assert_fully_collected(&store).await;
+
+    // An id handed out, then uploaded and given back without a commit (a compaction that
+    // gave up): a pass while it is pending must not settle, as nothing would change again
+    // when the orphan appears.
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(r.skipped.is_none(), "{r:?}");
+    let id = log.allocate_id().await.unwrap();
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(r.skipped.is_none(), "{r:?}");
+    let key = keys.segment(id);
+    store
+        .put(
+            &key,
+            Bytes::from_static(b"given up"),
+            nbds3::store::PutMode::IfAbsent,
+        )
+        .await
+        .unwrap();
+    compact::release_ids(&log, &[id]).await;
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(r.skipped.is_none(), "{r:?}");
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(store.get(&key).await.is_err(), "orphan kept: {r:?}");
+    assert_fully_collected(&store).await;
+
+    // Garbage none of our state sees appear (an older writer's late upload) is found by
+    // the full pass that follows a run of skipped ones.
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert!(r.skipped.is_some(), "{r:?}");
+    let stale = keys.segment(nbds3::format::object_id(log.epoch() - 1, 4242));
+    store
+        .put(
+            &stale,
+            Bytes::from_static(b"late"),
+            nbds3::store::PutMode::IfAbsent,
+        )
+        .await
+        .unwrap();
+    let mut skipped = 1;
+    let full = loop {
+        let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+        if r.skipped.is_none() {
+            break r;
+        }
+        skipped += 1;
+        assert!(skipped <= 60, "no full pass after {skipped} skipped");
+    };
+    assert_eq!(skipped, 60, "{full:?}");
+    assert_eq!(full.segments_deleted, 1, "{full:?}");
+    assert!(store.get(&stale).await.is_err());
+}
+
+#[tokio::test]
+async fn gc_does_not_settle_while_the_retention_window_keeps_versions() {
+    let bs = 512usize;
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let log = Log::open(
+        Arc::clone(&store),
+        NAME,
+        Some(Geometry {
+            size_bytes: 64 * bs as u64,
+            block_size: bs as u32,
+        }),
+        LogConfig::default(),
+        OpenMode::Writer,
+    )
+    .await
+    .unwrap();
+    let gcfg = GcConfig {
+        keep_versions_min: 1,
+        retain_window: Duration::from_millis(400),
+        delete_objects_max: 1000,
+    };
+    let mut st = GcState::default();
+    for i in 0..3 {
+        log.commit(&to_batch(bs, &[(0, 4, Blk::Data(i))], &[0]))
+            .await
+            .unwrap();
+    }
+    // Every version is recent: kept, and the pass must not take "nothing to delete now"
+    // for "nothing to delete until the next commit".
+    let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+    assert_eq!(r.objects_deleted(), 0, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut deleted = 0;
+    for _ in 0..3 {
+        let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
+        deleted += r.objects_deleted();
+    }
+    assert!(deleted > 0, "versions past the window were never collected");
+    assert_fully_collected(&store).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Scheduling of the background compactor.
 
