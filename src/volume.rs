@@ -143,6 +143,8 @@ pub struct VolumeConfig {
     /// A write that found the dirty set full and has waited this long while flushes keep
     /// failing gets EIO instead of waiting on; `None` waits as long as the outage lasts.
     pub write_stall_max: Option<Duration>,
+    /// How often a writable export's lease is refreshed (see [`LEASE_INTERVAL_DEFAULT`]).
+    pub lease_interval: Duration,
 }
 
 impl Default for VolumeConfig {
@@ -154,6 +156,7 @@ impl Default for VolumeConfig {
             flush_interval: Duration::from_secs(5),
             readahead_bytes_max: 4 << 20,
             write_stall_max: Some(Duration::from_secs(30)),
+            lease_interval: LEASE_INTERVAL_DEFAULT,
         }
     }
 }
@@ -2145,7 +2148,7 @@ impl Exports {
         if !self.cfg.read_only {
             v.start_flusher();
             let bg = Background {
-                lease: spawn_lease(Arc::clone(v.log()), LEASE_INTERVAL_DEFAULT),
+                lease: spawn_lease(Arc::clone(v.log()), self.cfg.volume.lease_interval),
                 compactor: self.cfg.compact.clone().map(|mut c| {
                     // Unless told otherwise, an export's page index may take a quarter of
                     // the page cache (which it is charged to) before compaction starts

@@ -113,6 +113,10 @@ struct Cli {
     /// writers' 128 KiB frames (up to 4M; a cold read fetches a whole frame).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     defrag_frame_max: u64,
+    /// How often a served export's lease object is rewritten (one PUT each), so offline
+    /// tools can tell it is in use; it counts as stale after 4 intervals.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    lease_interval: Duration,
     /// Run no background compaction or garbage collection.
     #[arg(long)]
     no_compactor: bool,
@@ -160,6 +164,9 @@ async fn main() -> anyhow::Result<()> {
         },
         ..CompactConfig::default()
     });
+    if cli.lease_interval < Duration::from_secs(1) {
+        anyhow::bail!("--lease-interval: at least 1s (each refresh is a PUT)");
+    }
     if let Some(c) = &compact {
         c.validate()
             .map_err(|e| anyhow::anyhow!("--compact-*/--gc-*/--defrag-frame-max flags: {e}"))?;
@@ -235,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
                 dirty_bytes_max: cli.dirty_max,
                 flush_interval: cli.flush_interval,
                 write_stall_max: (!cli.write_stall_max.is_zero()).then_some(cli.write_stall_max),
+                lease_interval: cli.lease_interval,
                 ..VolumeConfig::default()
             },
             read_only: cli.read_only,
