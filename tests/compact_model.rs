@@ -1069,13 +1069,10 @@ async fn block_overwritten_during_compaction_keeps_new_data() {
     matches(&model, bs, &data, &kinds).unwrap();
 }
 
-#[tokio::test]
-async fn gc_keeps_pending_ids_until_released() {
-    let bs = 512usize;
-    let store: DynStore = Arc::new(MemoryStore::new());
-    let keys = ExportKeys::new(NAME).unwrap();
-    let log = Log::open(
-        Arc::clone(&store),
+/// A 64-block export, opened as its writer.
+async fn small_writer(store: &DynStore, bs: usize) -> Log {
+    Log::open(
+        Arc::clone(store),
         NAME,
         Some(Geometry {
             size_bytes: 64 * bs as u64,
@@ -1085,7 +1082,15 @@ async fn gc_keeps_pending_ids_until_released() {
         OpenMode::Writer,
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn gc_keeps_pending_ids_until_released() {
+    let bs = 512usize;
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let keys = ExportKeys::new(NAME).unwrap();
+    let log = small_writer(&store, bs).await;
     log.commit(&to_batch(bs, &[(0, 4, Blk::Data(1))], &[0]))
         .await
         .unwrap();
@@ -1133,18 +1138,7 @@ async fn gc_skips_passes_while_nothing_changes_and_resumes_on_change() {
     let counts = counting.counts();
     let store: DynStore = counting;
     let keys = ExportKeys::new(NAME).unwrap();
-    let log = Log::open(
-        Arc::clone(&store),
-        NAME,
-        Some(Geometry {
-            size_bytes: 64 * bs as u64,
-            block_size: bs as u32,
-        }),
-        LogConfig::default(),
-        OpenMode::Writer,
-    )
-    .await
-    .unwrap();
+    let log = small_writer(&store, bs).await;
     for i in 0..3 {
         log.commit(&to_batch(bs, &[(0, 4, Blk::Data(i))], &[0]))
             .await
@@ -1234,18 +1228,7 @@ async fn gc_skips_passes_while_nothing_changes_and_resumes_on_change() {
 async fn gc_does_not_settle_while_the_retention_window_keeps_versions() {
     let bs = 512usize;
     let store: DynStore = Arc::new(MemoryStore::new());
-    let log = Log::open(
-        Arc::clone(&store),
-        NAME,
-        Some(Geometry {
-            size_bytes: 64 * bs as u64,
-            block_size: bs as u32,
-        }),
-        LogConfig::default(),
-        OpenMode::Writer,
-    )
-    .await
-    .unwrap();
+    let log = small_writer(&store, bs).await;
     let gcfg = GcConfig {
         keep_versions_min: 1,
         retain_window: Duration::from_millis(400),

@@ -876,6 +876,20 @@ async fn concurrent_cold_reads_share_the_fetch_bound() {
     );
 }
 
+/// A volume with its flusher running, a `dirty` byte budget, flushes every 50 ms and
+/// writers giving up after `stall` while flushes fail.
+async fn stalling_volume(store: &DynStore, dirty: u64, stall: std::time::Duration) -> Arc<Volume> {
+    let cfg = VolumeConfig {
+        dirty_bytes_max: dirty,
+        flush_interval: std::time::Duration::from_millis(50),
+        write_stall_max: Some(stall),
+        ..VolumeConfig::default()
+    };
+    let v = open(store, cfg).await;
+    v.start_flusher();
+    v
+}
+
 /// Writes `len`-byte patterns one after the other from `from` until one fails; returns the
 /// offsets written and the error with how long the failing write took.
 async fn write_until_error(
@@ -908,14 +922,7 @@ async fn writes_get_eio_when_flushes_keep_failing_past_the_stall_bound() {
     ));
     let store: DynStore = faulty.clone();
     let stall = std::time::Duration::from_millis(300);
-    let cfg = VolumeConfig {
-        dirty_bytes_max: 2 << 20,
-        flush_interval: std::time::Duration::from_millis(50),
-        write_stall_max: Some(stall),
-        ..VolumeConfig::default()
-    };
-    let v = open(&store, cfg).await;
-    v.start_flusher();
+    let v = stalling_volume(&store, 2 << 20, stall).await;
     const LEN: u64 = 256 << 10;
     v.write(0, pattern(0, LEN as usize), false).await.unwrap();
     Volume::flush(&v).await.unwrap();
@@ -988,14 +995,7 @@ async fn a_slow_store_that_takes_flushes_never_fails_a_write() {
         },
     ));
     let stall = std::time::Duration::from_millis(20);
-    let cfg = VolumeConfig {
-        dirty_bytes_max: 1 << 20,
-        flush_interval: std::time::Duration::from_millis(50),
-        write_stall_max: Some(stall),
-        ..VolumeConfig::default()
-    };
-    let v = open(&store, cfg).await;
-    v.start_flusher();
+    let v = stalling_volume(&store, 1 << 20, stall).await;
     const LEN: u64 = 256 << 10;
     let mut slowest = std::time::Duration::ZERO;
     for i in 0..24u64 {
