@@ -422,6 +422,8 @@ pub struct LeaseView {
     pub renewed_unix_ms: Option<u64>,
     /// Milliseconds since the last refresh (0 when stamped in the future).
     pub age_ms: Option<u64>,
+    /// Live for this long after each refresh (4 × the holder's `--lease-interval`).
+    pub ttl_ms: Option<u64>,
     /// Refreshed within its ttl: a daemon is (probably) serving the export right now.
     pub live: bool,
     /// Why it could not be decoded.
@@ -454,6 +456,7 @@ async fn read_lease(store: &DynStore, inv: &Inventory) -> InspectResult<Option<L
         epoch: None,
         renewed_unix_ms: None,
         age_ms: None,
+        ttl_ms: None,
         live: false,
         error: None,
     };
@@ -462,6 +465,7 @@ async fn read_lease(store: &DynStore, inv: &Inventory) -> InspectResult<Option<L
             let now = crate::util::unix_ms_now();
             v.live = l.renewed_unix_ms.saturating_add(l.ttl_ms) > now;
             v.age_ms = Some(now.saturating_sub(l.renewed_unix_ms));
+            v.ttl_ms = Some(l.ttl_ms);
             v.holder = Some(l.holder);
             v.epoch = Some(l.epoch);
             v.renewed_unix_ms = Some(l.renewed_unix_ms);

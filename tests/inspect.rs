@@ -1002,7 +1002,13 @@ fn inspect_what_qemu_io_wrote_through_nbds3d(backend: e2e::Backend) {
     }
     // No background compaction/GC: the versions and segments below are then exactly what
     // the client's writes and flushes made.
-    let mut d = ctx.daemon(&["--default-size", "64M", "--no-compactor"]);
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "64M",
+        "--no-compactor",
+        "--lease-interval",
+        "3s",
+    ]);
     let uri = d.uri();
     let qemu_io = |cmds: &[&str]| {
         let mut c = e2e::cmd("qemu-io");
@@ -1031,6 +1037,11 @@ fn inspect_what_qemu_io_wrote_through_nbds3d(backend: e2e::Backend) {
     assert_eq!(u(&row["size_bytes"]), 64 * MIB);
     assert_eq!(u(&row["block_size"]), 4096);
     assert_eq!(row["lease"]["live"], true, "{j}");
+    assert_eq!(
+        u(&row["lease"]["ttl_ms"]),
+        12_000,
+        "4 × --lease-interval: {j}"
+    );
     let latest = u(&row["version"]);
     assert!(latest >= 3, "open + two flushes: {j}");
 
