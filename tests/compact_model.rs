@@ -1069,6 +1069,18 @@ async fn block_overwritten_during_compaction_keeps_new_data() {
     matches(&model, bs, &data, &kinds).unwrap();
 }
 
+/// Put a stray object (what an upload left behind) under `key`.
+async fn put_object(store: &DynStore, key: &str, body: &'static [u8]) {
+    store
+        .put(
+            key,
+            Bytes::from_static(body),
+            nbds3::store::PutMode::IfAbsent,
+        )
+        .await
+        .unwrap();
+}
+
 /// A 64-block export, opened as its writer.
 async fn small_writer(store: &DynStore, bs: usize) -> Log {
     Log::open(
@@ -1097,14 +1109,7 @@ async fn gc_keeps_pending_ids_until_released() {
     // An object under an id handed out for a compaction that has not committed yet.
     let id = log.allocate_id().await.unwrap();
     let key = keys.segment(id);
-    store
-        .put(
-            &key,
-            Bytes::from_static(b"in flight"),
-            nbds3::store::PutMode::IfAbsent,
-        )
-        .await
-        .unwrap();
+    put_object(&store, &key, b"in flight").await;
     let gcfg = GcConfig {
         keep_versions_min: 1,
         retain_window: Duration::ZERO,
@@ -1182,14 +1187,7 @@ async fn gc_skips_passes_while_nothing_changes_and_resumes_on_change() {
     let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
     assert!(r.skipped.is_none(), "{r:?}");
     let key = keys.segment(id);
-    store
-        .put(
-            &key,
-            Bytes::from_static(b"given up"),
-            nbds3::store::PutMode::IfAbsent,
-        )
-        .await
-        .unwrap();
+    put_object(&store, &key, b"given up").await;
     compact::release_ids(&log, &[id]).await;
     let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
     assert!(r.skipped.is_none(), "{r:?}");
@@ -1202,14 +1200,7 @@ async fn gc_skips_passes_while_nothing_changes_and_resumes_on_change() {
     let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
     assert!(r.skipped.is_some(), "{r:?}");
     let stale = keys.segment(nbds3::format::object_id(log.epoch() - 1, 4242));
-    store
-        .put(
-            &stale,
-            Bytes::from_static(b"late"),
-            nbds3::store::PutMode::IfAbsent,
-        )
-        .await
-        .unwrap();
+    put_object(&store, &stale, b"late").await;
     let mut skipped = 1;
     let full = loop {
         let r = gc::gc_pass(&log, &gcfg, &mut st).await.unwrap();
