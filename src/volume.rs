@@ -23,6 +23,12 @@
 //!   [`ClockMap`]), bounded in bytes
 //!   together with the volumes' page indexes; bytes it has handed out never change
 //!   (copy-on-write).
+//! - Exports ([`Exports`]): one volume per name, shared by its connections. One that no
+//!   connection has used for `idle_close` is closed: taken out of the open set under the
+//!   registry's lock, compactor stopped, final flush, lease released; an open of that name
+//!   meanwhile waits, then opens it afresh (a new writer must not fence a flush in
+//!   progress), and the shutdown waits for it too. A close whose flush fails puts the
+//!   volume back whole, data and all.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -2045,6 +2051,10 @@ pub struct ExportsConfig {
     pub read_only: bool,
     /// Background compaction and GC of writable exports; `None` turns them off.
     pub compact: Option<CompactConfig>,
+    /// An export no connection has used for this long is flushed and closed (its flusher,
+    /// lease and compactor stop; the next client opens it afresh), once
+    /// [`Exports::start_idle_closer`] runs; `None` keeps exports open until shutdown.
+    pub idle_close: Option<Duration>,
 }
 
 /// Tasks that run beside a writable volume: its lease heartbeat and its compactor.
@@ -2061,6 +2071,21 @@ pub struct Exports {
     cache: Arc<PageCache>,
     open: tokio::sync::Mutex<HashMap<String, Arc<Volume>>>,
     background: Mutex<HashMap<String, Background>>,
+    /// Connections using each open export (changed under the `open` lock when one is
+    /// added, so an export found unused there cannot gain a user meanwhile), and since when
+    /// it has had none.
+    users: Mutex<HashMap<String, Users>>,
+    /// Exports being closed for idleness: opening one waits for its mutex (held by the
+    /// closer), then opens it afresh.
+    closing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set by the shutdown: the idle closer closes nothing more.
+    shutting: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Users {
+    count: usize,
+    idle_since: Instant,
 }
 
 impl Exports {
@@ -2077,15 +2102,39 @@ impl Exports {
             cache,
             open: tokio::sync::Mutex::new(HashMap::new()),
             background: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
+            closing: Mutex::new(HashMap::new()),
+            shutting: AtomicBool::new(false),
         })
     }
 
     pub async fn volume(&self, name: &str) -> Result<Arc<Volume>, LogError> {
-        let mut open = self.open.lock().await;
+        self.volume_used(name, false).await
+    }
+
+    /// The open volume `name`, opened (or created) now if it is not; with `use_it`, count
+    /// one more user of it (under the `open` lock: see `users`).
+    async fn volume_used(&self, name: &str, use_it: bool) -> Result<Arc<Volume>, LogError> {
+        let mut open = loop {
+            let open = self.open.lock().await;
+            // Being closed for idleness: wait until that ends, then open it afresh (its
+            // final flush must land before a new writer fences the old one).
+            let closing = self.closing_map().get(name).cloned();
+            match closing {
+                Some(m) => {
+                    drop(open);
+                    let _ = m.lock().await;
+                }
+                None => break open,
+            }
+        };
         // A fenced volume stays in place: another daemon owns the export now, and taking it
         // back automatically would make two daemons fence each other in turn. Its writes
         // fail with EIO until the operator restarts this daemon.
         if let Some(v) = open.get(name) {
+            if use_it {
+                self.add_user(name);
+            }
             return Ok(Arc::clone(v));
         }
         let (create, mode) = if self.cfg.read_only {
@@ -2149,20 +2198,163 @@ impl Exports {
             v.start_flusher();
             let bg = Background {
                 lease: spawn_lease(Arc::clone(v.log()), self.cfg.volume.lease_interval),
-                compactor: self.cfg.compact.clone().map(|mut c| {
-                    // Unless told otherwise, an export's page index may take a quarter of
-                    // the page cache (which it is charged to) before compaction starts
-                    // defragmenting it.
-                    if c.index_runs_max.is_none() {
-                        c.index_runs_max = Some(self.index_runs_max_default());
-                    }
-                    spawn_compactor(Arc::clone(v.log()), c)
-                }),
+                compactor: self.spawn_compactor_for(v.log()),
             };
             self.bg().insert(name.to_string(), bg);
         }
         open.insert(name.to_string(), Arc::clone(&v));
+        if use_it {
+            self.add_user(name);
+        }
         Ok(v)
+    }
+
+    /// The background compactor of a writable export, if compaction is on.
+    fn spawn_compactor_for(&self, log: &Arc<Log>) -> Option<CompactorHandle> {
+        self.cfg.compact.clone().map(|mut c| {
+            // Unless told otherwise, an export's page index may take a quarter of the page
+            // cache (which it is charged to) before compaction starts defragmenting it.
+            if c.index_runs_max.is_none() {
+                c.index_runs_max = Some(self.index_runs_max_default());
+            }
+            spawn_compactor(Arc::clone(log), c)
+        })
+    }
+
+    fn users_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Users>> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn closing_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.closing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add_user(&self, name: &str) {
+        self.users_map()
+            .entry(name.to_string())
+            .or_insert(Users {
+                count: 0,
+                idle_since: Instant::now(),
+            })
+            .count += 1;
+    }
+
+    /// Names of open exports (those being closed for idleness included: they are open
+    /// until their final flush has landed), for tests and tools.
+    pub async fn open_names(&self) -> Vec<String> {
+        let open = self.open.lock().await;
+        let mut v: Vec<String> = open.keys().cloned().collect();
+        v.extend(self.closing_map().keys().cloned());
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Whether export `name` is being closed for idleness right now.
+    pub fn is_closing(&self, name: &str) -> bool {
+        self.closing_map().contains_key(name)
+    }
+
+    /// Close exports unused for `ExportsConfig::idle_close`, checking a few times per
+    /// period, until the daemon's runtime ends. A no-op without `idle_close`.
+    pub fn start_idle_closer(self: &Arc<Self>) {
+        let Some(idle) = self.cfg.idle_close else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(me) = me.upgrade() else { break };
+                let due: Vec<String> = me
+                    .users_map()
+                    .iter()
+                    .filter(|(_, u)| u.count == 0 && u.idle_since.elapsed() >= idle)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in due {
+                    me.close_idle(&name, idle).await;
+                }
+            }
+        });
+    }
+
+    /// Flush and close export `name` if it is open, unused, and has been for `idle`.
+    /// Ordering: the compactor stops first (its commits must not race the final flush),
+    /// then the final flush, then the lease goes, so the lease says "in use" until the
+    /// data is durable. If the flush fails (the store is down; fenced), nothing is lost:
+    /// the volume goes back in place, compactor restarted, and is tried again after
+    /// another idle period.
+    async fn close_idle(&self, name: &str, idle: Duration) {
+        let (v, bg, _held) = {
+            let mut open = self.open.lock().await;
+            if self.shutting.load(Ordering::Acquire) {
+                return;
+            }
+            let unused = self
+                .users_map()
+                .get(name)
+                .is_some_and(|u| u.count == 0 && u.idle_since.elapsed() >= idle);
+            if !unused {
+                return;
+            }
+            let Some(v) = open.remove(name) else {
+                self.users_map().remove(name);
+                return;
+            };
+            let gate = Arc::new(tokio::sync::Mutex::new(()));
+            let Ok(held) = Arc::clone(&gate).try_lock_owned() else {
+                open.insert(name.to_string(), v);
+                return;
+            };
+            self.closing_map()
+                .insert(name.to_string(), Arc::clone(&gate));
+            let bg = self.bg().remove(name);
+            (v, bg, held)
+        };
+        let (lease, compactor) = match bg {
+            Some(b) => (Some(b.lease), b.compactor),
+            None => (None, None),
+        };
+        if let Some(c) = compactor {
+            c.close().await;
+        }
+        match v.flush().await {
+            Ok(()) => {
+                v.shut();
+                if let Some(l) = lease {
+                    l.close().await;
+                }
+                self.users_map().remove(name);
+                tracing::info!(
+                    export = name,
+                    idle_secs = idle.as_secs_f64(),
+                    "closed an export no connection used"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(export = name, error = %e, "closing an idle export: flush failed; it stays open");
+                let mut open = self.open.lock().await;
+                if let Some(l) = lease {
+                    let compactor = self.spawn_compactor_for(v.log());
+                    self.bg().insert(
+                        name.to_string(),
+                        Background {
+                            lease: l,
+                            compactor,
+                        },
+                    );
+                }
+                open.insert(name.to_string(), v);
+                if let Some(u) = self.users_map().get_mut(name) {
+                    u.idle_since = Instant::now();
+                }
+            }
+        }
+        self.closing_map().remove(name);
     }
 
     /// Flush and close every open export (shutdown), one flush attempt each. Returns the
@@ -2190,6 +2382,17 @@ impl Exports {
         mut give_up: Option<std::pin::Pin<&mut dyn std::future::Future<Output = ()>>>,
     ) -> Result<(), VolumeError> {
         let retrying = give_up.is_some();
+        // An idle close in progress has taken its export out of `open`: wait for it to
+        // end (closed, or put back when its flush failed) so no export is missed here. The
+        // flag, read under the `open` lock, stops new ones.
+        self.shutting.store(true, Ordering::Release);
+        let gates: Vec<_> = {
+            let _open = self.open.lock().await;
+            self.closing_map().values().cloned().collect()
+        };
+        for g in gates {
+            let _ = g.lock().await;
+        }
         // Compactors first (a pass in progress finishes), then the final flushes, then the
         // leases, so the lease says "in use" until the data is durable.
         let mut bgs: Vec<Background> = self.bg().drain().map(|(_, b)| b).collect();
@@ -2298,7 +2501,7 @@ impl Exports {
 #[async_trait]
 impl ExportProvider for Exports {
     async fn open(&self, name: &str) -> Result<Arc<dyn BlockExport>, ExportError> {
-        match self.volume(name).await {
+        match self.volume_used(name, true).await {
             Ok(v) => Ok(Arc::new(v)),
             Err(LogError::NoSuchExport { export }) => Err(ExportError::new(
                 Errno::Inval,
@@ -2308,6 +2511,15 @@ impl ExportProvider for Exports {
             Err(e) => {
                 tracing::error!(export = name, error = %e, "cannot open export");
                 Err(ExportError::new(Errno::Io, e.to_string()))
+            }
+        }
+    }
+
+    async fn release(&self, name: &str) {
+        if let Some(u) = self.users_map().get_mut(name) {
+            u.count = u.count.saturating_sub(1);
+            if u.count == 0 {
+                u.idle_since = Instant::now();
             }
         }
     }

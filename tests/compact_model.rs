@@ -862,6 +862,7 @@ async fn daemon_serves_while_compacting() {
                 ..VolumeConfig::default()
             },
             read_only: false,
+            idle_close: None,
             compact: Some(CompactConfig {
                 dead_fraction_min: 0.1,
                 small_segment_bytes: 64 << 10,
@@ -1559,6 +1560,7 @@ fn gated_exports_with(
                 ..VolumeConfig::default()
             },
             read_only: false,
+            idle_close: None,
             compact: Some(CompactConfig {
                 pass_bytes_max: 256 << 10,
                 pass_interval: Duration::from_millis(5),
@@ -1927,6 +1929,7 @@ fn overwrite_exports(store: &DynStore, compact: Option<Option<f64>>) -> Arc<Expo
                 ..VolumeConfig::default()
             },
             read_only: false,
+            idle_close: None,
             compact: compact.map(|space_amp_max| CompactConfig {
                 pass_bytes_max: 32 << 10,
                 pass_interval: Duration::from_millis(5),

@@ -15,6 +15,9 @@
 //!   certificate in use; without TLS a SIGHUP changes nothing (and stops nothing).
 //! - `--compression off` stores what it writes raw and the default compresses it; an
 //!   export written both ways reads back whole (the format lets each frame say which).
+//! - `--export-idle-close`: an export no connection has used for that long is flushed and
+//!   closed (its lease removed), so exports opened once stop costing memory and store
+//!   requests; one still connected stays open; the next client opens it afresh.
 
 #[macro_use]
 mod e2e;
@@ -31,7 +34,8 @@ e2e_tests!(
     tls_with_client_certificates_end_to_end,
     tls_certificate_reloads_on_sighup,
     export_work_outlives_the_connection_that_started_it,
-    compression_is_chosen_per_daemon_run
+    compression_is_chosen_per_daemon_run,
+    unused_exports_are_flushed_and_closed
 );
 
 const NAMES: &[&str] = &[
@@ -439,6 +443,94 @@ fn export_work_outlives_the_connection_that_started_it(backend: Backend) {
     after.ok("read 69632 1024000 0");
     after.ok("read 8388608 1048576 5a");
     drop(after);
+    d.stop();
+    d.assert_no_panic();
+}
+
+fn unused_exports_are_flushed_and_closed(backend: Backend) {
+    let test = "unused_exports_are_flushed_and_closed";
+    let Some(ctx) = setup(test, backend) else {
+        return;
+    };
+    if !need_python_nbd(&ctx.name) {
+        return;
+    }
+    // Timed flushes far off: only the idle close can make the writes durable.
+    let mut d = ctx.daemon(&[
+        "--default-size",
+        "16M",
+        "--flush-interval",
+        "10m",
+        "--export-idle-close",
+        "2s",
+        "--lease-interval",
+        "1s",
+    ]);
+    let mut kept = Repl::connect(&d.tcp_target(), Some("kept")).unwrap();
+    kept.ok("write 0 65536 3c");
+    let mut gone = Repl::connect(&d.tcp_target(), Some("gone")).unwrap();
+    gone.ok("write 0 1048576 a5");
+    gone.ok("write 4194304 65536 5a");
+    drop(gone);
+    d.wait_for_log("closed an export no connection used");
+    let logs = d.logs();
+    let closed: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("closed an export no connection used"))
+        .collect();
+    assert!(
+        closed.iter().all(|l| l.contains("export=\"gone\"")),
+        "{}: {closed:?}",
+        ctx.name
+    );
+    // Its lease is gone with it; the connected export keeps its own.
+    let out = ctx.run(
+        cmd(env!("CARGO_BIN_EXE_nbds3-inspect"))
+            .args(["--store", &ctx.store.url])
+            .args(&ctx.store.args)
+            .args(["--json", "exports"]),
+        secs(60),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
+    let lease_live = |name: &str| {
+        v["exports"]
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["name"] == name))
+            .map(|e| e["lease"]["live"] == true)
+            .unwrap_or_else(|| panic!("{}: no export {name:?} in {out}", ctx.name))
+    };
+    assert!(!lease_live("gone"), "{}: {out}", ctx.name);
+    assert!(lease_live("kept"), "{}: {out}", ctx.name);
+    // A crash now loses nothing of "gone": the close flushed it (nothing else did).
+    drop(kept);
+    d.kill9();
+    d.restart();
+    let mut c = Repl::connect(&d.tcp_target(), Some("gone")).unwrap();
+    c.ok("read 0 1048576 a5");
+    c.ok("read 4194304 65536 5a");
+    c.ok("read 1048576 65536 0");
+    // Reopened, it is served and closed again like any export.
+    c.ok("write 8388608 4096 e7");
+    drop(c);
+    let closes = |d: &e2e::Daemon| {
+        d.logs()
+            .matches("closed an export no connection used")
+            .count()
+    };
+    let end = std::time::Instant::now() + secs(30);
+    while closes(&d) < 2 {
+        assert!(
+            std::time::Instant::now() < end,
+            "{}: not closed again",
+            ctx.name
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    d.kill9();
+    d.restart();
+    let mut c = Repl::connect(&d.tcp_target(), Some("gone")).unwrap();
+    c.ok("read 8388608 4096 e7");
+    drop(c);
     d.stop();
     d.assert_no_panic();
 }

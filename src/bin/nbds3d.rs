@@ -113,6 +113,12 @@ struct Cli {
     /// writers' 128 KiB frames (up to 4M; a cold read fetches a whole frame).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     defrag_frame_max: u64,
+    /// An export no connection has used for this long is flushed and closed: its flusher,
+    /// lease, compactor and page index go, until a client opens it again. Bounds what
+    /// exports opened once (any name creates one) keep costing in memory and store
+    /// requests. 0s: keep exports open until shutdown.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    export_idle_close: Duration,
     /// How often a served export's lease object is rewritten (one PUT each), so offline
     /// tools can tell it is in use; it counts as stale after 4 intervals.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -247,12 +253,14 @@ async fn main() -> anyhow::Result<()> {
             },
             read_only: cli.read_only,
             compact,
+            idle_close: (!cli.export_idle_close.is_zero()).then_some(cli.export_idle_close),
         },
     );
     nbds3::memory::pin_mmap_threshold(nbds3::memory::MMAP_THRESHOLD_BYTES);
     // Write payload buffers are recycled: free ones plus those in the dirty set stay near
     // the dirty bound, which the resident target counts; above the target the trimmer
     // empties the pool first (see `nbds3::nbd::pool`).
+    exports.start_idle_closer();
     let payload_pool = PayloadPool::new(usize::try_from(cli.dirty_max).unwrap_or(usize::MAX));
     let pool = Arc::clone(&payload_pool);
     nbds3::memory::spawn_trimmer(
