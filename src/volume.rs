@@ -2055,6 +2055,9 @@ pub struct ExportsConfig {
     /// lease and compactor stop; the next client opens it afresh), once
     /// [`Exports::start_idle_closer`] runs; `None` keeps exports open until shutdown.
     pub idle_close: Option<Duration>,
+    /// Exports open at once, at most: opening one more closes the one unused the longest,
+    /// or is refused when all are in use. `None`: no bound.
+    pub exports_max: Option<usize>,
 }
 
 /// Tasks that run beside a writable volume: its lease heartbeat and its compactor.
@@ -2115,28 +2118,59 @@ impl Exports {
     /// The open volume `name`, opened (or created) now if it is not; with `use_it`, count
     /// one more user of it (under the `open` lock: see `users`).
     async fn volume_used(&self, name: &str, use_it: bool) -> Result<Arc<Volume>, LogError> {
+        let mut made_room = false;
         let mut open = loop {
             let open = self.open.lock().await;
             // Being closed for idleness: wait until that ends, then open it afresh (its
             // final flush must land before a new writer fences the old one).
             let closing = self.closing_map().get(name).cloned();
-            match closing {
-                Some(m) => {
-                    drop(open);
-                    let _ = m.lock().await;
+            if let Some(m) = closing {
+                drop(open);
+                let _ = m.lock().await;
+                continue;
+            }
+            // A fenced volume stays in place: another daemon owns the export now, and
+            // taking it back automatically would make two daemons fence each other in
+            // turn. Its writes fail with EIO until the operator restarts this daemon.
+            if let Some(v) = open.get(name) {
+                if use_it {
+                    self.add_user(name);
                 }
-                None => break open,
+                return Ok(Arc::clone(v));
+            }
+            let Some(max) = self.cfg.exports_max else {
+                break open;
+            };
+            if open.len() + self.closing_map().len() < max {
+                break open;
+            }
+            // At the bound: close the export unused the longest to make room (once; its
+            // flush may fail, and then it stays).
+            let victim = self
+                .users_map()
+                .iter()
+                .filter(|(n, u)| u.count == 0 && open.contains_key(n.as_str()))
+                .min_by_key(|(_, u)| u.idle_since)
+                .map(|(n, _)| n.clone());
+            match victim {
+                Some(victim) if !made_room => {
+                    drop(open);
+                    made_room = true;
+                    self.close_idle(&victim, Duration::ZERO).await;
+                }
+                _ => {
+                    tracing::warn!(
+                        export = name,
+                        exports_max = max,
+                        "not opening another export: --exports-max are open and in use"
+                    );
+                    return Err(LogError::Invalid(format!(
+                        "{max} exports are open and in use (--exports-max); export {name:?} \
+                         must wait until one is left unused"
+                    )));
+                }
             }
         };
-        // A fenced volume stays in place: another daemon owns the export now, and taking it
-        // back automatically would make two daemons fence each other in turn. Its writes
-        // fail with EIO until the operator restarts this daemon.
-        if let Some(v) = open.get(name) {
-            if use_it {
-                self.add_user(name);
-            }
-            return Ok(Arc::clone(v));
-        }
         let (create, mode) = if self.cfg.read_only {
             (None, OpenMode::ReadOnly)
         } else {

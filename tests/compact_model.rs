@@ -863,6 +863,7 @@ async fn daemon_serves_while_compacting() {
             },
             read_only: false,
             idle_close: None,
+            exports_max: None,
             compact: Some(CompactConfig {
                 dead_fraction_min: 0.1,
                 small_segment_bytes: 64 << 10,
@@ -1561,6 +1562,7 @@ fn gated_exports_with(
             },
             read_only: false,
             idle_close: None,
+            exports_max: None,
             compact: Some(CompactConfig {
                 pass_bytes_max: 256 << 10,
                 pass_interval: Duration::from_millis(5),
@@ -1930,6 +1932,7 @@ fn overwrite_exports(store: &DynStore, compact: Option<Option<f64>>) -> Arc<Expo
             },
             read_only: false,
             idle_close: None,
+            exports_max: None,
             compact: compact.map(|space_amp_max| CompactConfig {
                 pass_bytes_max: 32 << 10,
                 pass_interval: Duration::from_millis(5),

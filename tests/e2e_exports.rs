@@ -17,7 +17,9 @@
 //!   export written both ways reads back whole (the format lets each frame say which).
 //! - `--export-idle-close`: an export no connection has used for that long is flushed and
 //!   closed (its lease removed), so exports opened once stop costing memory and store
-//!   requests; one still connected stays open; the next client opens it afresh.
+//!   requests; one still connected stays open; the next client opens it afresh. With
+//!   `--exports-max`, another export is refused while all open ones are in use, and opens
+//!   once one is left (closing that one, durably).
 
 #[macro_use]
 mod e2e;
@@ -531,6 +533,40 @@ fn unused_exports_are_flushed_and_closed(backend: Backend) {
     let mut c = Repl::connect(&d.tcp_target(), Some("gone")).unwrap();
     c.ok("read 8388608 4096 e7");
     drop(c);
+
+    // --exports-max 1: a second export is refused while the first has a connection, and
+    // opens once the first is left (closing it, durably, to make room).
+    d.stop();
+    d.restart_with(&["--default-size", "16M", "--exports-max", "1"]);
+    let mut x = Repl::connect(&d.tcp_target(), Some("x")).unwrap();
+    x.ok("write 0 4096 11");
+    let refused = Repl::connect(&d.tcp_target(), Some("y"));
+    assert!(refused.is_err(), "{}: a second export opened", ctx.name);
+    d.wait_for_log("--exports-max are open and in use");
+    // Once the server has seen "x"'s connection close (it then holds no user of "x").
+    let ended = |d: &e2e::Daemon| {
+        let logs = d.logs();
+        logs.matches("connection closed").count() + logs.matches("client went away").count()
+    };
+    let closed = ended(&d);
+    drop(x);
+    let end = std::time::Instant::now() + secs(30);
+    while ended(&d) == closed {
+        assert!(
+            std::time::Instant::now() < end,
+            "{}: no close logged",
+            ctx.name
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut y = Repl::connect(&d.tcp_target(), Some("y")).unwrap();
+    y.ok("write 0 4096 22");
+    drop(y);
+    d.kill9();
+    d.restart();
+    let mut x = Repl::connect(&d.tcp_target(), Some("x")).unwrap();
+    x.ok("read 0 4096 11");
+    drop(x);
     d.stop();
     d.assert_no_panic();
 }

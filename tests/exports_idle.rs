@@ -2,7 +2,9 @@
 //! `ExportsConfig::idle_close` without a user an export is flushed and closed (flusher,
 //! lease, compactor and index go) and the next client opens it afresh with everything
 //! there; an export in use is never closed; a close whose flush fails keeps the export
-//! open with its data and tries again later; opens racing closes lose nothing.
+//! open with its data and tries again later; opens racing closes lose nothing. At
+//! `ExportsConfig::exports_max`, opening another export closes the one unused the longest,
+//! or is refused while all are in use.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +22,10 @@ use nbds3::volume::{Exports, ExportsConfig, VolumeConfig};
 const BS: usize = 4096;
 
 fn exports(store: &DynStore, idle: Duration) -> Arc<Exports> {
+    exports_with(store, Some(idle), None)
+}
+
+fn exports_with(store: &DynStore, idle: Option<Duration>, max: Option<usize>) -> Arc<Exports> {
     let e = Exports::new(
         Arc::clone(store),
         ExportsConfig {
@@ -37,7 +43,8 @@ fn exports(store: &DynStore, idle: Duration) -> Arc<Exports> {
             },
             read_only: false,
             compact: Some(CompactConfig::default()),
-            idle_close: Some(idle),
+            idle_close: idle,
+            exports_max: max,
         },
     );
     e.start_idle_closer();
@@ -197,5 +204,38 @@ async fn shutdown_waits_for_an_idle_close_in_progress() {
     let s = fresh.open("s").await.unwrap();
     for i in [0u64, 63] {
         assert_block(&s, i, 0x77, "").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_bound_the_longest_unused_export_makes_room() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let e = exports_with(&store, None, Some(2));
+    let a = e.open("a").await.unwrap();
+    a.write(0, block(0xa1), false).await.unwrap();
+    let b = e.open("b").await.unwrap();
+    b.write(0, block(0xb2), false).await.unwrap();
+    drop(b);
+    e.release("b").await;
+    // Full: "b" is unused, so opening "c" closes it first (flushing its write).
+    let c = e.open("c").await.unwrap();
+    assert_eq!(e.open_names().await, vec!["a".to_string(), "c".to_string()]);
+    // Both open exports in use: a fourth is refused, with the reason, and nothing closes.
+    let err = match e.open("d").await {
+        Ok(_) => panic!("a third export opened past --exports-max 2"),
+        Err(err) => err,
+    };
+    assert!(err.message.contains("--exports-max"), "{err:?}");
+    assert_eq!(e.open_names().await, vec!["a".to_string(), "c".to_string()]);
+    // "a" is left: now "d" opens, and "a"'s unflushed write was made durable on the way.
+    drop(a);
+    e.release("a").await;
+    let d = e.open("d").await.unwrap();
+    assert_eq!(e.open_names().await, vec!["c".to_string(), "d".to_string()]);
+    drop((c, d));
+    let fresh = exports_with(&store, None, None);
+    for (name, v) in [("a", 0xa1u8), ("b", 0xb2)] {
+        let x = fresh.open(name).await.unwrap();
+        assert_block(&x, 0, v, name).await;
     }
 }

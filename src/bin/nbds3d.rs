@@ -119,6 +119,11 @@ struct Cli {
     /// requests. 0s: keep exports open until shutdown.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     export_idle_close: Duration,
+    /// Exports open at once, at most (each holds a page index, a flusher, a lease and a
+    /// compactor): opening one more first closes the export unused the longest, and is
+    /// refused while every open export has a connection.
+    #[arg(long, default_value_t = 256)]
+    exports_max: usize,
     /// How often a served export's lease object is rewritten (one PUT each), so offline
     /// tools can tell it is in use; it counts as stale after 4 intervals.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -254,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
             read_only: cli.read_only,
             compact,
             idle_close: (!cli.export_idle_close.is_zero()).then_some(cli.export_idle_close),
+            exports_max: Some(cli.exports_max.max(1)),
         },
     );
     nbds3::memory::pin_mmap_threshold(nbds3::memory::MMAP_THRESHOLD_BYTES);
