@@ -486,23 +486,9 @@ fn unused_exports_are_flushed_and_closed(backend: Backend) {
         ctx.name
     );
     // Its lease is gone with it; the connected export keeps its own.
-    let out = ctx.run(
-        cmd(env!("CARGO_BIN_EXE_nbds3-inspect"))
-            .args(["--store", &ctx.store.url])
-            .args(&ctx.store.args)
-            .args(["--json", "exports"]),
-        secs(60),
-    );
-    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
-    let lease_live = |name: &str| {
-        v["exports"]
-            .as_array()
-            .and_then(|all| all.iter().find(|e| e["name"] == name))
-            .map(|e| e["lease"]["live"] == true)
-            .unwrap_or_else(|| panic!("{}: no export {name:?} in {out}", ctx.name))
-    };
-    assert!(!lease_live("gone"), "{}: {out}", ctx.name);
-    assert!(lease_live("kept"), "{}: {out}", ctx.name);
+    let v = inspect_exports(&ctx);
+    assert!(export_row(&ctx, &v, "gone")["lease"].is_null(), "{v}");
+    assert_eq!(export_row(&ctx, &v, "kept")["lease"]["live"], true, "{v}");
     // A crash now loses nothing of "gone": the close flushed it (nothing else did).
     drop(kept);
     d.kill9();
@@ -571,8 +557,8 @@ fn unused_exports_are_flushed_and_closed(backend: Backend) {
     d.assert_no_panic();
 }
 
-/// Bytes of every object of `export` in the test's store, by `nbds3-inspect exports`.
-fn bytes_stored(ctx: &e2e::Ctx, export: &str) -> u64 {
+/// `nbds3-inspect --json exports` of the test's store.
+fn inspect_exports(ctx: &e2e::Ctx) -> serde_json::Value {
     let out = ctx.run(
         cmd(env!("CARGO_BIN_EXE_nbds3-inspect"))
             .args(["--store", &ctx.store.url])
@@ -580,12 +566,23 @@ fn bytes_stored(ctx: &e2e::Ctx, export: &str) -> u64 {
             .args(["--json", "exports"]),
         secs(60),
     );
-    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
+    serde_json::from_str(&out).expect("inspect prints JSON")
+}
+
+/// The row of `export` in an `inspect_exports` answer.
+fn export_row<'a>(ctx: &e2e::Ctx, v: &'a serde_json::Value, export: &str) -> &'a serde_json::Value {
     v["exports"]
         .as_array()
         .and_then(|all| all.iter().find(|e| e["name"] == export))
-        .and_then(|e| e["bytes_stored"].as_u64())
-        .unwrap_or_else(|| panic!("{}: no export {export:?} in {out}", ctx.name))
+        .unwrap_or_else(|| panic!("{}: no export {export:?} in {v}", ctx.name))
+}
+
+/// Bytes of every object of `export` in the test's store, by `nbds3-inspect exports`.
+fn bytes_stored(ctx: &e2e::Ctx, export: &str) -> u64 {
+    let v = inspect_exports(ctx);
+    export_row(ctx, &v, export)["bytes_stored"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{}: no bytes_stored for {export:?} in {v}", ctx.name))
 }
 
 fn compression_is_chosen_per_daemon_run(backend: Backend) {
