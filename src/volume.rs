@@ -2339,11 +2339,9 @@ impl Exports {
                 self.users_map().remove(name);
                 return;
             };
+            // Held until the close ends; opens of `name` wait on it (a fresh mutex: no wait).
             let gate = Arc::new(tokio::sync::Mutex::new(()));
-            let Ok(held) = Arc::clone(&gate).try_lock_owned() else {
-                open.insert(name.to_string(), v);
-                return;
-            };
+            let held = Arc::clone(&gate).lock_owned().await;
             self.closing_map()
                 .insert(name.to_string(), Arc::clone(&gate));
             let bg = self.bg().remove(name);
@@ -2599,8 +2597,8 @@ mod tests {
         vec![v; BS]
     }
 
-    /// The README's figures: 0.75 MB of index per GiB at 128 KiB frames, so the default
-    /// 256 MiB cache's three quarters (the index gate's stall level) run out near 256 GiB.
+    /// Fencing, corruption and permanent store errors end a shutdown at once; an outage
+    /// (or a batch put back) is worth another final flush.
     #[test]
     fn only_errors_that_may_pass_are_retried_at_shutdown() {
         use crate::store::StoreError;
@@ -2629,6 +2627,8 @@ mod tests {
         assert!(!VolumeError::ReadOnly.is_retryable());
     }
 
+    /// The README's figures: 0.75 MB of index per GiB at 128 KiB frames, so the default
+    /// 256 MiB cache's three quarters (the index gate's stall level) run out near 256 GiB.
     #[test]
     fn index_floor_follows_device_size() {
         let geo = |size_bytes| Geometry {

@@ -262,11 +262,11 @@ async fn main() -> anyhow::Result<()> {
             exports_max: Some(cli.exports_max.max(1)),
         },
     );
+    exports.start_idle_closer();
     nbds3::memory::pin_mmap_threshold(nbds3::memory::MMAP_THRESHOLD_BYTES);
     // Write payload buffers are recycled: free ones plus those in the dirty set stay near
     // the dirty bound, which the resident target counts; above the target the trimmer
     // empties the pool first (see `nbds3::nbd::pool`).
-    exports.start_idle_closer();
     let payload_pool = PayloadPool::new(usize::try_from(cli.dirty_max).unwrap_or(usize::MAX));
     let pool = Arc::clone(&payload_pool);
     nbds3::memory::spawn_trimmer(
