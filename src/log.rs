@@ -2027,6 +2027,9 @@ fn build_segment(
         cfg.zstd_level,
     )
     .with_compress_state(compress);
+    // Every batch entry makes at least one directory entry (more only for runs longer
+    // than a frame or split by zero blocks).
+    b.reserve_entries(job.len());
     // Non-zero blocks go into the pending frame; neighbouring data runs (separate writes
     // of adjacent blocks: the batch is sorted by lba) share frames up to `frame_blocks`.
     // Fewer frames: fewer index runs (daemon memory), headers and directory entries, and

@@ -698,7 +698,10 @@ struct State {
     /// hash table keeps its capacity, where a fresh map grew by doubling through every
     /// batch, rehashing and page-faulting new tables as random writes came in (1.5% of the
     /// daemon's CPU). It keeps room for at most [`SPARE_DIRTY_SINGLES_MAX`] runs.
-    spare_dirty: Option<BlockRunMap<Dirty>>,
+    /// Up to [`FLUSH_PIPELINE_DEPTH`] are kept: with two batches in flight, two can land
+    /// between snapshots, and keeping only one sent every other batch to a fresh map (so
+    /// no more maps exist at once than the dirty set and the batches in flight need).
+    spare_dirty: Vec<BlockRunMap<Dirty>>,
 }
 
 /// A batch being flushed: taken from the dirty set, uploading or landing.
@@ -782,7 +785,7 @@ impl Volume {
                 snapped_gen: 0,
                 next_ticket: 0,
                 first_dirty_at: None,
-                spare_dirty: None,
+                spare_dirty: Vec::new(),
             }),
             flush_lock: tokio::sync::Mutex::new(()),
             pipeline: tokio::sync::Semaphore::new(FLUSH_PIPELINE_DEPTH),
@@ -1065,7 +1068,7 @@ impl Volume {
                     }
                 }
             }
-            let next = st.spare_dirty.take().unwrap_or_default();
+            let next = st.spare_dirty.pop().unwrap_or_default();
             let snap = Arc::new(std::mem::replace(&mut st.dirty, next));
             let bytes = std::mem::take(&mut st.dirty_bytes);
             st.dirty_data_bytes = 0;
@@ -1174,7 +1177,10 @@ impl Volume {
                 drop(runs);
                 if let Ok(mut map) = Arc::try_unwrap(snap) {
                     map.clear_keeping(SPARE_DIRTY_SINGLES_MAX);
-                    self.st().spare_dirty = Some(map);
+                    let mut st = self.st();
+                    if st.spare_dirty.len() < FLUSH_PIPELINE_DEPTH {
+                        st.spare_dirty.push(map);
+                    }
                 }
                 crate::memory::note_freed(bytes as u64);
                 Ok(())

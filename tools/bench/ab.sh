@@ -3,8 +3,9 @@
 # stores, --cache-size 1280M, --no-compactor, as in targets.sh), each gets the same 1 GiB fill
 # and warm-up, then the job alternates between them for several rounds (the order flips every
 # round), so whatever else the machine does hits both alike. Prints every round's pair with
-# the server's CPU per I/O (user + system, ramp included), the median of the per-round ratios
-# B/A and the median CPU per I/O of each.
+# the server's CPU per I/O (user + system, ramp included) and fio's (ramp excluded: what the
+# server's way of replying costs the client), the median of the per-round ratios B/A and
+# the median CPU per I/O of each.
 #
 #   tools/bench/ab.sh BIN_A BIN_B [JOB] [ROUNDS]   # JOB from nbd.fio (default seqread), 8 rounds
 #
@@ -44,7 +45,7 @@ for uri in "${URIS[@]}"; do
 done
 rm "$WORK/src.img"
 
-# run I: the job against daemon I (0 = A, 1 = B); prints "value cpu_us_per_io"
+# run I: the job against daemon I (0 = A, 1 = B); prints "value cpu_us_per_io fio_us_per_io"
 run() {
     local uri=${URIS[$1]} pid=${PIDS[$1]} t0 t1
     t0=$(bench_ticks "$pid")
@@ -62,7 +63,10 @@ side = j["write"] if "write" in sys.argv[2] else j["read"]
 value = side["iops"] if sys.argv[2].startswith("rand") else side["bw_bytes"] / (1 << 20)
 # total_ios sums every fio job of the section (numjobs); the ramp is not in it.
 ios = side["total_ios"] + side["iops"] * float(d.get("global options", {}).get("ramp_time", "1"))
-print(value, (float(sys.argv[4]) - float(sys.argv[3])) / os.sysconf("SC_CLK_TCK") * 1e6 / ios)
+# fio's own CPU (usr_cpu/sys_cpu: percent of the job's runtime, ramp excluded) per I/O: what
+# the server's way of replying costs the client (its wakeups, its reads).
+client = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] / 1000 * 1e6 / side["total_ios"]
+print(value, (float(sys.argv[4]) - float(sys.argv[3])) / os.sysconf("SC_CLK_TCK") * 1e6 / ios, client)
 PYEOF
 }
 
@@ -78,10 +82,12 @@ $PY - "$WORK/rounds" "$JOB" <<'PYEOF'
 import statistics, sys
 rows = [list(map(float, l.split())) for l in open(sys.argv[1])]
 unit = "IOPS" if sys.argv[2].startswith("rand") else "MiB/s"
-print(f"\n| round | A ({unit}) | B ({unit}) | B/A | CPU µs/IO A, B |\n|---|---|---|---|---|")
-for i, (a, ca, b, cb) in enumerate(rows, 1):
-    print(f"| {i} | {a:.0f} | {b:.0f} | {b / a:.2f}× | {ca:.1f}, {cb:.1f} |")
-ratio = statistics.median(b / a for a, _, b, _ in rows)
-print(f"| **median** | {statistics.median(r[0] for r in rows):.0f} | {statistics.median(r[2] for r in rows):.0f} "
-      f"| **{ratio:.2f}×** | {statistics.median(r[1] for r in rows):.1f}, {statistics.median(r[3] for r in rows):.1f} |")
+print(f"\n| round | A ({unit}) | B ({unit}) | B/A | server CPU µs/IO A, B | fio CPU µs/IO A, B |")
+print("|---|---|---|---|---|---|")
+for i, (a, ca, fa, b, cb, fb) in enumerate(rows, 1):
+    print(f"| {i} | {a:.0f} | {b:.0f} | {b / a:.2f}× | {ca:.1f}, {cb:.1f} | {fa:.1f}, {fb:.1f} |")
+ratio = statistics.median(r[3] / r[0] for r in rows)
+med = lambda k: statistics.median(r[k] for r in rows)
+print(f"| **median** | {med(0):.0f} | {med(3):.0f} | **{ratio:.2f}×** | {med(1):.1f}, {med(4):.1f} "
+      f"| {med(2):.1f}, {med(5):.1f} |")
 PYEOF
