@@ -17,8 +17,11 @@
 //! - Memory: dirty + flushing bytes are charged to one [`DirtyBudget`] shared by all
 //!   volumes; writers wait at the limit, a background flush starts at the high-water mark.
 //!   A writer that has waited [`VolumeConfig::write_stall_max`] while the latest flush to
-//!   land or fail failed gets EIO: the store is failing, and waiting longer would turn an
-//!   outage into a hung device. Its data is not taken; what is dirty stays dirty.
+//!   land or fail failed asks the flushers to try again at once (not after their backoff)
+//!   and gets EIO when a batch taken after that has failed too: the store is failing now,
+//!   and waiting longer would turn an outage into a hung device. Its data is not taken;
+//!   what is dirty stays dirty. (Without the fresh try, a store back for seconds still
+//!   failed writes until the flushers' next retry, up to 10 s later.)
 //!   The page cache is one map of block chunks shared by all volumes (CLOCK eviction: see
 //!   [`ClockMap`]), bounded in bytes
 //!   together with the volumes' page indexes; bytes it has handed out never change
@@ -267,6 +270,16 @@ pub struct DirtyBudget {
     /// Writers waiting for room give up only while this is set, so a slow store (flushes
     /// landing, just late) never fails a write, and one flush that lands clears it.
     flushes_failing: AtomicBool,
+    /// Flush batches taken so far by every volume; a batch's number is the count when it
+    /// was taken (see [`DirtyBudget::take_batch_number`]).
+    batches_taken: AtomicU64,
+    /// Number of the newest batch that failed (0: none yet).
+    newest_failed: AtomicU64,
+    /// A writer about to give up wants a flush tried now: flushers skip their backoff
+    /// until one of them takes a batch (see [`DirtyBudget::acquire`]).
+    retry_wanted: AtomicBool,
+    /// Wakes the flushers when `retry_wanted` is set.
+    retry: Notify,
 }
 
 impl DirtyBudget {
@@ -279,11 +292,27 @@ impl DirtyBudget {
             freed: Notify::new(),
             pressure: Notify::new(),
             flushes_failing: AtomicBool::new(false),
+            batches_taken: AtomicU64::new(0),
+            newest_failed: AtomicU64::new(0),
+            retry_wanted: AtomicBool::new(false),
+            retry: Notify::new(),
         })
     }
-    /// Record how a flush batch ended (see `flushes_failing`).
-    fn note_flush(&self, ok: bool) {
+    /// Number a flush batch being taken (1, 2, …, across all volumes).
+    fn take_batch_number(&self) -> u64 {
+        self.batches_taken.fetch_add(1, Ordering::AcqRel) + 1
+    }
+    /// Record how flush batch `number` ended (see `flushes_failing`).
+    fn note_flush(&self, number: u64, ok: bool) {
+        if !ok {
+            self.newest_failed.fetch_max(number, Ordering::AcqRel);
+        }
         self.flushes_failing.store(!ok, Ordering::Release);
+    }
+    /// Ask the flushers for a batch now, past their backoff.
+    fn want_retry(&self) {
+        self.retry_wanted.store(true, Ordering::Release);
+        self.retry.notify_waiters();
     }
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
@@ -315,7 +344,9 @@ impl DirtyBudget {
     /// Charge `n` bytes, waiting while the budget is full (a single request larger than
     /// the whole budget is admitted when nothing else is charged, so it cannot deadlock).
     /// Gives up, charging nothing, once it has waited `stall_max` while flushes are
-    /// failing (`flushes_failing`).
+    /// failing (`flushes_failing`) and a batch taken after that (asked for at once, past
+    /// the flushers' backoff) has failed as well; at the latest after twice `stall_max`
+    /// while they still fail, should no flusher take a batch.
     async fn acquire(&self, n: usize, stall_max: Option<Duration>) -> Result<(), VolumeError> {
         // With room (the common case) no waiter is registered: that takes the Notify's
         // lock twice, on every write.
@@ -323,6 +354,9 @@ impl DirtyBudget {
             return Ok(());
         }
         let started = Instant::now();
+        // Batches taken when this writer asked for a fresh try; any failing after that
+        // number tell it the store is failing now.
+        let mut probe: Option<u64> = None;
         loop {
             // Registered before the check, so a release between the two wakes us.
             let freed = self.freed.notified();
@@ -332,10 +366,22 @@ impl DirtyBudget {
                 return Ok(());
             }
             let waited = started.elapsed();
-            if stall_max.is_some_and(|max| waited >= max)
-                && self.flushes_failing.load(Ordering::Acquire)
-            {
-                return Err(VolumeError::Stalled { waited });
+            if let Some(max) = stall_max {
+                if waited >= max && self.flushes_failing.load(Ordering::Acquire) {
+                    match probe {
+                        None => {
+                            probe = Some(self.batches_taken.load(Ordering::Acquire));
+                            self.want_retry();
+                        }
+                        Some(asked) => {
+                            if self.newest_failed.load(Ordering::Acquire) > asked
+                                || waited >= max.saturating_mul(2)
+                            {
+                                return Err(VolumeError::Stalled { waited });
+                            }
+                        }
+                    }
+                }
             }
             self.pressure.notify_waiters();
             // Bounded wait so a missed wake-up can only delay, never hang.
@@ -881,6 +927,7 @@ impl Volume {
                     // one is worth taking, and each landing is a moment to look again).
                     _ = pressure, if listen => {},
                     _ = v.flush_wanted.notified() => {},
+                    _ = v.budget.retry.notified() => {},
                     _ = landed => {},
                     Some(r) = rx.recv() => {
                         running -= 1;
@@ -908,11 +955,16 @@ impl Volume {
                 // commit on their own; a background checkpoint build ends): keep its charge
                 // to the cache budget current.
                 v.charge_index();
+                // A writer about to fail wants to know whether the store works now.
+                if v.budget.retry_wanted.load(Ordering::Acquire) {
+                    retry_at = None;
+                }
                 if retry_at.is_some_and(|t| Instant::now() < t) {
                     continue;
                 }
                 if running < FLUSH_PIPELINE_DEPTH && v.flush_due() {
                     running += 1;
+                    v.budget.retry_wanted.store(false, Ordering::Release);
                     let (v, tx) = (Arc::clone(&v), tx.clone());
                     tokio::spawn(async move {
                         let r = Volume::flush(&v).await;
@@ -1083,6 +1135,7 @@ impl Volume {
             });
             (snap, ticket)
         };
+        let number = self.budget.take_batch_number();
         // The next batch may be taken from here on (it waits for a pipeline slot).
         drop(admit);
         // In block order: the one sort the dirty set's hash-kept single blocks need, kept
@@ -1162,7 +1215,7 @@ impl Volume {
                 // the next batch lands (it may hold newer data for the same blocks).
                 self.cache_committed(&runs);
                 self.charge_index();
-                self.budget.note_flush(true);
+                self.budget.note_flush(number, true);
                 let mut st = self.st();
                 let landed = st.flushing.pop_front();
                 debug_assert_eq!(landed.as_ref().map(|f| f.ticket), Some(ticket));
@@ -1187,7 +1240,7 @@ impl Volume {
             }
             Err(e) => {
                 self.put_back_from(ticket);
-                self.budget.note_flush(false);
+                self.budget.note_flush(number, false);
                 Err(e.into())
             }
         })

@@ -984,6 +984,83 @@ async fn writes_get_eio_when_flushes_keep_failing_past_the_stall_bound() {
     );
 }
 
+/// A store back from an outage takes writes as soon as a writer needs room: the writer
+/// that has waited the stall bound gets a flush tried at once, where it used to get EIO
+/// until the flusher's next retry (its backoff grows to 10 s in an outage).
+#[tokio::test]
+async fn a_store_back_from_an_outage_takes_writes_without_waiting_for_the_flusher_backoff() {
+    use nbds3::store::faulty::{FaultConfig, FaultyStore};
+    use std::time::{Duration, Instant};
+    let faulty = Arc::new(FaultyStore::new(
+        Arc::new(MemoryStore::new()),
+        FaultConfig::default(),
+    ));
+    let store: DynStore = faulty.clone();
+    let stall = Duration::from_millis(300);
+    let v = stalling_volume(&store, 2 << 20, stall).await;
+    const LEN: u64 = 256 << 10;
+    faulty.crash_now();
+    // Fill the dirty set; the write after that fails (the store is down).
+    let (accepted, failed) =
+        tokio::time::timeout(Duration::from_secs(30), write_until_error(&v, 0, LEN, 64))
+            .await
+            .expect("writes hung with the store down");
+    let (err, _) = failed.expect("a write failed once the dirty set was full");
+    assert_eq!(err.errno, nbds3::nbd::Errno::Io, "{err:?}");
+
+    // Heal just after a failed retry that came at least 1.5 s after the one before: the
+    // flusher's next retry is then 3 s or more away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut ops, mut changed) = (faulty.op_count(), Instant::now());
+    let gap = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the flusher's retries never spread out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = faulty.op_count();
+        if now != ops {
+            ops = now;
+            let gap = changed.elapsed();
+            changed = Instant::now();
+            // Let the retry's operations finish (they fail at once), then heal.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            if gap >= Duration::from_millis(1500) {
+                faulty.heal();
+                break gap;
+            }
+        }
+    };
+
+    // The dirty set is still full; this write needs room a flush has to make.
+    let started = Instant::now();
+    let off = LEN * (accepted.len() as u64 + 1);
+    v.write(off, pattern(5, LEN as usize), false)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "store back for {:?}, write failed: {e:?}",
+                started.elapsed()
+            )
+        });
+    let took = started.elapsed();
+    assert!(
+        took < gap,
+        "the write waited {took:?}, as long as the flusher's backoff ({gap:?} before)"
+    );
+    Volume::flush(&v).await.unwrap();
+    v.close().await.unwrap();
+    let v = open(faulty.inner(), VolumeConfig::default()).await;
+    for &o in accepted.iter().chain([&off]) {
+        let want = if o == off { 5 } else { o as u8 };
+        assert_eq!(
+            flat(v.read(o, LEN as u32).await.unwrap()),
+            pattern(want, LEN as usize).to_vec(),
+            "write at {o}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_slow_store_that_takes_flushes_never_fails_a_write() {
     use nbds3::store::faulty::{FaultConfig, FaultyStore};
