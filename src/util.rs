@@ -243,11 +243,15 @@ impl<V: RangeValue> BlockRunMap<V> {
         self.runs.is_empty() && self.singles.is_empty()
     }
 
-    /// Remove everything, keeping the hash table's capacity for up to `singles_max`
-    /// single-block runs (a larger table is shrunk to that).
-    pub fn clear_keeping(&mut self, singles_max: usize) {
-        self.runs.clear();
-        self.singles.clear();
+    /// Remove everything, handing each value to `f`, keeping the hash table's capacity
+    /// for up to `singles_max` single-block runs (a larger table is shrunk to that).
+    pub fn clear_keeping(&mut self, singles_max: usize, mut f: impl FnMut(V)) {
+        for (_, v) in self.singles.drain() {
+            f(v);
+        }
+        for (_, (_, v)) in std::mem::take(&mut self.runs.map) {
+            f(v);
+        }
         self.singles.shrink_to(singles_max);
     }
 
@@ -699,7 +703,14 @@ mod tests {
             m.insert(b * 2, 1, Off(b));
         }
         m.insert(500, 10, Off(500));
-        m.clear_keeping(8);
+        let mut dropped = Vec::new();
+        m.clear_keeping(8, |v| dropped.push(v.0));
+        dropped.sort_unstable();
+        assert_eq!(
+            dropped,
+            (0..100).chain([500]).collect::<Vec<_>>(),
+            "every value handed over"
+        );
         assert!(m.is_empty() && m.overlapping(0, 1000).is_empty());
         m.insert(4, 1, Off(7));
         m.insert(10, 3, Off(10));

@@ -49,6 +49,7 @@ use crate::log::compact::{
 use crate::log::index::Val;
 use crate::log::lease::{spawn_lease, LeaseHandle, LEASE_INTERVAL_DEFAULT};
 use crate::log::{BatchEntry, Geometry, Log, LogConfig, LogError, OpenMode, Update};
+use crate::nbd::pool::PayloadPool;
 use crate::nbd::{
     BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO,
 };
@@ -154,6 +155,10 @@ pub struct VolumeConfig {
     pub write_stall_max: Option<Duration>,
     /// How often a writable export's lease is refreshed (see [`LEASE_INTERVAL_DEFAULT`]).
     pub lease_interval: Duration,
+    /// Where write payload buffers go back when the dirty set, a landed flush batch or
+    /// the page cache lets go of them (the server's pool: see [`crate::nbd::pool`]);
+    /// `None`: they are freed.
+    pub payload_pool: Option<Arc<PayloadPool>>,
 }
 
 impl Default for VolumeConfig {
@@ -166,6 +171,7 @@ impl Default for VolumeConfig {
             readahead_bytes_max: 4 << 20,
             write_stall_max: Some(Duration::from_secs(30)),
             lease_interval: LEASE_INTERVAL_DEFAULT,
+            payload_pool: None,
         }
     }
 }
@@ -449,9 +455,11 @@ impl Chunk {
         self.data.len() + self.pending.iter().map(|p| p.2).sum::<usize>()
     }
 
-    /// Drop block `i` from `pending`, if there.
-    fn unpend(&mut self, i: usize) {
-        self.pending.retain(|p| p.0 as usize != i);
+    /// Take block `i` out of `pending`, if there (at most once: a block is unpended
+    /// before it is pended again).
+    fn unpend(&mut self, i: usize) -> Option<Bytes> {
+        let at = self.pending.iter().position(|p| p.0 as usize == i)?;
+        Some(self.pending.swap_remove(at).1)
     }
 
     /// `data` as a writable buffer of `len` bytes: allocated if empty, copied if a slice
@@ -465,8 +473,8 @@ impl Chunk {
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
     }
 
-    /// Copy every pending block into `data`.
-    fn materialize(&mut self, bs: usize) {
+    /// Copy every pending block into `data`; the blocks' buffers go back to `pool`.
+    fn materialize(&mut self, bs: usize, pool: Option<&PayloadPool>) {
         if self.pending.is_empty() {
             return;
         }
@@ -474,8 +482,23 @@ impl Chunk {
         for (i, b, _) in self.pending.drain(..) {
             let i = i as usize;
             m[i * bs..(i + 1) * bs].copy_from_slice(&b);
+            recycle(pool, b);
         }
         self.data = m.freeze();
+    }
+
+    /// Let go of every pending block, their buffers back to `pool`.
+    fn drop_pending(&mut self, pool: Option<&PayloadPool>) {
+        for (_, b, _) in self.pending.drain(..) {
+            recycle(pool, b);
+        }
+    }
+}
+
+/// Give a payload buffer back to `pool` if nothing else holds it (else just drop it).
+fn recycle(pool: Option<&PayloadPool>, b: Bytes) {
+    if let Some(p) = pool {
+        p.recycle(b);
     }
 }
 
@@ -483,6 +506,8 @@ impl Chunk {
 /// same one, so a chunk's layout never changes.
 struct CacheInner {
     chunks: ClockMap<(u64, u64), Chunk>,
+    /// Where blocks held by reference go back when the cache lets go of them.
+    pool: Option<Arc<PayloadPool>>,
     /// Sum of the chunks' `charge()`.
     bytes: usize,
     bytes_max: usize,
@@ -558,7 +583,7 @@ impl CacheInner {
                 if let Some(c) = self.chunks.get_mut(&(vol, at / cb)) {
                     if !c.pending.is_empty() {
                         let before = c.charge();
-                        c.materialize(bs);
+                        c.materialize(bs, self.pool.as_deref());
                         let after = c.charge();
                         self.bytes = self.bytes + after - before;
                     }
@@ -611,7 +636,9 @@ impl CacheInner {
         let len = chunk_blocks(bs) as usize * bs;
         let c = self.chunks.get_or_insert_mut(ck, Chunk::default);
         let before = c.charge();
-        c.unpend(i);
+        if let Some(old) = c.unpend(i) {
+            recycle(self.pool.as_deref(), old);
+        }
         match by_ref {
             // Only while the chunk has no buffer: with one, a copy costs no more memory
             // than the block, where holding the block too would charge it twice. Block
@@ -635,7 +662,7 @@ impl CacheInner {
     fn put_chunk(&mut self, vol: u64, chunk: u64, data: &[u8], bs: usize) {
         let c = self.chunks.get_or_insert_mut((vol, chunk), Chunk::default);
         let before = c.charge();
-        c.pending.clear();
+        c.drop_pending(self.pool.as_deref());
         // The chunk's own buffer when nothing else holds it (a cache that already holds the
         // chunk, rewritten: no allocation); a new one otherwise.
         c.data = match std::mem::take(&mut c.data).try_into_mut() {
@@ -659,7 +686,10 @@ impl CacheInner {
             .max(CACHE_CHUNK_BYTES);
         while self.bytes > limit {
             match self.chunks.pop_victim() {
-                Some((_, c)) => self.bytes -= c.charge(),
+                Some((_, mut c)) => {
+                    self.bytes -= c.charge();
+                    c.drop_pending(self.pool.as_deref());
+                }
                 None => break,
             }
         }
@@ -672,13 +702,16 @@ impl CacheInner {
             return;
         };
         let before = c.charge();
-        c.unpend(i);
+        if let Some(old) = c.unpend(i) {
+            recycle(self.pool.as_deref(), old);
+        }
         c.present &= !(1 << i);
         let (empty, after) = (c.present == 0, c.charge());
         self.bytes = self.bytes + after - before;
         if empty {
-            if let Some(c) = self.chunks.pop(&ck) {
+            if let Some(mut c) = self.chunks.pop(&ck) {
                 self.bytes -= c.charge();
+                c.drop_pending(self.pool.as_deref());
             }
         }
     }
@@ -687,12 +720,19 @@ impl CacheInner {
 impl PageCache {
     /// A cache of at most `bytes_max` bytes of chunk buffers (at least one chunk).
     pub fn new(bytes_max: u64) -> Arc<Self> {
+        Self::with_payload_pool(bytes_max, None)
+    }
+
+    /// Like [`PageCache::new`], giving write payload buffers it held by reference back to
+    /// `pool` when it lets go of them.
+    pub fn with_payload_pool(bytes_max: u64, pool: Option<Arc<PayloadPool>>) -> Arc<Self> {
         let bytes_max = usize::try_from(bytes_max)
             .unwrap_or(usize::MAX)
             .max(CACHE_CHUNK_BYTES);
         Arc::new(Self {
             inner: Mutex::new(CacheInner {
                 chunks: ClockMap::new(),
+                pool,
                 bytes: 0,
                 bytes_max,
                 index_bytes: 0,
@@ -1229,7 +1269,14 @@ impl Volume {
                 // The emptied map becomes the spare dirty set (see `State::spare_dirty`).
                 drop(runs);
                 if let Ok(mut map) = Arc::try_unwrap(snap) {
-                    map.clear_keeping(SPARE_DIRTY_SINGLES_MAX);
+                    // Nothing else holds the batch's payloads now but the page cache (the
+                    // blocks it took by reference) and readers: the rest go back to the pool.
+                    let pool = self.cfg.payload_pool.as_deref();
+                    map.clear_keeping(SPARE_DIRTY_SINGLES_MAX, |v| {
+                        if let Dirty::Data(b, ..) = v {
+                            recycle(pool, b);
+                        }
+                    });
                     let mut st = self.st();
                     if st.spare_dirty.len() < FLUSH_PIPELINE_DEPTH {
                         st.spare_dirty.push(map);
@@ -1395,6 +1442,7 @@ impl Volume {
             })
             .sum();
         self.budget.acquire(bound, self.cfg.write_stall_max).await?;
+        let pool = self.cfg.payload_pool.as_deref();
         let mut st = self.st();
         let before = st.dirty_bytes;
         let s = &mut *st;
@@ -1404,8 +1452,10 @@ impl Volume {
             }
             let data_bytes = &mut s.dirty_data_bytes;
             s.dirty.insert_with(lba, blocks, v, |_, l, old| {
-                if let Dirty::Data(..) = old {
+                if let Dirty::Data(b, ..) = old {
                     *data_bytes -= l as usize * bs;
+                    // An overwritten block's buffer, still warm, serves the next write.
+                    recycle(pool, b);
                 }
             });
         }
@@ -1442,7 +1492,7 @@ impl Volume {
     }
 
     /// Write `data` at byte `offset`; partial blocks at the edges are read-modify-written.
-    async fn write_bytes(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
+    async fn write_bytes(&self, offset: u64, mut data: Bytes) -> Result<(), VolumeError> {
         let bs = self.bs();
         let end = offset + data.len() as u64;
         let mut runs = Vec::new();
@@ -1461,11 +1511,12 @@ impl Volume {
         if full_blocks > 0 {
             let s = (full_start - offset) as usize;
             let e = s + (full_blocks * bs) as usize;
-            runs.push((
-                full_start / bs,
-                full_blocks,
-                Dirty::data(data.slice(s..e), bs as u32),
-            ));
+            let piece = if s == 0 && e == data.len() {
+                std::mem::take(&mut data)
+            } else {
+                data.slice(s..e)
+            };
+            runs.push((full_start / bs, full_blocks, Dirty::data(piece, bs as u32)));
             pos += full_blocks * bs;
         }
         if pos < end {
@@ -2156,7 +2207,10 @@ impl Exports {
             cfg.volume.dirty_bytes_max,
             cfg.volume.dirty_high_water_ratio,
         );
-        let cache = PageCache::new(cfg.volume.cache_bytes_max);
+        let cache = PageCache::with_payload_pool(
+            cfg.volume.cache_bytes_max,
+            cfg.volume.payload_pool.clone(),
+        );
         Arc::new(Self {
             store,
             cfg,

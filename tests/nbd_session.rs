@@ -496,7 +496,18 @@ async fn ready_with(
     structured: bool,
     meta: bool,
 ) -> (Fixture, u16) {
-    let mut f = start_with(provider(), config);
+    ready_on(provider(), config, name, structured, meta).await
+}
+
+/// [`ready_with`] on exports of the caller's.
+async fn ready_on(
+    provider: Arc<MemProvider>,
+    config: SessionConfig,
+    name: &str,
+    structured: bool,
+    meta: bool,
+) -> (Fixture, u16) {
+    let mut f = start_with(provider, config);
     f.client.greet(C_FIXED | C_NO_ZEROES).await;
     if structured {
         assert_eq!(f.client.final_reply(OPT_STRUCTURED, &[]).await, REP_ACK);
@@ -1966,8 +1977,8 @@ async fn server_aborts_sessions_stuck_past_the_shutdown_grace() {
 // ---- payload pool --------------------------------------------------------------------------
 
 /// Pipelined writes through a payload pool: every length the pool keeps (whole 4 KiB steps
-/// up to 128 KiB) reuses buffers the export is done with, the others (odd lengths, longer
-/// payloads) are allocated as before, and every byte reads back as written although
+/// up to 128 KiB) reuses buffers the export has given back, the others (odd lengths,
+/// longer payloads) are allocated as before, and every byte reads back as written although
 /// buffers go round with old contents in them.
 #[tokio::test]
 async fn writes_through_a_payload_pool_reuse_buffers_and_keep_every_byte() {
@@ -1977,7 +1988,9 @@ async fn writes_through_a_payload_pool_reuse_buffers_and_keep_every_byte() {
         payload_pool: Some(Arc::clone(&pool)),
         ..SessionConfig::default()
     };
-    let (mut f, _) = ready_with(config, "disk", false, false).await;
+    let disk = MemExport::new(DISK_BYTES, 4096).with_payload_pool(Arc::clone(&pool));
+    let exports = Arc::new(MemProvider::new().with_export("disk", disk));
+    let (mut f, _) = ready_on(exports, config, "disk", false, false).await;
     let lens = [
         4096usize,
         8192,

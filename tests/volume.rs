@@ -1092,3 +1092,79 @@ async fn a_slow_store_that_takes_flushes_never_fails_a_write() {
         );
     }
 }
+
+/// Write payload buffers come back to the server's pool wherever the volume lets go of
+/// them: a dirty block overwritten before its flush, a landed batch's blocks, and blocks
+/// the page cache held by reference once a read has copied them into the cache's chunk.
+#[tokio::test]
+async fn payload_buffers_go_back_to_the_pool_when_the_volume_lets_go_of_them() {
+    use nbds3::nbd::pool::PayloadPool;
+    let pool = PayloadPool::new(64 << 20);
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let cfg = VolumeConfig {
+        payload_pool: Some(Arc::clone(&pool)),
+        ..VolumeConfig::default()
+    };
+    let cache = PageCache::with_payload_pool(cfg.cache_bytes_max, Some(Arc::clone(&pool)));
+    let v = open_with_cache(&store, cfg, cache).await;
+    // What a connection does with a WRITE's payload.
+    let payload = |seed: u8| {
+        let mut b = pool.take(BS as usize).expect("a pooled length");
+        b.as_mut().copy_from_slice(&pattern(seed, BS as usize));
+        b.freeze()
+    };
+    let bs = BS as u64;
+    const N: u64 = 16;
+
+    // Overwritten while dirty: the first buffer is free again at once.
+    v.write(0, payload(1), false).await.unwrap();
+    assert_eq!(pool.free_bytes(), 0);
+    v.write(0, payload(2), false).await.unwrap();
+    assert_eq!(
+        pool.free_bytes(),
+        BS as usize,
+        "the overwritten block's buffer"
+    );
+    // Blocks 1..N, every other chunk-aligned stretch, so the cache has no buffer for their
+    // chunks and takes them by reference after the flush.
+    for i in 1..N {
+        v.write(i * bs, payload(i as u8 + 2), false).await.unwrap();
+    }
+    Volume::flush(&v).await.unwrap();
+    // Landed, but the cache holds every block by reference: none back yet (the one
+    // free buffer was taken again by the second write).
+    assert_eq!(pool.free_bytes(), 0, "buffers the cache still holds");
+    // Reading them copies them into the chunk's buffer: now all are free.
+    let got = flat(v.read(0, (N * bs) as u32).await.unwrap());
+    for i in 0..N {
+        let want = if i == 0 { 2 } else { i as u8 + 2 };
+        assert_eq!(
+            &got[(i * bs) as usize..((i + 1) * bs) as usize],
+            &pattern(want, BS as usize)[..],
+            "block {i}"
+        );
+    }
+    assert_eq!(pool.free_bytes(), (N * bs) as usize, "after the read");
+
+    // Into chunks the cache has a buffer for, blocks are copied at the commit, so a
+    // landed batch gives every buffer back at once.
+    for i in 0..N {
+        v.write(i * bs, payload(i as u8 + 40), false).await.unwrap();
+    }
+    assert_eq!(pool.free_bytes(), 0, "all taken again");
+    Volume::flush(&v).await.unwrap();
+    assert_eq!(
+        pool.free_bytes(),
+        (N * bs) as usize,
+        "after the batch landed"
+    );
+    assert!(pool.stats.reused.load(std::sync::atomic::Ordering::Relaxed) > N);
+    let got = flat(v.read(0, (N * bs) as u32).await.unwrap());
+    for i in 0..N {
+        assert_eq!(
+            &got[(i * bs) as usize..((i + 1) * bs) as usize],
+            &pattern(i as u8 + 40, BS as usize)[..],
+            "block {i} rewritten"
+        );
+    }
+}

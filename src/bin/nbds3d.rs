@@ -243,6 +243,11 @@ async fn main() -> anyhow::Result<()> {
                 .map_or(0, |c| c.pass_bytes_max.saturating_add(uploads_bytes)),
         )
         .saturating_add(RESIDENT_SLACK_BYTES);
+    // Write payload buffers are recycled: free ones plus those in the dirty set stay near
+    // the dirty bound, which the resident target counts; above the target the trimmer
+    // empties the pool first. The volumes and the page cache give buffers back when they
+    // let go of them (see `nbds3::nbd::pool`).
+    let payload_pool = PayloadPool::new(usize::try_from(cli.dirty_max).unwrap_or(usize::MAX));
     let exports = Exports::new(
         Arc::clone(&store),
         ExportsConfig {
@@ -254,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
                 flush_interval: cli.flush_interval,
                 write_stall_max: (!cli.write_stall_max.is_zero()).then_some(cli.write_stall_max),
                 lease_interval: cli.lease_interval,
+                payload_pool: Some(Arc::clone(&payload_pool)),
                 ..VolumeConfig::default()
             },
             read_only: cli.read_only,
@@ -264,10 +270,6 @@ async fn main() -> anyhow::Result<()> {
     );
     exports.start_idle_closer();
     nbds3::memory::pin_mmap_threshold(nbds3::memory::MMAP_THRESHOLD_BYTES);
-    // Write payload buffers are recycled: free ones plus those in the dirty set stay near
-    // the dirty bound, which the resident target counts; above the target the trimmer
-    // empties the pool first (see `nbds3::nbd::pool`).
-    let payload_pool = PayloadPool::new(usize::try_from(cli.dirty_max).unwrap_or(usize::MAX));
     let pool = Arc::clone(&payload_pool);
     nbds3::memory::spawn_trimmer(
         resident_target,

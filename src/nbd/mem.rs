@@ -22,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::util::lock;
 
+use super::pool::PayloadPool;
 use super::{BlockExport, Errno, ExportError, ExportProvider, ReadChunk, STATE_HOLE, STATE_ZERO};
 
 const SHARDS: usize = 64;
@@ -76,6 +77,8 @@ pub struct MemExport {
     shards: Box<[Mutex<HashMap<u64, Page>>]>,
     faults_armed: AtomicBool,
     faults: Mutex<Faults>,
+    /// Where write payloads go back once copied in (see [`MemExport::with_payload_pool`]).
+    payload_pool: Option<Arc<PayloadPool>>,
     pub stats: MemStats,
 }
 
@@ -94,8 +97,16 @@ impl MemExport {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             faults_armed: AtomicBool::new(false),
             faults: Mutex::new(Faults::default()),
+            payload_pool: None,
             stats: MemStats::default(),
         }
+    }
+
+    /// Give each write's payload back to `pool` once copied into the pages, as the
+    /// volume does when it lets go of one (payloads come back to a pool only that way).
+    pub fn with_payload_pool(mut self, pool: Arc<PayloadPool>) -> Self {
+        self.payload_pool = Some(pool);
+        self
     }
 
     pub fn with_read_only(mut self, read_only: bool) -> Self {
@@ -312,6 +323,9 @@ impl BlockExport for MemExport {
             if let Page::Data(bytes) = entry {
                 bytes[start..start + n].copy_from_slice(piece);
             }
+        }
+        if let Some(pool) = &self.payload_pool {
+            pool.recycle(data);
         }
         Ok(())
     }

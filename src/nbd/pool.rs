@@ -7,6 +7,16 @@
 //! resident target in free heap between two trims, and every fresh page cost a fault and a
 //! kernel zeroing. Recycled here, a payload buffer is a payload buffer again.
 //!
+//! A payload is handed on as a plain [`Bytes`] over the buffer's own allocation
+//! ([`PooledBuf::freeze`]), and comes back only where a holder that may drop the last
+//! reference gives it back with [`PayloadPool::recycle`]: the volume when a flush batch has
+//! landed or a dirty block is overwritten, the page cache when it lets go of a block it
+//! held by reference. Anywhere else the last drop frees it. Why not a `Bytes` that returns
+//! itself on drop (`Bytes::from_owner`, as before): that allocates a reference-count box
+//! per write on the connection's thread, freed on the flusher's, so every write paid a
+//! malloc slow path on the thread that reads the requests (4% of the daemon's CPU in
+//! perf, on the path that sets the request rate).
+//!
 //! Invariants:
 //! - Only payloads of [`POOLED_LEN_MAX`] bytes or less that are whole multiples of
 //!   [`POOLED_LEN_STEP`] are pooled, each in the free list of its exact length: a buffer
@@ -15,7 +25,8 @@
 //! - The free lists together hold at most `free_bytes_max` bytes; a buffer returned beyond
 //!   that is freed. The daemon passes its dirty-set bound: a pooled buffer is in the dirty
 //!   set (charged there), held by the page cache (charged there), in flight in a request
-//!   (bounded by the request byte budgets), or free here, and new payloads take free
+//!   (bounded by the request byte budgets), free here, or gone back to the allocator (a
+//!   last reference dropped outside the recycling points), and new payloads take free
 //!   buffers before anything is allocated, so free and dirty payloads together stay near
 //!   that bound. Where they do not (writers held at the dirty limit while the cache
 //!   evicts blocks it held by reference), the memory trimmer empties the pool when the
@@ -118,10 +129,32 @@ impl PayloadPool {
         })
     }
 
-    fn give_back(&self, buf: Box<[u8]>) {
+    /// Take back the buffer under `b` if `b` is the only reference to all of a buffer
+    /// of a pooled length (what [`PooledBuf::freeze`] made, not cloned or sliced since,
+    /// or with every other clone gone); otherwise just drop `b`. Returns whether it was
+    /// taken back.
+    pub fn recycle(&self, b: Bytes) -> bool {
+        if Self::class(b.len()).is_none() {
+            return false;
+        }
+        // Unique and whole: the allocation is exactly `len` bytes, so this moves nothing
+        // and allocates nothing. Shared (a clone is alive) or a slice: dropped as usual.
+        match b.try_into_mut() {
+            Ok(m) => {
+                let v: Vec<u8> = m.into();
+                if v.len() != v.capacity() {
+                    return false;
+                }
+                self.give_back(v.into_boxed_slice())
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn give_back(&self, buf: Box<[u8]>) -> bool {
         let len = buf.len();
         let Some(class) = Self::class(len) else {
-            return;
+            return false;
         };
         // Reserve the room first, so concurrent returns never overshoot the bound.
         let reserved = self
@@ -135,11 +168,12 @@ impl PayloadPool {
         } else {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        reserved
     }
 }
 
-/// A payload buffer that goes back to its pool when dropped (or when the last [`Bytes`]
-/// made from it with [`PooledBuf::freeze`] is).
+/// A payload buffer being filled; it goes back to its pool if dropped unfrozen (a
+/// connection that fails mid-payload).
 #[derive(Debug)]
 pub struct PooledBuf {
     /// Empty only once dropped (an empty box does not allocate).
@@ -148,9 +182,11 @@ pub struct PooledBuf {
 }
 
 impl PooledBuf {
-    /// The buffer as shared, immutable bytes; it returns to the pool with the last clone.
-    pub fn freeze(self) -> Bytes {
-        Bytes::from_owner(self)
+    /// The buffer as immutable bytes over its own allocation (no allocation here: the
+    /// buffer is exactly its length); back to the pool only through
+    /// [`PayloadPool::recycle`].
+    pub fn freeze(mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.buf))
     }
 }
 
@@ -168,7 +204,7 @@ impl AsMut<[u8]> for PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        // `give_back` ignores the empty box left behind (no pooled length is 0).
+        // `give_back` ignores the empty box `freeze` leaves behind (no pooled length is 0).
         self.pool.give_back(std::mem::take(&mut self.buf));
     }
 }
@@ -187,10 +223,13 @@ mod tests {
         a.as_mut().fill(7);
         let bytes = a.freeze();
         let clone = bytes.clone();
-        drop(bytes);
-        assert_eq!(pool.free_bytes(), 0, "returned while a clone is alive");
+        assert!(!pool.recycle(bytes), "taken back while a clone is alive");
+        assert_eq!(pool.free_bytes(), 0);
         assert_eq!(&clone[..], &[7u8; 4096][..]);
-        drop(clone);
+        // A slice, or bytes that never came from the pool, are not taken back.
+        assert!(!pool.recycle(clone.slice(..POOLED_LEN_STEP / 2)));
+        assert!(!pool.recycle(Bytes::from(vec![0u8; 2 * POOLED_LEN_STEP + 1])));
+        assert!(pool.recycle(clone), "the last reference");
         assert_eq!(pool.free_bytes(), 4096);
         // The same buffer again (contents unspecified; here the old ones), not a new one.
         let b = pool.take(4096).unwrap();
@@ -198,10 +237,13 @@ mod tests {
         assert_eq!(pool.stats.reused.load(Ordering::Relaxed), 1);
         assert_eq!(pool.free_bytes(), 0);
         // Other lengths have their own lists; returns past the bound are freed.
+        // Dropped unfrozen (a connection that failed mid-payload), a buffer goes back too.
         let c = pool.take(8192).unwrap();
         let d = pool.take(8192).unwrap();
         assert_eq!(c.as_ref().len(), 8192);
-        drop((b, c, d));
+        drop(b);
+        assert!(pool.recycle(c.freeze()));
+        assert!(!pool.recycle(d.freeze()), "past the bound");
         assert_eq!(pool.free_bytes(), 4096 + 8192);
         assert_eq!(pool.stats.dropped.load(Ordering::Relaxed), 1);
         assert_eq!(pool.take(8192).unwrap().as_ref().len(), 8192);
