@@ -109,7 +109,7 @@ impl PayloadPool {
 
     /// A buffer of exactly `len` bytes with unspecified contents, recycled when one is
     /// free; `None` for a length the pool does not keep.
-    pub fn take(self: &Arc<Self>, len: usize) -> Option<PooledBuf> {
+    pub fn take(&self, len: usize) -> Option<PooledBuf<'_>> {
         let class = Self::class(len)?;
         let recycled = lock(&self.classes[class]).pop();
         let buf = match recycled {
@@ -123,10 +123,7 @@ impl PayloadPool {
                 vec![0u8; len].into_boxed_slice()
             }
         };
-        Some(PooledBuf {
-            buf,
-            pool: Arc::clone(self),
-        })
+        Some(PooledBuf { buf, pool: self })
     }
 
     /// Take back the buffer under `b` if `b` is the only reference to all of a buffer
@@ -134,21 +131,17 @@ impl PayloadPool {
     /// or with every other clone gone); otherwise just drop `b`. Returns whether it was
     /// taken back.
     pub fn recycle(&self, b: Bytes) -> bool {
-        if Self::class(b.len()).is_none() {
-            return false;
-        }
+        Self::reclaim(b).is_some_and(|buf| self.give_back(buf))
+    }
+
+    /// The buffer under `b` if `b` is the only reference to all of a buffer of a pooled
+    /// length.
+    fn reclaim(b: Bytes) -> Option<Box<[u8]>> {
+        Self::class(b.len())?;
         // Unique and whole: the allocation is exactly `len` bytes, so this moves nothing
         // and allocates nothing. Shared (a clone is alive) or a slice: dropped as usual.
-        match b.try_into_mut() {
-            Ok(m) => {
-                let v: Vec<u8> = m.into();
-                if v.len() != v.capacity() {
-                    return false;
-                }
-                self.give_back(v.into_boxed_slice())
-            }
-            Err(_) => false,
-        }
+        let v: Vec<u8> = b.try_into_mut().ok()?.into();
+        (v.len() == v.capacity()).then(|| v.into_boxed_slice())
     }
 
     fn give_back(&self, buf: Box<[u8]>) -> bool {
@@ -173,15 +166,17 @@ impl PayloadPool {
 }
 
 /// A payload buffer being filled; it goes back to its pool if dropped unfrozen (a
-/// connection that fails mid-payload).
+/// connection that fails mid-payload). It borrows the pool rather than holding an `Arc`:
+/// a clone and a drop of one reference count shared by every connection and the flusher
+/// was two contended atomic operations per write on the connection's thread.
 #[derive(Debug)]
-pub struct PooledBuf {
-    /// Empty only once dropped (an empty box does not allocate).
+pub struct PooledBuf<'a> {
+    /// Empty only once frozen (an empty box does not allocate).
     buf: Box<[u8]>,
-    pool: Arc<PayloadPool>,
+    pool: &'a PayloadPool,
 }
 
-impl PooledBuf {
+impl PooledBuf<'_> {
     /// The buffer as immutable bytes over its own allocation (no allocation here: the
     /// buffer is exactly its length); back to the pool only through
     /// [`PayloadPool::recycle`].
@@ -190,19 +185,19 @@ impl PooledBuf {
     }
 }
 
-impl AsRef<[u8]> for PooledBuf {
+impl AsRef<[u8]> for PooledBuf<'_> {
     fn as_ref(&self) -> &[u8] {
         &self.buf
     }
 }
 
-impl AsMut<[u8]> for PooledBuf {
+impl AsMut<[u8]> for PooledBuf<'_> {
     fn as_mut(&mut self) -> &mut [u8] {
         &mut self.buf
     }
 }
 
-impl Drop for PooledBuf {
+impl Drop for PooledBuf<'_> {
     fn drop(&mut self) {
         // `give_back` ignores the empty box `freeze` leaves behind (no pooled length is 0).
         self.pool.give_back(std::mem::take(&mut self.buf));
