@@ -25,7 +25,10 @@
 //!   The page cache is one map of block chunks shared by all volumes (CLOCK eviction: see
 //!   [`ClockMap`]), bounded in bytes
 //!   together with the volumes' page indexes; bytes it has handed out never change
-//!   (copy-on-write).
+//!   (copy-on-write). Write payload buffers go back to the server's pool where the dirty
+//!   set, a landed batch or the cache drops them, and only when that drop is the last
+//!   reference (`PayloadPool::recycle` checks): a buffer is never reused while anything
+//!   can still read it.
 //! - Exports ([`Exports`]): one volume per name, shared by its connections. One that no
 //!   connection has used for `idle_close` is closed: taken out of the open set under the
 //!   registry's lock, compactor stopped, final flush, lease released; an open of that name
