@@ -160,7 +160,8 @@ pub struct VolumeConfig {
     pub lease_interval: Duration,
     /// Where write payload buffers go back when the dirty set, a landed flush batch or
     /// the page cache lets go of them (the server's pool: see [`crate::nbd::pool`]);
-    /// `None`: they are freed.
+    /// `None`: they are freed. Like `cache_bytes_max`, it builds the page cache the
+    /// exports share ([`PageCache::with_payload_pool`]); volumes use the cache's.
     pub payload_pool: Option<Arc<PayloadPool>>,
 }
 
@@ -426,6 +427,9 @@ pub struct PageCache {
     /// Frame fetches (GETs and their decoding) of all volumes sharing this cache:
     /// [`FRAME_FETCHES_MAX`] permits, one per frame being fetched.
     fetches: tokio::sync::Semaphore,
+    /// Where payload buffers go back (see [`PageCache::with_payload_pool`]); the same
+    /// pool as `CacheInner::pool`, readable without the lock.
+    pool: Option<Arc<PayloadPool>>,
 }
 
 /// See [`PageCache::usage`].
@@ -727,7 +731,8 @@ impl PageCache {
     }
 
     /// Like [`PageCache::new`], giving write payload buffers it held by reference back to
-    /// `pool` when it lets go of them.
+    /// `pool` when it lets go of them; the volumes using this cache give theirs back to
+    /// the same pool.
     pub fn with_payload_pool(bytes_max: u64, pool: Option<Arc<PayloadPool>>) -> Arc<Self> {
         let bytes_max = usize::try_from(bytes_max)
             .unwrap_or(usize::MAX)
@@ -735,13 +740,19 @@ impl PageCache {
         Arc::new(Self {
             inner: Mutex::new(CacheInner {
                 chunks: ClockMap::new(),
-                pool,
+                pool: pool.clone(),
                 bytes: 0,
                 bytes_max,
                 index_bytes: 0,
             }),
             fetches: tokio::sync::Semaphore::new(FRAME_FETCHES_MAX),
+            pool,
         })
+    }
+
+    /// The pool payload buffers go back to, if any.
+    fn payload_pool(&self) -> Option<&PayloadPool> {
+        self.pool.as_deref()
     }
     /// What the cache holds now: chunk bytes and the page-index bytes charged to it.
     pub fn usage(&self) -> CacheUsage {
@@ -1274,7 +1285,7 @@ impl Volume {
                 if let Ok(mut map) = Arc::try_unwrap(snap) {
                     // Nothing else holds the batch's payloads now but the page cache (the
                     // blocks it took by reference) and readers: the rest go back to the pool.
-                    let pool = self.cfg.payload_pool.as_deref();
+                    let pool = self.cache.payload_pool();
                     map.clear_keeping(SPARE_DIRTY_SINGLES_MAX, |v| {
                         if let Dirty::Data(b, ..) = v {
                             recycle(pool, b);
@@ -1445,7 +1456,7 @@ impl Volume {
             })
             .sum();
         self.budget.acquire(bound, self.cfg.write_stall_max).await?;
-        let pool = self.cfg.payload_pool.as_deref();
+        let pool = self.cache.payload_pool();
         let mut st = self.st();
         let before = st.dirty_bytes;
         let s = &mut *st;

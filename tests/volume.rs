@@ -1101,10 +1101,7 @@ async fn payload_buffers_go_back_to_the_pool_when_the_volume_lets_go_of_them() {
     use nbds3::nbd::pool::PayloadPool;
     let pool = PayloadPool::new(64 << 20);
     let store: DynStore = Arc::new(MemoryStore::new());
-    let cfg = VolumeConfig {
-        payload_pool: Some(Arc::clone(&pool)),
-        ..VolumeConfig::default()
-    };
+    let cfg = VolumeConfig::default();
     let cache = PageCache::with_payload_pool(cfg.cache_bytes_max, Some(Arc::clone(&pool)));
     let v = open_with_cache(&store, cfg, cache).await;
     // What a connection does with a WRITE's payload.
